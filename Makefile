@@ -1,0 +1,58 @@
+# The project's vocabulary: install, proto, run, test, lint, bench.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MODELS ?= var/models
+DATA   ?= var/sample
+ML100K ?= ../shared/datasets/ml-100k
+PROTO_SRC := proto/recsvc/v1/recommender.proto
+PROTO_OUT := recsvc/v1/recommender_pb2.py
+
+.PHONY: install proto run test lint bench bench-quick sample model reproduce-ml100k clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,plots]'
+	touch $@
+
+install: $(VENV)/.installed proto
+
+$(PROTO_OUT): $(PROTO_SRC) $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--python_out=. --grpc_python_out=. --mypy_out=. $(PROTO_SRC)
+
+proto: $(PROTO_OUT)
+
+$(DATA)/interactions.parquet: | install
+	$(VENV)/bin/recsvc-train sample-data --out $(DATA)
+
+$(MODELS)/LATEST: | $(DATA)/interactions.parquet
+	$(VENV)/bin/recsvc-train fit --interactions $(DATA)/interactions.parquet \
+		--items $(DATA)/items.parquet --users $(DATA)/users.parquet --models $(MODELS)
+
+sample: $(DATA)/interactions.parquet
+model: $(MODELS)/LATEST
+
+run: install model
+	$(VENV)/bin/recsvc serve --models $(MODELS) --host localhost --port 50051
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check recsvc training tests bench
+	$(VENV)/bin/ruff format --check recsvc training tests bench
+	$(VENV)/bin/mypy recsvc training
+
+bench: install
+	$(PY) -m bench.run
+
+bench-quick: install
+	$(PY) -m bench.run --quick
+
+reproduce-ml100k: install
+	$(PY) -m bench.ml100k --data $(ML100K)
+
+clean:
+	rm -rf $(VENV) var recsvc/v1/*_pb2*.py* .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,49 @@
+"""The one error tree of recsvc.
+
+Domain code raises these; the gRPC edge (``recsvc.service``) maps each class to a
+status code in one table. Anything else that escapes is a bug and becomes INTERNAL.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "DataError",
+    "InvalidArgument",
+    "ModelUnavailable",
+    "NotFound",
+    "PreconditionFailed",
+    "RecsvcError",
+]
+
+
+class RecsvcError(Exception):
+    """Base class of every error recsvc raises on purpose."""
+
+
+class InvalidArgument(RecsvcError):
+    """A request field is malformed; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(RecsvcError):
+    """A named entity (an item, a product) is not in the served model."""
+
+
+class PreconditionFailed(RecsvcError):
+    """The request is valid, but the served data cannot answer it safely."""
+
+
+class ModelUnavailable(RecsvcError):
+    """No model is loaded yet."""
+
+
+class BundleError(RecsvcError):
+    """A model bundle is missing, corrupt or does not match its manifest."""
+
+
+class DataError(RecsvcError):
+    """Training input breaks the data contract; the message names file and column."""

@@ -1,0 +1,231 @@
+"""The data plane: one loaded bundle answering Recommend, SimilarItems and RankItems.
+
+Knows nothing of gRPC. Scores are inner products of the trained embeddings, as
+implicit's own ``recommend`` computes them; rules are allowed sets handed to the
+index search (``recsvc.rules``, ``recsvc.index``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import scipy.linalg
+
+from recsvc.bundle import Bundle
+from recsvc.errors import NotFound
+from recsvc.index import IndexSpec, VectorIndex
+from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery
+from recsvc.rules import MIN_LEVEL, ItemRules, item_active, item_risk, user_tolerance
+
+__all__ = ["Ranked", "Recommender", "ScoredItem", "Source"]
+
+_EXPLAIN_TOP = 3
+
+
+class Source(enum.Enum):
+    PERSONALIZED = 1
+    FOLD_IN = 2
+    POPULAR = 3
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    score: float
+    because: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Ranked:
+    items: list[ScoredItem]
+    source: Source
+    version: str
+    unknown_item_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _User:
+    """Who is asking: their embedding (if any), history rows and rules."""
+
+    vector: np.ndarray | None
+    source: Source
+    tolerance: int
+    history: np.ndarray  # item rows to exclude unless include_interacted
+    confidence_rows: np.ndarray  # rows used to fold in / explain
+    confidence: np.ndarray  # their confidences (before alpha)
+
+
+class Recommender:
+    """Answers queries from one immutable bundle; safe to share across threads."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        manifest = bundle.manifest
+        rules = manifest["rules"]
+        self.suitability = bool(rules.get("risk_levels"))
+        self.item_rules = ItemRules.build(
+            item_risk(bundle.item_table, self.suitability),
+            item_active(bundle.item_table),
+            self.suitability,
+        )
+        self.tolerance = user_tolerance(bundle.user_table)
+        params = manifest["params"]
+        self.algorithm = str(manifest["algorithm"])
+        self.alpha = float(params.get("alpha", 1.0)) if self.algorithm == "als" else 1.0
+        self.regularization = float(params.get("regularization", 0.0))
+        self.recent_confidence = float(manifest.get("fold_in", {}).get("recent_confidence", 1.0))
+        factors = bundle.item_index.vectors
+        # BPR's last factor is the item bias, paired with a constant 1 in every user vector.
+        self._has_bias = self.algorithm == "bpr"
+        self._y = factors[:, :-1] if self._has_bias else factors
+        self._yty = (self._y.T @ self._y).astype(np.float64)
+        n_users, n_items = len(bundle.users), len(bundle.items)
+        counts = np.bincount(bundle.indices, minlength=n_items)
+        self.popularity_score = (counts / max(1, n_users)).astype(np.float32)
+        norms = np.linalg.norm(factors, axis=1, keepdims=True)
+        unit = np.ascontiguousarray(factors / np.maximum(norms, 1e-12), dtype=np.float32)
+        flat = faiss.IndexFlatIP(unit.shape[1])
+        flat.add(unit)
+        self._similar = VectorIndex(unit, flat, IndexSpec("flat"))
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def info(self) -> dict[str, Any]:
+        m = self.bundle.manifest
+        return {
+            "version": self.version,
+            "created_at": self.bundle.created_at,
+            "algorithm": self.algorithm,
+            "n_users": len(self.bundle.users),
+            "n_items": len(self.bundle.items),
+            "factors": int(m["params"].get("factors", m["dim"])),
+            "suitability": self.suitability,
+            "active_only": bool(m["rules"].get("active_flag")),
+            "users_table": bool(m["rules"].get("users_table")),
+            "item_index": m["indexes"]["items"]["type"],
+            "user_index": m["indexes"]["users"]["type"],
+        }
+
+    # --- users -----------------------------------------------------------------
+
+    def fold_in(self, rows: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+        """A user vector from item rows and confidences, as implicit's recalculate_user.
+
+        Solves (YtY + reg*I + Yu^T (Cu - I) Yu) x = Yu^T Cu, with Cu = alpha * confidence.
+        """
+        x = np.linalg.solve(self._fold_in_matrix(rows, confidence), self._fold_in_rhs(rows, confidence))
+        if self._has_bias:
+            x = np.append(x, 1.0)
+        return x.astype(np.float32)
+
+    def _fold_in_matrix(self, rows: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+        y = self._y[rows].astype(np.float64)
+        c = self.alpha * confidence.astype(np.float64)
+        a = self._yty + self.regularization * np.eye(self._yty.shape[0])
+        return a + (y.T * (c - 1.0)) @ y
+
+    def _fold_in_rhs(self, rows: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+        return (self.alpha * confidence.astype(np.float64)) @ self._y[rows].astype(np.float64)
+
+    def _resolve_user(self, user_id: str, recent_item_ids: tuple[str, ...]) -> _User:
+        b = self.bundle
+        row = b.users.index(user_id) if user_id else None
+        tolerance = int(self.tolerance[row]) if row is not None else MIN_LEVEL
+        history = b.user_item_rows(row) if row is not None else np.empty(0, np.int32)
+        conf = b.user_item_data(row) if row is not None else np.empty(0, np.float32)
+        recent = b.items.indices(recent_item_ids)
+        recent = np.unique(recent[recent >= 0])
+        if recent.size:
+            rows = np.concatenate([history, recent]).astype(np.int64)
+            confs = np.concatenate([conf, np.full(recent.size, self.recent_confidence, np.float32)])
+            rows, inverse = np.unique(rows, return_inverse=True)
+            confs = np.bincount(inverse, weights=confs).astype(np.float32)
+            vector = self.fold_in(rows, confs)
+            return _User(vector, Source.FOLD_IN, tolerance, rows, rows, confs)
+        if row is not None and history.size:
+            vector = b.user_index.vectors[row]
+            return _User(vector, Source.PERSONALIZED, tolerance, history, history, conf)
+        return _User(None, Source.POPULAR, tolerance, history, history, conf)
+
+    # --- queries ---------------------------------------------------------------
+
+    def _popular(self, k: int, allowed_rows_mask: np.ndarray) -> list[ScoredItem]:
+        order = self.bundle.popularity
+        chosen = order[allowed_rows_mask[order]][:k]
+        ids = self.bundle.items.ids
+        return [ScoredItem(ids[r], float(self.popularity_score[r])) for r in chosen]
+
+    def _explain(self, user: _User, rows: np.ndarray) -> list[tuple[tuple[str, float], ...]]:
+        """Per recommended row, the customer's items that contributed most (implicit's explain)."""
+        if user.confidence_rows.size == 0:
+            return [() for _ in rows]
+        a = self._fold_in_matrix(user.confidence_rows, user.confidence)
+        weighted = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a), self._y[rows].T.astype(np.float64))
+        own = self._y[user.confidence_rows].astype(np.float64)
+        contrib = (own @ weighted) * (self.alpha * user.confidence[:, None])  # own x recommended
+        ids = self.bundle.items.ids
+        out = []
+        for j in range(len(rows)):
+            top = np.argsort(-contrib[:, j], kind="stable")[:_EXPLAIN_TOP]
+            out.append(tuple((ids[user.confidence_rows[t]], float(contrib[t, j])) for t in top))
+        return out
+
+    def recommend(self, q: RecommendQuery) -> Ranked:
+        user = self._resolve_user(q.user_id, q.recent_item_ids)
+        exclude = self.bundle.items.indices(q.exclude_item_ids)
+        if not q.include_interacted:
+            exclude = np.concatenate([exclude, user.history])
+        allowed = self.item_rules.allowed(user.tolerance, exclude)
+        if user.vector is None:
+            return Ranked(self._popular(q.k, allowed.mask()), Source.POPULAR, self.version)
+        scores, rows = self.bundle.item_index.search(user.vector, q.k, allowed)
+        because = self._explain(user, rows) if q.explain else [() for _ in rows]
+        ids = self.bundle.items.ids
+        items = [
+            ScoredItem(ids[r], float(s), bc) for r, s, bc in zip(rows, scores, because, strict=True)
+        ]
+        return Ranked(items, user.source, self.version)
+
+    def similar_items(self, q: SimilarQuery) -> Ranked:
+        b = self.bundle
+        row = b.items.index(q.item_id)
+        if row is None:
+            raise NotFound(f"item_id {q.item_id!r} is not in model {self.version}")
+        user_row = b.users.index(q.user_id) if q.user_id else None
+        tolerance = int(self.tolerance[user_row]) if user_row is not None else MIN_LEVEL
+        exclude = [b.items.indices(q.exclude_item_ids), np.array([row])]
+        if user_row is not None:
+            exclude.append(b.user_item_rows(user_row))
+        allowed = self.item_rules.allowed(tolerance, np.concatenate(exclude))
+        scores, rows = self._similar.search(self._similar.vectors[row], q.k, allowed)
+        ids = b.items.ids
+        return Ranked(
+            [ScoredItem(ids[r], float(s)) for r, s in zip(rows, scores, strict=True)],
+            Source.PERSONALIZED,
+            self.version,
+        )
+
+    def rank_items(self, q: RankQuery) -> Ranked:
+        b = self.bundle
+        user = self._resolve_user(q.user_id, q.recent_item_ids)
+        candidate_ids = list(dict.fromkeys(q.item_ids))  # first occurrence wins
+        rows = b.items.indices(candidate_ids)
+        unknown = tuple(i for i, r in zip(candidate_ids, rows, strict=True) if r < 0)
+        rows = rows[rows >= 0]
+        keep = self.item_rules.eligible(rows, user.tolerance)
+        if not q.include_interacted and user.history.size:
+            keep &= ~np.isin(rows, user.history)
+        rows = rows[keep]
+        if user.vector is None:
+            scores = self.popularity_score[rows]
+        else:
+            scores = b.item_index.vectors[rows] @ user.vector
+        order = np.lexsort((np.arange(len(rows)), -scores))
+        items = [ScoredItem(b.items.ids[rows[i]], float(scores[i])) for i in order]
+        return Ranked(items, user.source, self.version, unknown)

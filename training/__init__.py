@@ -1,0 +1,1 @@
+"""recsvc's offline trainer: Parquet in, a versioned, checksummed model bundle out."""

@@ -1,0 +1,156 @@
+"""``recsvc-train``: sample data, fit and publish, offline audiences."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from recsvc.errors import RecsvcError
+from recsvc.logs import configure_logging
+from training.data import DataConfig, load_training_data
+from training.fit import FitParams, fit_model
+from training.publish import publish
+from training.sample import SampleSpec, write_sample
+
+__all__ = ["main"]
+
+log = logging.getLogger("recsvc.train")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interactions", required=True, help="Parquet file, folder, glob or URI")
+    p.add_argument("--items", help="items Parquet (category, risk_level, active, ...)")
+    p.add_argument("--users", help="users Parquet (risk_tolerance, marketing_consent, ...)")
+    p.add_argument("--half-life-days", type=float, help="time decay of event strength")
+    p.add_argument(
+        "--event-weights",
+        type=json.loads,
+        help='JSON object of event strengths, e.g. \'{"view": 1, "purchase": 10}\'',
+    )
+    p.add_argument(
+        "--held-events",
+        default="purchase,hold",
+        help="comma-separated events that mean the customer holds the product",
+    )
+
+
+def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", type=Path, help="JSON file of FitParams (e.g. from tune)")
+    p.add_argument("--algorithm", choices=["als", "bpr"])
+    p.add_argument("--factors", type=int)
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--regularization", type=float)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--weighting", choices=["raw", "log", "bm25"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--item-index", choices=["auto", "flat", "hnsw", "ivf"])
+    p.add_argument("--user-index", choices=["auto", "flat", "hnsw", "ivf"])
+    p.add_argument("--exact-max", type=int)
+
+
+_FIT_KEYS = (
+    "algorithm factors iterations regularization alpha learning_rate weighting seed "
+    "threads item_index user_index exact_max"
+).split()
+
+
+def fit_params_from_args(args: argparse.Namespace) -> FitParams:
+    overrides = {k: getattr(args, k) for k in _FIT_KEYS}
+    if args.params is not None:
+        return FitParams.from_json(args.params, **overrides)
+    return FitParams(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
+    config = DataConfig(
+        half_life_days=args.half_life_days,
+        held_events=frozenset(e.strip() for e in args.held_events.split(",") if e.strip()),
+    )
+    if args.event_weights is not None:
+        if not isinstance(args.event_weights, dict):
+            raise RecsvcError("--event-weights must be a JSON object")
+        config = DataConfig(
+            event_weights={str(k): float(v) for k, v in args.event_weights.items()},
+            held_events=config.held_events,
+            half_life_days=config.half_life_days,
+        )
+    return config
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    spec = SampleSpec(users=args.users, items=args.items, seed=args.seed)
+    counts = write_sample(Path(args.out), spec, progress=not args.quiet)
+    print(
+        f"wrote {counts['interactions']:,} interactions, {counts['users']:,} users, "
+        f"{counts['items']:,} items to {args.out}"
+    )
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    params = fit_params_from_args(args)
+    t0 = time.perf_counter()
+    data = load_training_data(args.interactions, args.items, args.users, data_config_from_args(args))
+    t_load = time.perf_counter() - t0
+    model = fit_model(data.user_items, params, progress=not args.quiet)
+    t1 = time.perf_counter()
+    folder = publish(Path(args.models), data, model, keep=args.keep)
+    t_publish = time.perf_counter() - t1
+    report = data.report
+    print(f"published {folder.name} to {args.models}")
+    print(
+        f"  {params.algorithm} factors={params.factors} iterations={params.iterations} "
+        f"weighting={params.weighting} seed={params.seed}"
+    )
+    print(
+        f"  {len(data.users):,} users x {len(data.items):,} items, "
+        f"{data.user_items.nnz:,} pairs from {report.rows_read:,} rows"
+    )
+    print(
+        f"  dropped: {report.null_ids} null ids, {report.unknown_items} unknown items; "
+        f"merged {report.duplicates_merged:,} duplicate pairs; {report.unknown_events} unknown events"
+    )
+    print(f"  load {t_load:.2f}s, fit {model.seconds:.2f}s, index+publish {t_publish:.2f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsvc-train", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample-data", help="write a synthetic retail bank as Parquet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=SampleSpec.users)
+    p.add_argument("--items", type=int, default=SampleSpec.items)
+    p.add_argument("--seed", type=int, default=SampleSpec.seed)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("fit", help="fit embeddings, build indexes, publish a bundle")
+    _add_data_args(p)
+    _add_fit_args(p)
+    p.add_argument("--models", required=True, help="bundle folder (DIR/<version>/, DIR/LATEST)")
+    p.add_argument("--keep", type=int, default=5, help="versions to keep")
+    p.set_defaults(func=_cmd_fit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        return int(args.func(args))
+    except (RecsvcError, ValueError) as exc:
+        print(f"recsvc-train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Reading and checking training data against the Parquet contract.
+
+interactions: user_id, item_id, [event], [weight], [ts]
+items (optional): item_id, [category], [risk_level 1..5], [active], other metadata
+users (optional): user_id, [risk_tolerance 1..5], [marketing_consent], other columns
+
+Errors name the input and the column; rows we drop are counted, never silently lost.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import scipy.sparse as sp
+
+from recsvc.errors import DataError
+from recsvc.vocab import Vocabulary
+
+__all__ = [
+    "DEFAULT_EVENT_WEIGHTS",
+    "DEFAULT_HELD_EVENTS",
+    "DataConfig",
+    "DropReport",
+    "TrainingData",
+    "load_training_data",
+    "read_parquet",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVENT_WEIGHTS: Mapping[str, float] = {
+    "view": 1.0,
+    "click": 2.0,
+    "apply": 4.0,
+    "purchase": 8.0,
+    "hold": 8.0,
+}
+DEFAULT_HELD_EVENTS = frozenset({"purchase", "hold"})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How raw events become pair strengths.
+
+    Example:
+        >>> DataConfig(half_life_days=90, held_events=frozenset({"purchase"}))
+    """
+
+    event_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    """Strength of one event of each kind, used when there is no ``weight`` column."""
+    held_events: frozenset[str] = DEFAULT_HELD_EVENTS
+    """Events that mean the customer holds the product."""
+    half_life_days: float | None = None
+    """Exponential time decay of event strength, relative to the newest event."""
+
+
+@dataclass
+class DropReport:
+    """What was read and what was dropped or merged, by reason."""
+
+    rows_read: int = 0
+    null_ids: int = 0
+    unknown_items: int = 0
+    unknown_events: int = 0
+    duplicates_merged: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainingData:
+    """The user x item strength matrix with aligned id tables, ready to fit."""
+
+    users: Vocabulary
+    items: Vocabulary
+    user_items: sp.csr_matrix  # float32 strengths, users x items
+    held: np.ndarray  # bool, aligned with user_items.data
+    item_table: pa.Table  # one row per item, in vocabulary order
+    user_table: pa.Table  # one row per user, in vocabulary order
+    report: DropReport
+    has_risk_levels: bool
+    has_active: bool
+    has_users_table: bool
+
+    def fingerprint(self) -> str:
+        """sha256 of the matrix and the ids: equal data, equal fingerprint."""
+        h = hashlib.sha256()
+        for arr in (self.user_items.indptr, self.user_items.indices, self.user_items.data):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(self.held.tobytes())
+        for vocab in (self.users, self.items):
+            h.update("\x00".join(vocab.ids).encode())
+        return h.hexdigest()
+
+
+def _expand(path: str | Path) -> str | list[str]:
+    """A local glob becomes its file list; files, folders and URIs pass through."""
+    text = str(path)
+    if "://" not in text and any(c in text for c in "*?["):
+        files = sorted(glob.glob(text))
+        if not files:
+            raise DataError(f"{text}: the pattern matches no file")
+        return files
+    return text
+
+
+def read_parquet(path: str | Path, what: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file, folder or glob; errors name ``what`` and ``path``."""
+    try:
+        dataset = ds.dataset(_expand(path), format="parquet")
+    except (FileNotFoundError, pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{what} {path}: cannot be read as Parquet ({exc})") from exc
+    if columns is not None:
+        columns = [c for c in columns if c in dataset.schema.names]
+    try:
+        table = dataset.to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{what} {path}: cannot be read as Parquet ({exc})") from exc
+    if table.num_rows == 0:
+        raise DataError(f"{what} {path}: no rows")
+    return table
+
+
+def _require(table: pa.Table, what: str, path: object, column: str) -> None:
+    if column not in table.column_names:
+        raise DataError(f"{what} {path}: column {column!r} is missing")
+
+
+def _id_column(table: pa.Table, what: str, path: object, column: str) -> pa.ChunkedArray:
+    _require(table, what, path, column)
+    col = table.column(column)
+    if pa.types.is_integer(col.type) or pa.types.is_dictionary(col.type):
+        return col.cast(pa.string())
+    if pa.types.is_large_string(col.type) or pa.types.is_string(col.type):
+        return col.cast(pa.string())
+    raise DataError(f"{what} {path}: column {column!r} has type {col.type}, expected string")
+
+
+def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.ChunkedArray | None:
+    if column not in table.column_names:
+        return None
+    col = table.column(column)
+    if not pa.types.is_integer(col.type):
+        raise DataError(f"{what} {path}: column {column!r} has type {col.type}, expected integer")
+    lo, hi = pc.min(col).as_py(), pc.max(col).as_py()
+    if lo is not None and (lo < 1 or hi > 5):
+        raise DataError(f"{what} {path}: column {column!r} holds values outside 1..5")
+    return col.cast(pa.int8())
+
+
+def _check_bool(table: pa.Table, what: str, path: object, column: str) -> None:
+    if column in table.column_names and not pa.types.is_boolean(table.column(column).type):
+        raise DataError(
+            f"{what} {path}: column {column!r} has type {table.column(column).type}, expected bool"
+        )
+
+
+def _read_items(path: str | Path) -> pa.Table:
+    table = read_parquet(path, "items")
+    ids = _id_column(table, "items", path, "item_id")
+    if pc.count(ids, mode="only_null").as_py():
+        raise DataError(f"items {path}: column 'item_id' has null ids")
+    if pc.count_distinct(ids).as_py() != table.num_rows:
+        raise DataError(f"items {path}: column 'item_id' has duplicate ids")
+    table = table.set_column(table.schema.get_field_index("item_id"), "item_id", ids)
+    risk = _check_level(table, "items", path, "risk_level")
+    if risk is not None:
+        table = table.set_column(table.schema.get_field_index("risk_level"), "risk_level", risk)
+    _check_bool(table, "items", path, "active")
+    return table
+
+
+def _read_users(path: str | Path) -> pa.Table:
+    table = read_parquet(path, "users")
+    ids = _id_column(table, "users", path, "user_id")
+    if pc.count(ids, mode="only_null").as_py():
+        raise DataError(f"users {path}: column 'user_id' has null ids")
+    if pc.count_distinct(ids).as_py() != table.num_rows:
+        raise DataError(f"users {path}: column 'user_id' has duplicate ids")
+    table = table.set_column(table.schema.get_field_index("user_id"), "user_id", ids)
+    tol = _check_level(table, "users", path, "risk_tolerance")
+    if tol is not None:
+        idx = table.schema.get_field_index("risk_tolerance")
+        table = table.set_column(idx, "risk_tolerance", tol)
+    _check_bool(table, "users", path, "marketing_consent")
+    return table
+
+
+def _row_strength(
+    table: pa.Table, path: object, config: DataConfig, report: DropReport
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row strength and held flag."""
+    n = table.num_rows
+    held = np.zeros(n, dtype=bool)
+    if "event" in table.column_names:
+        event = table.column("event")
+        if not (pa.types.is_string(event.type) or pa.types.is_large_string(event.type)):
+            raise DataError(f"interactions {path}: column 'event' has type {event.type}, expected string")
+        codes = event.combine_chunks().dictionary_encode()
+        names = codes.dictionary.to_pylist()
+        idx = codes.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+        held_lut = np.array([name in config.held_events for name in names] + [False])
+        held = held_lut[idx]
+    if "weight" in table.column_names:
+        wcol = table.column("weight")
+        if not (pa.types.is_floating(wcol.type) or pa.types.is_integer(wcol.type)):
+            raise DataError(f"interactions {path}: column 'weight' has type {wcol.type}, expected float")
+        weight = wcol.cast(pa.float64()).fill_null(1.0).to_numpy()
+    elif "event" in table.column_names:
+        known = [name in config.event_weights for name in names]
+        lut = np.array([config.event_weights.get(name, 1.0) for name in names] + [1.0])
+        weight = lut[idx]
+        report.unknown_events = int((~np.array(known + [True]))[idx].sum())
+    else:
+        weight = np.ones(n)
+    if config.half_life_days and "ts" in table.column_names:
+        ts = table.column("ts")
+        if not pa.types.is_timestamp(ts.type):
+            raise DataError(f"interactions {path}: column 'ts' has type {ts.type}, expected timestamp")
+        secs = ts.cast(pa.timestamp("s")).cast(pa.int64())
+        newest = pc.max(secs).as_py()
+        # An event without a time is taken as current: decay never inflates strength.
+        age_days = (newest - secs.fill_null(newest).to_numpy()) / 86400.0
+        weight = weight * np.power(0.5, age_days / config.half_life_days)
+    if np.any(weight < 0) or not np.all(np.isfinite(weight)):
+        raise DataError(f"interactions {path}: column 'weight' holds negative or non-finite values")
+    return weight, held
+
+
+def _aligned_user_table(users: Vocabulary, table: pa.Table | None) -> pa.Table:
+    ids = users.arrow()
+    if table is None:
+        return pa.table({"user_id": ids})
+    # users.ids = table ids first, then interaction-only users; pad those with nulls.
+    extra = len(users) - table.num_rows
+    if extra == 0:
+        return table
+    pad = {
+        name: pa.nulls(extra, type=table.schema.field(name).type)
+        for name in table.column_names
+        if name != "user_id"
+    }
+    pad["user_id"] = ids.slice(table.num_rows)
+    return pa.concat_tables([table, pa.table(pad).select(table.column_names)])
+
+
+def load_training_data(
+    interactions: str | Path,
+    items: str | Path | None = None,
+    users: str | Path | None = None,
+    config: DataConfig | None = None,
+) -> TrainingData:
+    """Read and check the three inputs; build the strength matrix.
+
+    Raises:
+        DataError: a missing or mistyped column, an unreadable or empty input.
+    """
+    config = config or DataConfig()
+    report = DropReport()
+    cols = ["user_id", "item_id", "event", "weight", "ts"]
+    table = read_parquet(interactions, "interactions", cols)
+    report.rows_read = table.num_rows
+    u_col = _id_column(table, "interactions", interactions, "user_id")
+    i_col = _id_column(table, "interactions", interactions, "item_id")
+    valid = pc.and_(pc.is_valid(u_col), pc.is_valid(i_col))
+    report.null_ids = table.num_rows - pc.sum(valid.cast(pa.int64())).as_py()
+    if report.null_ids:
+        table, u_col, i_col = table.filter(valid), u_col.filter(valid), i_col.filter(valid)
+    weight, held = _row_strength(table, interactions, config, report)
+
+    item_table = _read_items(items) if items is not None else None
+    user_table = _read_users(users) if users is not None else None
+    if item_table is not None:
+        item_vocab = Vocabulary(item_table.column("item_id").combine_chunks())
+    else:
+        item_vocab = Vocabulary(pc.unique(i_col).sort())
+    interaction_users = pc.unique(u_col)
+    if user_table is not None:
+        known = user_table.column("user_id").combine_chunks()
+        extra = pc.filter(interaction_users, pc.invert(pc.is_in(interaction_users, known)))
+        user_vocab = Vocabulary(pa.concat_arrays([known, extra.sort()]))
+    else:
+        user_vocab = Vocabulary(interaction_users.sort())
+
+    item_rows = item_vocab.indices_arrow(i_col)
+    user_rows = user_vocab.indices_arrow(u_col)
+    keep = item_rows >= 0
+    report.unknown_items = int((~keep).sum())
+    if not keep.any():
+        raise DataError(f"interactions {interactions}: no interaction names a known item")
+    item_rows, user_rows, weight, held = item_rows[keep], user_rows[keep], weight[keep], held[keep]
+
+    n_users, n_items = len(user_vocab), len(item_vocab)
+    keys = user_rows * n_items + item_rows
+    pairs, inverse = np.unique(keys, return_inverse=True)
+    report.duplicates_merged = int(len(keys) - len(pairs))
+    strength = np.bincount(inverse, weights=weight, minlength=len(pairs)).astype(np.float32)
+    pair_held = np.bincount(inverse, weights=held, minlength=len(pairs)) > 0
+    rows = pairs // n_items
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_users))])
+    matrix = sp.csr_matrix(
+        (strength, (pairs % n_items).astype(np.int32), indptr.astype(np.int64)),
+        shape=(n_users, n_items),
+    )
+    aligned_items = item_table if item_table is not None else pa.table({"item_id": item_vocab.arrow()})
+    has_risk = item_table is not None and "risk_level" in item_table.column_names and bool(
+        pc.count(item_table.column("risk_level")).as_py()
+    )
+    data = TrainingData(
+        users=user_vocab,
+        items=item_vocab,
+        user_items=matrix,
+        held=pair_held,
+        item_table=aligned_items,
+        user_table=_aligned_user_table(user_vocab, user_table),
+        report=report,
+        has_risk_levels=has_risk,
+        has_active=item_table is not None and "active" in item_table.column_names,
+        has_users_table=user_table is not None,
+    )
+    log.info("loaded training data", extra={"report": report.as_dict()})
+    return data

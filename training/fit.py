@@ -1,0 +1,149 @@
+"""Fitting collaborative-filtering embeddings with implicit (ALS or BPR)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from recsvc.errors import DataError
+
+__all__ = ["FitParams", "FittedModel", "apply_weighting", "fit_model"]
+
+log = logging.getLogger(__name__)
+
+_WEIGHTINGS = ("raw", "log", "bm25")
+
+
+@dataclass(frozen=True)
+class FitParams:
+    """Model hyper-parameters; ``fit --params FILE.json`` holds the same keys.
+
+    Example:
+        >>> FitParams(algorithm="bpr", factors=128, learning_rate=0.05)
+    """
+
+    algorithm: str = "als"
+    """``als`` (implicit's AlternatingLeastSquares) or ``bpr``."""
+    factors: int = 64
+    iterations: int = 15
+    regularization: float = 0.05
+    alpha: float = 2.0
+    """ALS confidence scale: confidence = alpha * weighted strength."""
+    learning_rate: float = 0.05
+    """BPR only."""
+    weighting: str = "log"
+    """How strengths are transformed before fitting: raw, log (log1p) or bm25."""
+    bm25_k1: float = 100.0
+    bm25_b: float = 0.8
+    seed: int = 0
+    threads: int = 0
+    """Fitting threads (0: all cores). BPR is only bit-for-bit reproducible with 1."""
+    item_index: str = "auto"
+    user_index: str = "auto"
+    exact_max: int = 20_000
+    """Exact (flat) indexes up to this many vectors; HNSW above, unless set explicitly."""
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("als", "bpr"):
+            raise ValueError(f"algorithm must be als or bpr, not {self.algorithm!r}")
+        if self.weighting not in _WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(_WEIGHTINGS)}")
+        if self.factors < 1 or self.iterations < 1:
+            raise ValueError("factors and iterations must be at least 1")
+        if self.regularization < 0 or self.alpha <= 0 or self.learning_rate <= 0:
+            raise ValueError("regularization must be >= 0; alpha and learning_rate > 0")
+
+    @classmethod
+    def from_json(cls, path: Path, **overrides: Any) -> FitParams:
+        """Read a params file; explicit ``overrides`` (non-None) win."""
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"params {path}: cannot read JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise DataError(f"params {path}: expected a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise DataError(f"params {path}: unknown keys {', '.join(unknown)}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**raw)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FittedModel:
+    params: FitParams
+    user_factors: np.ndarray  # float32, users x dim
+    item_factors: np.ndarray  # float32, items x dim
+    confidence: sp.csr_matrix  # weighted strengths the model was fit on (before alpha)
+    seconds: float
+
+
+def apply_weighting(user_items: sp.csr_matrix, params: FitParams) -> sp.csr_matrix:
+    """Transform strengths as ``params.weighting`` says; float32 CSR out."""
+    x = user_items.astype(np.float32).tocsr()
+    if params.weighting == "log":
+        x.data = np.log1p(x.data)
+    elif params.weighting == "bm25":
+        from implicit.nearest_neighbours import bm25_weight
+
+        x = bm25_weight(x, K1=params.bm25_k1, B=params.bm25_b).tocsr().astype(np.float32)
+    return x
+
+
+def fit_model(user_items: sp.csr_matrix, params: FitParams, progress: bool = True) -> FittedModel:
+    """Fit implicit on ``user_items`` (users x items strengths)."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+    if user_items.nnz == 0:
+        raise DataError("interactions: nothing to fit (no interactions left)")
+    confidence = apply_weighting(user_items, params)
+    start = time.perf_counter()
+    model: Any
+    # implicit's own kernels are parallel; a multi-threaded BLAS underneath only contends
+    # (implicit checks this when a model is built, so the limit covers construction too).
+    limits = threadpool_limits(1, "blas")
+    if params.algorithm == "als":
+        model = AlternatingLeastSquares(
+            factors=params.factors,
+            regularization=params.regularization,
+            alpha=params.alpha,
+            iterations=params.iterations,
+            random_state=params.seed,
+            num_threads=params.threads,
+            calculate_training_loss=False,
+        )
+    else:
+        model = BayesianPersonalizedRanking(
+            factors=params.factors,
+            learning_rate=params.learning_rate,
+            regularization=params.regularization,
+            iterations=params.iterations,
+            random_state=params.seed,
+            num_threads=params.threads,
+        )
+    try:
+        model.fit(confidence, show_progress=progress)
+    finally:
+        limits.restore_original_limits()
+    seconds = time.perf_counter() - start
+    log.info("fitted %s in %.2fs", params.algorithm, seconds)
+    return FittedModel(
+        params=params,
+        user_factors=np.ascontiguousarray(model.user_factors, dtype=np.float32),
+        item_factors=np.ascontiguousarray(model.item_factors, dtype=np.float32),
+        confidence=confidence,
+        seconds=seconds,
+    )
