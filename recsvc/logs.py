@@ -45,6 +45,8 @@ def configure_logging(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("RECSVC_LOG_LEVEL", "INFO")).upper())
+    # faiss announces each CPU-feature library it tries at INFO; that is noise here.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 class Pseudonymizer:

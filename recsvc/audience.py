@@ -1,0 +1,30 @@
+"""Writing an audience: Parquet via pyarrow, plus a JSON sidecar, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["write_audience"]
+
+
+def write_audience(out: Path, table: pa.Table, meta: dict[str, Any]) -> Path:
+    """Write ``out`` and ``out.json`` (model version, time, request, exclusions).
+
+    Both are written beside their final names and renamed into place, so a reader
+    never sees half a file. Returns the sidecar path.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = out.with_name(out.name + ".json")
+    tmp_data = out.with_name(f".{out.name}.tmp")
+    tmp_meta = sidecar.with_name(f".{sidecar.name}.tmp")
+    pq.write_table(table, tmp_data)
+    tmp_meta.write_text(json.dumps({**meta, "rows": table.num_rows}, indent=2, default=str))
+    os.replace(tmp_data, out)
+    os.replace(tmp_meta, sidecar)
+    return sidecar

@@ -1,0 +1,253 @@
+"""``recsvc``: run the server, or ask a running one (readable tables for people)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+
+from recsvc.logs import configure_logging
+from recsvc.settings import ServerSettings
+
+__all__ = ["main"]
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if args.tls_ca or args.tls_cert:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        )
+        return grpc.secure_channel(args.target, creds, options=options)
+    return grpc.insecure_channel(args.target, options=options)
+
+
+def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+    if args.token_file:
+        return [("authorization", f"Bearer {Path(args.token_file).read_text().strip()}")]
+    return []
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _stub(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from recsvc.v1 import recommender_pb2_grpc
+
+    return recommender_pb2_grpc.RecommenderStub(_channel(args))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from recsvc.server import serve_forever
+
+    settings = ServerSettings.from_env(
+        models=Path(args.models) if args.models else None,
+        host=args.host,
+        port=args.port,
+        poll_interval=args.poll_interval,
+        workers=args.workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        no_consent_data=True if args.no_consent_data else None,
+        auth_token_file=Path(args.auth_token_file) if args.auth_token_file else None,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+    )
+    serve_forever(settings)
+    return 0
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from recsvc.v1 import recommender_pb2 as pb
+
+    resp = _stub(args).Recommend(
+        pb.RecommendRequest(
+            user_id=args.user or "",
+            k=args.k,
+            recent_item_ids=args.recent or [],
+            exclude_item_ids=args.exclude or [],
+            explain=args.explain,
+        ),
+        metadata=_metadata(args),
+        timeout=args.timeout,
+    )
+    print(f"model {resp.model_version}  source {pb.Source.Name(resp.source)}  id {resp.recommendation_id}")
+    rows = [
+        (i + 1, it.item_id, f"{it.score:.4f}", ", ".join(c.item_id for c in it.because))
+        for i, it in enumerate(resp.items)
+    ]
+    print(_table(("#", "item_id", "score", "because" if args.explain else ""), rows))
+    return 0
+
+
+def _cmd_similar(args: argparse.Namespace) -> int:
+    from recsvc.v1 import recommender_pb2 as pb
+
+    resp = _stub(args).SimilarItems(
+        pb.SimilarItemsRequest(item_id=args.item, k=args.k, user_id=args.user or ""),
+        metadata=_metadata(args),
+        timeout=args.timeout,
+    )
+    print(f"model {resp.model_version}")
+    print(_table(("#", "item_id", "similarity"), [(i + 1, it.item_id, f"{it.score:.4f}") for i, it in enumerate(resp.items)]))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from recsvc.v1 import recommender_pb2 as pb
+
+    info = _stub(args).GetModelInfo(pb.GetModelInfoRequest(), metadata=_metadata(args), timeout=args.timeout)
+    rows = [
+        ("version", info.version),
+        ("created_at", info.created_at.ToDatetime(timezone.utc).isoformat()),
+        ("algorithm", info.algorithm),
+        ("users", f"{info.n_users:,}"),
+        ("items", f"{info.n_items:,}"),
+        ("factors", info.factors),
+        ("item index", info.item_index),
+        ("user index", info.user_index),
+        ("rule: suitability", info.rules.suitability),
+        ("rule: active only", info.rules.active_only),
+        ("rule: exclude interacted", info.rules.exclude_interacted),
+        ("rule: marketing consent", info.rules.marketing_consent),
+    ]
+    print(_table(("field", "value"), rows))
+    return 0
+
+
+def _cmd_target(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from recsvc.audience import write_audience
+    from recsvc.v1 import recommender_pb2 as pb
+
+    request = pb.TargetUsersRequest(
+        item_ids=args.item, audience_size=args.size, include_holders=args.include_holders
+    )
+    if args.min_score is not None:
+        request.min_score = args.min_score
+    ids: list[str] = []
+    scores: list[float] = []
+    version, excluded, eligible = "", {}, 0
+    for msg in _stub(args).TargetUsers(request, metadata=_metadata(args), timeout=args.timeout):
+        ids.extend(u.user_id for u in msg.users)
+        scores.extend(u.score for u in msg.users)
+        version = msg.model_version or version
+        if msg.HasField("excluded"):
+            e = msg.excluded
+            excluded = {
+                "no_consent": e.no_consent,
+                "unsuitable": e.unsuitable,
+                "holders": e.holders,
+                "below_min_score": e.below_min_score,
+            }
+            eligible = msg.eligible_users
+    table = pa.table({"user_id": pa.array(ids, pa.string()), "score": pa.array(scores, pa.float32())})
+    sidecar = write_audience(
+        Path(args.out),
+        table,
+        {
+            "model_version": version,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "request": {
+                "item_ids": list(args.item),
+                "audience_size": args.size,
+                "min_score": args.min_score,
+                "include_holders": args.include_holders,
+            },
+            "eligible_users": eligible,
+            "excluded": excluded,
+            "source": f"rpc {args.target}",
+        },
+    )
+    print(f"wrote {len(ids):,} customers to {args.out} (model {version}); sidecar {sidecar}")
+    print(json.dumps(excluded))
+    return 0
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="localhost:50051", help="server host:port")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    p.add_argument("--token-file", help="bearer token file")
+    p.add_argument("--tls-ca", help="CA certificate to trust (enables TLS)")
+    p.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="client key (mutual TLS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the newest valid bundle over gRPC")
+    p.add_argument("--models", help="bundle folder (or RECSVC_MODELS)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--poll-interval", type=float, help="seconds between looks at LATEST")
+    p.add_argument("--workers", type=int, help="server processes sharing the port")
+    p.add_argument("--max-concurrent-rpcs", type=int)
+    p.add_argument("--no-consent-data", action="store_true",
+                   help="allow TargetUsers on data without a users table")
+    p.add_argument("--auth-token-file")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-client-ca")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("recommend", help="suggestions for a customer")
+    _client_args(p)
+    p.add_argument("--user", help="customer id")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--recent", action="append", help="recently seen item (repeatable)")
+    p.add_argument("--exclude", action="append", help="item to leave out (repeatable)")
+    p.add_argument("--explain", action="store_true")
+    p.set_defaults(func=_cmd_recommend)
+
+    p = sub.add_parser("similar", help="products similar to a product")
+    _client_args(p)
+    p.add_argument("--item", required=True)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--user", help="apply this customer's rules")
+    p.set_defaults(func=_cmd_similar)
+
+    p = sub.add_parser("info", help="the served model")
+    _client_args(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("target", help="campaign audience to Parquet")
+    _client_args(p)
+    p.add_argument("--item", action="append", required=True, help="product (repeatable)")
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--min-score", type=float)
+    p.add_argument("--include-holders", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_target)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        return int(args.func(args))
+    except grpc.RpcError as exc:
+        print(f"recsvc: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    except ValueError as exc:
+        print(f"recsvc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

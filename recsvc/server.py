@@ -1,0 +1,162 @@
+"""The server process: gRPC server, health, reflection, hot reload and shutdown.
+
+``create_server`` is separate from ``serve`` so tests bind port 0 and talk to a
+real server over a real channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import signal
+from dataclasses import dataclass
+
+import faiss
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsvc.logs import Pseudonymizer, configure_logging
+from recsvc.service import RecommenderService
+from recsvc.settings import ServerSettings
+from recsvc.store import ModelStore
+from recsvc.v1 import recommender_pb2 as _pb
+from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
+
+__all__ = ["RunningServer", "create_server", "serve", "serve_forever"]
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = _pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+
+@dataclass
+class RunningServer:
+    """A started server and what tests and ``serve`` need to drive it."""
+
+    server: grpc.aio.Server
+    port: int
+    store: ModelStore
+    health: health.aio.HealthServicer
+    settings: ServerSettings
+    _reload_task: asyncio.Task[None] | None = None
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def refresh(self) -> bool:
+        """Look at LATEST once (in a thread: loading must not block the event loop)."""
+        swapped = await asyncio.to_thread(self.store.refresh)
+        await self.set_serving(self.store.version is not None)
+        return swapped
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the poller must outlive any one bad version
+                log.exception("reload failed")
+            await asyncio.sleep(self.settings.poll_interval)
+
+    def start_polling(self) -> None:
+        self._reload_task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reload_task
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+
+
+def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    pair = [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+    if settings.tls_client_ca is not None:
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=settings.tls_client_ca.read_bytes(), require_client_auth=True
+        )
+    return grpc.ssl_server_credentials(pair)
+
+
+async def create_server(settings: ServerSettings, reuse_port: bool = False) -> RunningServer:
+    """Build and start a server (health NOT_SERVING until a model loads)."""
+    # One query at a time per request: FAISS's OpenMP threads only fight the event loop.
+    faiss.omp_set_num_threads(1)
+    store = ModelStore(settings.models, consent_required=not settings.no_consent_data)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ]
+    server = grpc.aio.server(
+        options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+    )
+    _pb_grpc.add_RecommenderServicer_to_server(
+        RecommenderService(store, Pseudonymizer(settings.pseudonym_key)), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    creds = _credentials(settings)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    await server.start()
+    running = RunningServer(server, port, store, health_servicer, settings)
+    await running.set_serving(False)
+    return running
+
+
+async def serve(settings: ServerSettings, reuse_port: bool = False) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight RPCs and stop."""
+    running = await create_server(settings, reuse_port)
+    log.info("listening", extra={"address": f"{settings.host}:{running.port}"})
+    await running.refresh()
+    running.start_polling()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
+    await running.stop()
+
+
+def _worker(settings: ServerSettings) -> None:
+    configure_logging()
+    asyncio.run(serve(settings, reuse_port=True))
+
+
+def serve_forever(settings: ServerSettings) -> None:
+    """``recsvc serve``: one process, or ``workers`` processes sharing the port."""
+    if settings.workers == 1:
+        asyncio.run(serve(settings))
+        return
+    # gRPC must not be started before fork: use spawn, as gRPC's multiprocessing example warns.
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(settings,)) for _ in range(settings.workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate() if signum == signal.SIGTERM else p.kill()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, lambda *_: forward(signal.SIGTERM, None))
+    for p in procs:
+        p.join()

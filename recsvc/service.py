@@ -1,0 +1,237 @@
+"""The gRPC edge: protobuf in, domain objects to the data plane, protobuf out.
+
+Errors become status codes here and only here (``status_for``); anything
+unexpected is logged and answered INTERNAL with a generic message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from recsvc import ranking
+from recsvc.errors import (
+    BundleError,
+    InvalidArgument,
+    ModelUnavailable,
+    NotFound,
+    PreconditionFailed,
+    RecsvcError,
+)
+from recsvc.logs import Pseudonymizer
+from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery, TargetQuery
+from recsvc.store import ModelStore
+from recsvc.v1 import recommender_pb2 as _pb
+from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
+
+__all__ = ["RecommenderService", "status_for"]
+
+log = logging.getLogger(__name__)
+
+_STATUS: tuple[tuple[type[RecsvcError], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (BundleError, grpc.StatusCode.INTERNAL),
+)
+_AUDIENCE_BATCH = 5000
+_SOURCE = {
+    ranking.Source.PERSONALIZED: _pb.PERSONALIZED,
+    ranking.Source.FOLD_IN: _pb.FOLD_IN,
+    ranking.Source.POPULAR: _pb.POPULAR,
+}
+
+T = TypeVar("T")
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for an exception."""
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return code, "internal error" if kind is BundleError else str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    code, message = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("unexpected error", extra={"method": method}, exc_info=exc)
+    await context.abort(code, message)
+
+
+def _edge(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]]:
+    """Unary methods: map every exception through ``status_for``."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
+            await _abort(context, exc, method.__name__)
+            raise AssertionError("unreachable") from exc  # abort always raises
+
+    return wrapper
+
+
+def _scored(items: list[ranking.ScoredItem]) -> list[_pb.ScoredItem]:
+    return [
+        _pb.ScoredItem(
+            item_id=it.item_id,
+            score=it.score,
+            because=[_pb.Contribution(item_id=i, weight=w) for i, w in it.because],
+        )
+        for it in items
+    ]
+
+
+class RecommenderService(_pb_grpc.RecommenderServicer):
+    """Thin servicer over :class:`recsvc.ranking.Recommender` and :class:`Targeter`."""
+
+    def __init__(self, store: ModelStore, pseudonym: Pseudonymizer) -> None:
+        self._store = store
+        self._pseudonym = pseudonym
+
+    def _log(self, method: str, user_id: str, **fields: object) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(method, extra={"user": self._pseudonym(user_id), **fields})
+
+    @_edge
+    async def Recommend(
+        self, request: _pb.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> _pb.RecommendResponse:
+        query = RecommendQuery(
+            user_id=request.user_id,
+            k=request.k,
+            exclude_item_ids=tuple(request.exclude_item_ids),
+            recent_item_ids=tuple(request.recent_item_ids),
+            explain=request.explain,
+            include_interacted=request.include_interacted,
+        )
+        result = self._store.current().recommender.recommend(query)
+        self._log("Recommend", request.user_id, n=len(result.items), source=result.source.name)
+        return _pb.RecommendResponse(
+            items=_scored(result.items),
+            model_version=result.version,
+            source=_SOURCE[result.source],
+            recommendation_id=uuid.uuid4().hex,
+        )
+
+    @_edge
+    async def SimilarItems(
+        self, request: _pb.SimilarItemsRequest, context: grpc.aio.ServicerContext
+    ) -> _pb.SimilarItemsResponse:
+        query = SimilarQuery(
+            item_id=request.item_id,
+            k=request.k,
+            user_id=request.user_id,
+            exclude_item_ids=tuple(request.exclude_item_ids),
+        )
+        result = self._store.current().recommender.similar_items(query)
+        return _pb.SimilarItemsResponse(
+            items=_scored(result.items),
+            model_version=result.version,
+            recommendation_id=uuid.uuid4().hex,
+        )
+
+    @_edge
+    async def RankItems(
+        self, request: _pb.RankItemsRequest, context: grpc.aio.ServicerContext
+    ) -> _pb.RankItemsResponse:
+        query = RankQuery(
+            user_id=request.user_id,
+            item_ids=tuple(request.item_ids),
+            recent_item_ids=tuple(request.recent_item_ids),
+            include_interacted=request.include_interacted,
+        )
+        result = self._store.current().recommender.rank_items(query)
+        self._log("RankItems", request.user_id, n=len(result.items))
+        return _pb.RankItemsResponse(
+            items=_scored(result.items),
+            model_version=result.version,
+            source=_SOURCE[result.source],
+            recommendation_id=uuid.uuid4().hex,
+            unknown_item_ids=list(result.unknown_item_ids),
+        )
+
+    @_edge
+    async def GetModelInfo(
+        self, request: _pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> _pb.ModelInfo:
+        model = self._store.current()
+        info = model.recommender.info()
+        created = Timestamp()
+        created.FromDatetime(info["created_at"])
+        return _pb.ModelInfo(
+            version=info["version"],
+            created_at=created,
+            algorithm=info["algorithm"],
+            n_users=info["n_users"],
+            n_items=info["n_items"],
+            factors=info["factors"],
+            rules=_pb.ActiveRules(
+                suitability=info["suitability"],
+                active_only=True,
+                exclude_interacted=True,
+                marketing_consent=model.targeter.consent_rule,
+            ),
+            item_index=info["item_index"],
+            user_index=info["user_index"],
+        )
+
+    async def TargetUsers(
+        self, request: _pb.TargetUsersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[_pb.TargetUsersResponse]:
+        try:
+            query = TargetQuery(
+                item_ids=tuple(request.item_ids),
+                audience_size=request.audience_size,
+                min_score=request.min_score if request.HasField("min_score") else None,
+                include_holders=request.include_holders,
+            )
+            model = self._store.current()
+            # Large audiences take a while: keep the event loop free for other RPCs.
+            audience = await asyncio.to_thread(model.targeter.target, query)
+        except Exception as exc:  # noqa: BLE001 - mapped at the edge, as in _edge
+            await _abort(context, exc, "TargetUsers")
+            return
+        user_ids = model.targeter.bundle.users.ids
+        first = True
+        sent = 0
+        for ids, scores in audience.batches(user_ids, _AUDIENCE_BATCH):
+            msg = _pb.TargetUsersResponse(
+                users=[_pb.ScoredUser(user_id=u, score=float(s)) for u, s in zip(ids, scores, strict=True)]
+            )
+            if first:
+                msg.model_version = audience.version
+                first = False
+            sent += len(ids)
+            if sent == len(audience.rows):
+                self._fill_counts(msg, audience)
+            yield msg
+        if first:  # an empty audience still reports version and counts
+            msg = _pb.TargetUsersResponse(model_version=audience.version)
+            self._fill_counts(msg, audience)
+            yield msg
+
+    @staticmethod
+    def _fill_counts(msg: _pb.TargetUsersResponse, audience: Any) -> None:
+        ex = audience.excluded
+        msg.excluded.CopyFrom(
+            _pb.ExclusionCounts(
+                no_consent=ex.no_consent,
+                unsuitable=ex.unsuitable,
+                holders=ex.holders,
+                below_min_score=ex.below_min_score,
+            )
+        )
+        msg.eligible_users = audience.eligible

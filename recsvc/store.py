@@ -1,0 +1,125 @@
+"""Which model is served: load, verify and warm a version, then swap it in.
+
+Plain Python, no gRPC. A request takes ``store.current()`` once and uses that
+object to the end, so a swap never changes a model under a request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recsvc.bundle import list_versions, load_bundle, read_latest
+from recsvc.errors import BundleError, ModelUnavailable
+from recsvc.ranking import Recommender
+from recsvc.requests import RecommendQuery, SimilarQuery
+from recsvc.targeting import Targeter
+
+__all__ = ["ModelStore", "ServedModel", "load_served_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    recommender: Recommender
+    targeter: Targeter
+
+    @property
+    def version(self) -> str:
+        return self.recommender.version
+
+
+def _warm_up(model: ServedModel) -> None:
+    """Touch every path once so the first real request pays no first-use costs."""
+    b = model.recommender.bundle
+    if len(b.users):
+        model.recommender.recommend(RecommendQuery(user_id=b.users.ids[0], k=10, explain=True))
+    if len(b.items):
+        model.recommender.recommend(RecommendQuery(recent_item_ids=(b.items.ids[0],), k=10))
+        model.recommender.similar_items(SimilarQuery(item_id=b.items.ids[0], k=10))
+
+
+def load_served_model(folder: Path, consent_required: bool = True) -> ServedModel:
+    """Verify, load and warm one version. Raises BundleError on any defect."""
+    bundle = load_bundle(folder)
+    try:
+        model = ServedModel(Recommender(bundle), Targeter(bundle, consent_required))
+        _warm_up(model)
+    except BundleError:
+        raise
+    except Exception as exc:  # a bundle that verifies but cannot serve is still a bad bundle
+        raise BundleError(f"{folder.name}: failed warm-up ({type(exc).__name__}: {exc})") from exc
+    return model
+
+
+@dataclass
+class ReloadStats:
+    loaded: int = 0
+    rejected: int = 0
+    rejected_versions: list[str] = field(default_factory=list)
+    last_error: str = ""
+
+
+class ModelStore:
+    """Holds the served model and follows ``models/LATEST``."""
+
+    def __init__(self, models: Path, consent_required: bool = True) -> None:
+        self.models = models
+        self.consent_required = consent_required
+        self._model: ServedModel | None = None
+        self._rejected: set[str] = set()
+        self._lock = threading.Lock()  # one load at a time; reads need no lock
+        self.stats = ReloadStats()
+
+    def current(self) -> ServedModel:
+        model = self._model  # one read: the swap is a single reference assignment
+        if model is None:
+            raise ModelUnavailable("no model is loaded yet")
+        return model
+
+    @property
+    def version(self) -> str | None:
+        model = self._model
+        return model.version if model is not None else None
+
+    def _try(self, version: str) -> bool:
+        if version in self._rejected:
+            return False
+        start = time.perf_counter()
+        try:
+            model = load_served_model(self.models / version, self.consent_required)
+        except BundleError as exc:
+            self._rejected.add(version)
+            self.stats.rejected += 1
+            self.stats.rejected_versions.append(version)
+            self.stats.last_error = str(exc)
+            log.error("rejected model version", extra={"version": version, "reason": str(exc)})
+            return False
+        self._model = model
+        self.stats.loaded += 1
+        log.info(
+            "serving model version",
+            extra={"version": version, "load_seconds": round(time.perf_counter() - start, 3)},
+        )
+        return True
+
+    def refresh(self) -> bool:
+        """Load the version LATEST names if it is new and valid. Returns True on a swap.
+
+        Before anything is served, falls back to the newest valid older version.
+        """
+        with self._lock:
+            latest = read_latest(self.models)
+            if latest is not None and latest == self.version:
+                return False
+            if latest is not None and self._try(latest):
+                return True
+            if self._model is None:
+                for version in reversed(list_versions(self.models)):
+                    if version != latest and self._try(version):
+                        return True
+            return False

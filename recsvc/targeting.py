@@ -1,0 +1,140 @@
+"""Campaign targeting: for products, the customers most likely to want them.
+
+A customer's campaign score is the mean of their predicted affinities for the
+campaign's products (the inner product of their embedding with each product's),
+which equals the inner product with the products' mean vector: one query.
+
+Rules, with no override: no marketing consent, never in an audience; a customer
+whose risk tolerance is below any campaign product's risk level, never; holders
+of any campaign product, only with ``include_holders``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from recsvc.bundle import Bundle
+from recsvc.errors import NotFound, PreconditionFailed
+from recsvc.index import AllowedSet, topk
+from recsvc.requests import TargetQuery
+from recsvc.rules import consent_mask, item_active, item_risk, suitable_users, user_tolerance
+
+__all__ = ["Audience", "ExclusionCounts", "Targeter"]
+
+# Up to this audience size the user index (rules inside the search) answers;
+# above it one blocked pass of matrix products over every eligible customer.
+_INDEX_MAX_AUDIENCE = 50_000
+_BLOCK = 1 << 18
+
+
+@dataclass
+class ExclusionCounts:
+    """Customers left out, each counted under the first rule that removed them."""
+
+    no_consent: int = 0
+    unsuitable: int = 0
+    holders: int = 0
+    below_min_score: int = 0
+
+
+@dataclass
+class Audience:
+    rows: np.ndarray  # user rows, best first
+    scores: np.ndarray  # float32, aligned with rows
+    version: str
+    eligible: int
+    excluded: ExclusionCounts = field(default_factory=ExclusionCounts)
+
+    def batches(self, user_ids: list[str], size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        for start in range(0, len(self.rows), size):
+            rows = self.rows[start : start + size]
+            yield [user_ids[r] for r in rows], self.scores[start : start + size]
+
+
+class Targeter:
+    """Audiences from one immutable bundle."""
+
+    def __init__(self, bundle: Bundle, consent_required: bool = True) -> None:
+        self.bundle = bundle
+        has_users = bool(bundle.manifest["rules"].get("users_table"))
+        # Without a users table, consent is unknowable: refuse unless explicitly waived.
+        self.consent_rule = has_users or consent_required
+        self.answerable = has_users or not consent_required
+        self.consent = (
+            consent_mask(bundle.user_table) if has_users else np.ones(len(bundle.users), dtype=bool)
+        )
+        self.tolerance = user_tolerance(bundle.user_table)
+        suitability = bool(bundle.manifest["rules"].get("risk_levels"))
+        self.item_risk = item_risk(bundle.item_table, suitability)
+        self.item_active = item_active(bundle.item_table)
+        # Holders per item: CSR of held pairs transposed, built once.
+        held_users = np.repeat(np.arange(len(bundle.users)), np.diff(bundle.indptr))[bundle.held]
+        held_items = bundle.indices[bundle.held]
+        order = np.argsort(held_items, kind="stable")
+        self._holders = held_users[order]
+        self._holder_ptr = np.concatenate(
+            [[0], np.cumsum(np.bincount(held_items, minlength=len(bundle.items)))]
+        )
+
+    def holders(self, item_row: int) -> np.ndarray:
+        return self._holders[self._holder_ptr[item_row] : self._holder_ptr[item_row + 1]]
+
+    def _item_rows(self, item_ids: tuple[str, ...]) -> np.ndarray:
+        rows = self.bundle.items.indices(item_ids)
+        for item_id, row in zip(item_ids, rows, strict=True):
+            if row < 0:
+                raise NotFound(f"item_id {item_id!r} is not in model {self.bundle.version}")
+            if not self.item_active[row]:
+                raise PreconditionFailed(f"item_id {item_id!r} is not an active product")
+        return np.unique(rows)
+
+    def target(self, q: TargetQuery) -> Audience:
+        if not self.answerable:
+            raise PreconditionFailed(
+                "the model has no users table, so marketing consent is unknown; start the "
+                "server with --no-consent-data if this data set carries no consent requirement"
+            )
+        items = self._item_rows(q.item_ids)
+        excluded = ExclusionCounts()
+        eligible = self.consent.copy()
+        excluded.no_consent = int(len(eligible) - eligible.sum())
+        suitable = suitable_users(self.tolerance, int(self.item_risk[items].max()))
+        excluded.unsuitable = int((eligible & ~suitable).sum())
+        eligible &= suitable
+        if not q.include_holders:
+            holders = np.unique(np.concatenate([self.holders(r) for r in items]))
+            excluded.holders = int(eligible[holders].sum())
+            eligible[holders] = False
+        n_eligible = int(eligible.sum())
+        query = self.bundle.item_index.vectors[items].mean(axis=0)
+        size = min(q.audience_size, n_eligible)
+        user_index = self.bundle.user_index
+        if q.min_score is None and size <= _INDEX_MAX_AUDIENCE:
+            scores, rows = user_index.search(query, size, AllowedSet.from_mask(eligible))
+        else:
+            rows, scores = self._exact(query, eligible, size, q.min_score, excluded)
+        return Audience(rows, scores, self.bundle.version, n_eligible, excluded)
+
+    def _exact(
+        self,
+        query: np.ndarray,
+        eligible: np.ndarray,
+        size: int,
+        min_score: float | None,
+        excluded: ExclusionCounts,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        vectors = self.bundle.user_index.vectors
+        candidates = np.flatnonzero(eligible)
+        scores = np.empty(len(candidates), dtype=np.float32)
+        for start in range(0, len(candidates), _BLOCK):
+            block = candidates[start : start + _BLOCK]
+            scores[start : start + len(block)] = vectors[block] @ query
+        if min_score is not None:
+            keep = scores >= min_score
+            excluded.below_min_score = int((~keep).sum())
+            candidates, scores = candidates[keep], scores[keep]
+        best = topk(scores, size)
+        return candidates[best], scores[best]
