@@ -1,0 +1,119 @@
+"""Shared fixtures: a seeded sample bank, a published bundle, real servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from recsvc.bundle import load_bundle, read_latest
+from recsvc.ranking import Recommender
+from recsvc.server import RunningServer, create_server
+from recsvc.settings import ServerSettings
+from recsvc.v1 import recommender_pb2_grpc
+from training.data import TrainingData, load_training_data
+from training.fit import FitParams, fit_model
+from training.publish import publish
+from training.sample import SampleSpec, write_sample
+
+SAMPLE = SampleSpec(users=1500, items=120, seed=7)
+PARAMS = FitParams(factors=16, iterations=8, seed=3)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sample")
+    write_sample(out, SAMPLE, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def training_data(sample_dir: Path) -> TrainingData:
+    return load_training_data(
+        sample_dir / "interactions.parquet", sample_dir / "items.parquet", sample_dir / "users.parquet"
+    )
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, training_data: TrainingData) -> Path:
+    """A models folder with one published version; treat as read-only."""
+    models = tmp_path_factory.mktemp("models")
+    publish(models, training_data, fit_model(training_data.user_items, PARAMS, progress=False))
+    return models
+
+
+@pytest.fixture(scope="session")
+def bundle_path(models_dir: Path) -> Path:
+    version = read_latest(models_dir)
+    assert version is not None
+    return models_dir / version
+
+
+@pytest.fixture(scope="session")
+def recommender(bundle_path: Path) -> Recommender:
+    return Recommender(load_bundle(bundle_path))
+
+
+@pytest.fixture
+def models_copy(tmp_path: Path, models_dir: Path) -> Path:
+    """A writable copy of the models folder, for tests that publish or corrupt."""
+    dst = tmp_path / "models"
+    shutil.copytree(models_dir, dst)
+    return dst
+
+
+class ServerThread:
+    """A real server in a background event loop, for synchronous tests."""
+
+    def __init__(self, settings: ServerSettings, load: bool = True) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running: RunningServer = self.call(create_server(settings))
+        if load:
+            self.call(self.running.refresh())
+        self.channel = grpc.insecure_channel(f"localhost:{self.running.port}")
+        self.stub = recommender_pb2_grpc.RecommenderStub(self.channel)
+
+    def call(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def start_polling(self) -> None:
+        self.loop.call_soon_threadsafe(self.running.start_polling)
+
+    def stop(self, grace: float = 0.5) -> None:
+        self.channel.close()
+        with contextlib.suppress(Exception):
+            self.call(self.running.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def settings_for(models: Path, **kw: object) -> ServerSettings:
+    base = ServerSettings(models=models, port=0, poll_interval=0.2, pseudonym_key=b"test-key")
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def server(models_dir: Path) -> Iterator[ServerThread]:
+    s = ServerThread(settings_for(models_dir))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def stub(server: ServerThread) -> recommender_pb2_grpc.RecommenderStub:
+    return server.stub

@@ -1,0 +1,46 @@
+"""An independent statement of the rules, from the raw Parquet inputs, for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from training.data import load_training_data
+
+
+class Oracle:
+    """Rules recomputed from the sample's Parquet files, sharing no code with recsvc.rules."""
+
+    def __init__(self, sample_dir: Path) -> None:
+        items = pq.read_table(sample_dir / "items.parquet").to_pylist()
+        users = pq.read_table(sample_dir / "users.parquet").to_pylist()
+        self.risk = {r["item_id"]: (5 if r["risk_level"] is None else r["risk_level"]) for r in items}
+        self.active = {r["item_id"]: bool(r["active"]) for r in items}
+        self.tolerance = {
+            r["user_id"]: (1 if r["risk_tolerance"] is None else r["risk_tolerance"]) for r in users
+        }
+        self.consent = {r["user_id"]: r["marketing_consent"] is True for r in users}
+        data = load_training_data(sample_dir / "interactions.parquet")
+        m = data.user_items.tocsr()
+        self.history: dict[str, set[str]] = {}
+        self.held: dict[str, set[str]] = {}
+        for u, uid in enumerate(data.users.ids):
+            cols = m.indices[m.indptr[u] : m.indptr[u + 1]]
+            held = data.held[m.indptr[u] : m.indptr[u + 1]]
+            self.history[uid] = {data.items.ids[c] for c in cols}
+            self.held[uid] = {data.items.ids[c] for c, h in zip(cols, held, strict=True) if h}
+
+    def tol(self, user_id: str) -> int:
+        return self.tolerance.get(user_id, 1)
+
+    def allowed(self, user_id: str, item_id: str, exclude: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
+        return (
+            self.active[item_id]
+            and self.risk[item_id] <= self.tol(user_id)
+            and item_id not in self.history.get(user_id, set())
+            and item_id not in exclude
+        )
+
+    def n_allowed(self, user_id: str, exclude: set[str] = frozenset()) -> int:  # type: ignore[assignment]
+        return sum(self.allowed(user_id, i, exclude) for i in self.risk)

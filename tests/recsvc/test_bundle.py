@@ -1,0 +1,94 @@
+"""Loading verifies everything before trusting anything."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsvc.bundle import load_bundle, read_latest
+from recsvc.errors import BundleError
+
+
+def _version(models: Path) -> Path:
+    return models / read_latest(models)  # type: ignore[operator]
+
+
+def _rewrite_manifest(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    path = folder / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+
+
+def test_loads_a_good_bundle(bundle_path: Path) -> None:
+    b = load_bundle(bundle_path)
+    assert len(b.users) == 1500 and len(b.items) == 120
+    assert b.item_index.vectors.shape == (120, 16)
+
+
+def _flip_byte(folder: Path) -> None:
+    p = folder / "item_factors.npy"
+    raw = bytearray(p.read_bytes())
+    raw[-5] ^= 0xFF
+    p.write_bytes(bytes(raw))
+
+
+def _truncate(folder: Path) -> None:
+    p = folder / "users.faiss"
+    p.write_bytes(p.read_bytes()[:100])
+
+
+def _pickle_npy(folder: Path) -> None:
+    p = folder / "popularity.npy"
+    np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    _rewrite_manifest(folder, lambda m: m["files"]["popularity.npy"].update(
+        size=p.stat().st_size, sha256=__import__("recsvc.bundle").bundle.sha256_file(p)))
+
+
+def _wrong_dim(folder: Path) -> None:
+    _rewrite_manifest(folder, lambda m: m.update(dim=m["dim"] + 1))
+
+
+def _wrong_count(folder: Path) -> None:
+    _rewrite_manifest(folder, lambda m: m["counts"].update(items=m["counts"]["items"] - 1))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_flip_byte, "fails its sha256"),
+        (_truncate, "bytes, manifest says"),
+        (lambda f: (f / "items.parquet").unlink(), "items.parquet is missing"),
+        (lambda f: (f / "manifest.json").unlink(), "no manifest.json"),
+        (lambda f: (f / "manifest.json").write_text("{not json"), "not valid JSON"),
+        (_pickle_npy, "not a plain numeric array"),
+        (_wrong_dim, "shape"),
+        (_wrong_count, "shape"),
+    ],
+)
+def test_corrupt_bundles_are_rejected(models_copy: Path, corrupt, message: str) -> None:  # type: ignore[no-untyped-def]
+    folder = _version(models_copy)
+    corrupt(folder)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(folder)
+
+
+def test_missing_folder_is_a_bundle_error(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no such bundle folder"):
+        load_bundle(tmp_path / "v0")
+    empty = tmp_path / "v1"
+    empty.mkdir()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(empty)
+
+
+def test_renamed_folder_does_not_match_its_manifest(models_copy: Path) -> None:
+    src = _version(models_copy)
+    dst = models_copy / "v99999999-000000-000000"
+    shutil.copytree(src, dst)
+    with pytest.raises(BundleError, match="manifest names version"):
+        load_bundle(dst)

@@ -1,0 +1,145 @@
+"""The data plane without gRPC: rules over every customer, fold-in and explain as implicit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+
+from recsvc.errors import InvalidArgument, NotFound
+from recsvc.ranking import Recommender, Source
+from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery
+from tests.recsvc.rules_oracle import Oracle
+
+
+@pytest.fixture(scope="module")
+def oracle(sample_dir: Path) -> Oracle:
+    return Oracle(sample_dir)
+
+
+def _implicit_twin(rec: Recommender) -> AlternatingLeastSquares:
+    m = rec.bundle.manifest["params"]
+    model = AlternatingLeastSquares(
+        factors=m["factors"], regularization=m["regularization"], alpha=m["alpha"]
+    )
+    model.item_factors = rec.bundle.item_index.vectors.copy()
+    model.user_factors = rec.bundle.user_index.vectors.copy()
+    return model
+
+
+def test_rules_hold_for_every_customer(recommender: Recommender, oracle: Oracle) -> None:
+    for user_id in recommender.bundle.users.ids:
+        exclude = {"SAV-000001", "CC-000002"}
+        got = recommender.recommend(RecommendQuery(user_id=user_id, k=25, exclude_item_ids=tuple(exclude)))
+        ids = [it.item_id for it in got.items]
+        assert all(oracle.allowed(user_id, i, exclude) for i in ids), user_id
+        assert len(ids) == min(25, oracle.n_allowed(user_id, exclude)), user_id
+        assert len(set(ids)) == len(ids)
+        scores = [it.score for it in got.items]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_unknown_customer_gets_popular_low_risk_products(recommender: Recommender, oracle: Oracle) -> None:
+    got = recommender.recommend(RecommendQuery(user_id="never-seen", k=500))
+    assert got.source is Source.POPULAR
+    ids = [it.item_id for it in got.items]
+    assert ids and all(oracle.allowed("never-seen", i) for i in ids)
+    assert len(ids) == oracle.n_allowed("never-seen")
+    pop = [it.score for it in got.items]
+    assert pop == sorted(pop, reverse=True)
+
+
+def test_fold_in_matches_implicits_recalculate_user(recommender: Recommender) -> None:
+    model = _implicit_twin(recommender)
+    rows = np.array([3, 17, 40])
+    conf = np.array([1.0, 2.5, 0.7], dtype=np.float32)
+    user_items = sp.csr_matrix((conf, (np.zeros(3), rows)), shape=(1, len(recommender.bundle.items)))
+    expected = model.recalculate_user(0, user_items)
+    np.testing.assert_allclose(recommender.fold_in(rows, conf), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_explain_matches_implicits_explain(recommender: Recommender) -> None:
+    model = _implicit_twin(recommender)
+    b = recommender.bundle
+    user = next(u for u in range(len(b.users)) if len(b.user_item_rows(u)) >= 4)
+    got = recommender.recommend(RecommendQuery(user_id=b.users.ids[user], k=3, explain=True))
+    rows, data = b.user_item_rows(user), b.user_item_data(user)
+    user_items = sp.csr_matrix((data, (np.zeros(len(rows)), rows)), shape=(1, len(b.items)))
+    for item in got.items:
+        _, top, _ = model.explain(0, user_items, b.items.index(item.item_id), N=3)
+        assert [b.items.ids[i] for i, _ in top] == [i for i, _ in item.because]
+        np.testing.assert_allclose([w for _, w in item.because], [s for _, s in top], rtol=1e-3)
+
+
+def test_recent_items_fold_in_an_anonymous_customer(recommender: Recommender, oracle: Oracle) -> None:
+    recent = ("CC-000001", "CC-000002")
+    got = recommender.recommend(RecommendQuery(recent_item_ids=recent, k=10))
+    assert got.source is Source.FOLD_IN
+    ids = [it.item_id for it in got.items]
+    assert not set(ids) & set(recent)
+    assert all(oracle.allowed("", i, set(recent)) for i in ids)
+
+
+def test_recent_items_refresh_a_known_customer(recommender: Recommender) -> None:
+    user = recommender.bundle.users.ids[5]
+    base = recommender.recommend(RecommendQuery(user_id=user, k=10))
+    fresh = recommender.recommend(RecommendQuery(user_id=user, k=10, recent_item_ids=("TD-000003",)))
+    assert base.source is Source.PERSONALIZED and fresh.source is Source.FOLD_IN
+    assert "TD-000003" not in [it.item_id for it in fresh.items]
+
+
+def test_include_interacted_allows_history(recommender: Recommender, oracle: Oracle) -> None:
+    b = recommender.bundle
+    user = next(u for u in b.users.ids if len(oracle.history.get(u, ())) >= 3)
+    got = recommender.recommend(RecommendQuery(user_id=user, k=120, include_interacted=True))
+    assert {it.item_id for it in got.items} & oracle.history[user]
+
+
+def test_rank_items_orders_and_filters(recommender: Recommender, oracle: Oracle) -> None:
+    b = recommender.bundle
+    user = b.users.ids[10]
+    candidates = (*b.items.ids[:60], "ghost", b.items.ids[0])
+    got = recommender.rank_items(RankQuery(user_id=user, item_ids=candidates))
+    ids = [it.item_id for it in got.items]
+    assert got.unknown_item_ids == ("ghost",)
+    assert set(ids) == {i for i in b.items.ids[:60] if oracle.allowed(user, i)}
+    vec = b.user_index.vectors[b.users.index(user)]
+    expected = sorted(ids, key=lambda i: -float(b.item_index.vectors[b.items.index(i)] @ vec))
+    assert ids == expected
+
+
+def test_similar_items_apply_the_customers_rules(recommender: Recommender, oracle: Oracle) -> None:
+    b = recommender.bundle
+    user = next(u for u in b.users.ids if oracle.tol(u) == 5)
+    got = recommender.similar_items(SimilarQuery(item_id="ETF-000001", k=200, user_id=user))
+    ids = [it.item_id for it in got.items]
+    assert "ETF-000001" not in ids and all(oracle.allowed(user, i) for i in ids)
+    anon = recommender.similar_items(SimilarQuery(item_id="ETF-000001", k=200))
+    assert all(oracle.risk[it.item_id] <= 1 for it in anon.items)
+    with pytest.raises(NotFound):
+        recommender.similar_items(SimilarQuery(item_id="nope"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"user_id": "u", "k": 501}, "k"),
+        ({"user_id": "u", "k": -1}, "k"),
+        ({"user_id": "x" * 257}, "user_id"),
+        ({"user_id": "bad\x00id"}, "user_id"),
+        ({}, "user_id"),
+        ({"user_id": "u", "exclude_item_ids": ("",)}, "exclude_item_ids[0]"),
+        ({"user_id": "u", "recent_item_ids": ("a",) * 1001}, "recent_item_ids"),
+    ],
+)
+def test_bad_queries_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        RecommendQuery(**kwargs)  # type: ignore[arg-type]
+    assert err.value.field == field
+
+
+def test_k_zero_means_ten() -> None:
+    assert RecommendQuery(user_id="u", k=0).k == 10

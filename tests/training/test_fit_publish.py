@@ -1,0 +1,148 @@
+"""Fitting and publishing: determinism, implicit's scores, checksums, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from implicit.cpu.als import AlternatingLeastSquares
+
+from recsvc.bundle import LATEST, list_versions, load_bundle, read_latest, read_manifest, sha256_file
+from training.cli import main as train_main
+from training.data import TrainingData
+from training.fit import FitParams, apply_weighting, fit_model
+from training.publish import prune, publish
+
+PARAMS = FitParams(factors=8, iterations=4, seed=5)
+
+
+def test_als_is_reproducible_for_a_seed(training_data: TrainingData) -> None:
+    a = fit_model(training_data.user_items, PARAMS, progress=False)
+    b = fit_model(training_data.user_items, PARAMS, progress=False)
+    c = fit_model(training_data.user_items, replace(PARAMS, seed=6), progress=False)
+    np.testing.assert_array_equal(a.item_factors, b.item_factors)
+    np.testing.assert_array_equal(a.user_factors, b.user_factors)
+    assert not np.array_equal(a.item_factors, c.item_factors)
+
+
+def test_bpr_single_thread_is_reproducible(training_data: TrainingData) -> None:
+    params = FitParams(algorithm="bpr", factors=8, iterations=3, seed=5, threads=1)
+    a = fit_model(training_data.user_items, params, progress=False)
+    b = fit_model(training_data.user_items, params, progress=False)
+    np.testing.assert_array_equal(a.item_factors, b.item_factors)
+    assert a.item_factors.shape[1] == 9  # implicit's BPR appends an item bias
+
+
+def test_bundle_embeddings_reproduce_implicits_own_scores(
+    training_data: TrainingData, tmp_path: Path
+) -> None:
+    params = replace(PARAMS, alpha=3.0)
+    model = AlternatingLeastSquares(
+        factors=params.factors,
+        regularization=params.regularization,
+        alpha=params.alpha,
+        iterations=params.iterations,
+        random_state=params.seed,
+        calculate_training_loss=False,
+    )
+    weighted = apply_weighting(training_data.user_items, params)
+    model.fit(weighted, show_progress=False)
+    folder = publish(tmp_path, training_data, fit_model(training_data.user_items, params, progress=False))
+    bundle = load_bundle(folder)
+    users = np.arange(0, len(training_data.users), 97)
+    ids, scores = model.recommend(users, weighted[users], N=10)
+    ours = bundle.user_index.vectors[users] @ bundle.item_index.vectors.T
+    for row, u in enumerate(users):
+        np.testing.assert_allclose(ours[row, ids[row]], scores[row], rtol=1e-4, atol=1e-5)
+
+
+def test_manifest_names_every_file_with_size_and_sha256(bundle_path: Path) -> None:
+    manifest = read_manifest(bundle_path)
+    on_disk = {p.name for p in bundle_path.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, entry in manifest["files"].items():
+        assert entry["size"] == (bundle_path / name).stat().st_size
+        assert entry["sha256"] == sha256_file(bundle_path / name)
+    assert manifest["counts"]["users"] == 1500 and manifest["counts"]["items"] == 120
+    assert manifest["indexes"]["items"]["type"] == "flat"
+    assert manifest["rules"] == {"risk_levels": True, "active_flag": True, "users_table": True}
+    assert len(manifest["data_fingerprint"]) == 64
+
+
+def test_no_pickle_in_bundle_arrays(bundle_path: Path) -> None:
+    for path in bundle_path.glob("*.npy"):
+        arr = np.load(path, allow_pickle=False)
+        assert arr.dtype != object
+
+
+def test_publish_keeps_the_newest_versions(training_data: TrainingData, tmp_path: Path) -> None:
+    model = fit_model(training_data.user_items, PARAMS, progress=False)
+    published = [publish(tmp_path, training_data, model, keep=2).name for _ in range(4)]
+    assert list_versions(tmp_path) == published[-2:]
+    assert read_latest(tmp_path) == published[-1]
+    assert prune(tmp_path, keep=1) == [published[-2]]
+
+
+def test_killed_publish_leaves_latest_intact(models_copy: Path, sample_dir: Path) -> None:
+    """A trainer killed mid-publish (SIGKILL-like os._exit) never moves LATEST."""
+    before = read_latest(models_copy)
+    script = textwrap.dedent(
+        f"""
+        import os, numpy as np
+        import training.publish as pub
+        calls = 0
+        real = pub._write_npy
+        def dying(folder, name, array):
+            global calls
+            calls += 1
+            if calls == 3:
+                os._exit(9)
+            real(folder, name, array)
+        pub._write_npy = dying
+        from training.cli import main
+        main(["-q", "fit", "--interactions", "{sample_dir}/interactions.parquet",
+              "--models", "{models_copy}", "--factors", "4", "--iterations", "1"])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 9
+    assert read_latest(models_copy) == before
+    assert list_versions(models_copy) == [before]
+    load_bundle(models_copy / before)  # still complete and valid
+
+
+def test_cli_fit_prints_summary_and_fails_cleanly(
+    sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"factors": 6, "iterations": 2, "weighting": "bm25"}))
+    code = train_main(
+        ["-q", "fit", "--interactions", str(sample_dir / "interactions.parquet"),
+         "--items", str(sample_dir / "items.parquet"), "--models", str(tmp_path / "m"),
+         "--params", str(params), "--seed", "4"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "published v" in out and "factors=6" in out
+    manifest = read_manifest(tmp_path / "m" / read_latest(tmp_path / "m"))  # type: ignore[operator]
+    assert manifest["params"]["weighting"] == "bm25" and manifest["params"]["seed"] == 4
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"factorz": 3}))
+    code = train_main(["-q", "fit", "--interactions", str(sample_dir / "interactions.parquet"),
+                       "--models", str(tmp_path / "m2"), "--params", str(bad)])
+    assert code == 2 and "unknown keys factorz" in capsys.readouterr().err
+    assert not (tmp_path / "m2" / LATEST).exists()
+
+
+def test_cli_bad_input_publishes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = train_main(["-q", "fit", "--interactions", str(tmp_path / "missing.parquet"),
+                       "--models", str(tmp_path / "m")])
+    assert code == 2 and "missing.parquet" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() or not os.listdir(tmp_path / "m")
