@@ -121,6 +121,29 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audience(args: argparse.Namespace) -> int:
+    from recsvc.requests import TargetQuery
+    from training.audience import export_all_items, export_audience, open_targeter
+
+    targeter = open_targeter(Path(args.models), consent_required=not args.no_consent_data)
+    out = Path(args.out)
+    if args.all_items:
+        rows = export_all_items(targeter, args.size, out, args.include_holders, progress=not args.quiet)
+        print(f"wrote {rows:,} rows for every active product to {out}/ (model {targeter.bundle.version})")
+        return 0
+    if not args.item:
+        raise RecsvcError("give --item (repeatable) or --all-items")
+    query = TargetQuery(
+        item_ids=tuple(args.item),
+        audience_size=args.size,
+        min_score=args.min_score,
+        include_holders=args.include_holders,
+    )
+    audience, sidecar = export_audience(targeter, query, out, progress=not args.quiet)
+    print(f"wrote {len(audience.rows):,} customers to {out} (model {audience.version}); sidecar {sidecar}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsvc-train", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -139,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", required=True, help="bundle folder (DIR/<version>/, DIR/LATEST)")
     p.add_argument("--keep", type=int, default=5, help="versions to keep")
     p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("audience", help="campaign audience from the latest bundle, offline")
+    p.add_argument("--models", required=True)
+    p.add_argument("--item", action="append", help="product (repeatable: one campaign)")
+    p.add_argument("--all-items", action="store_true", help="top-N for every product, partitioned")
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--min-score", type=float)
+    p.add_argument("--include-holders", action="store_true")
+    p.add_argument("--no-consent-data", action="store_true",
+                   help="data without a users table carries no consent requirement")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_audience)
     return parser
 
 
