@@ -148,7 +148,9 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"{folder.name}: {name} is missing")
         size = path.stat().st_size
         if size != entry["size"]:
-            raise BundleError(f"{folder.name}: {name} is {size} bytes, manifest says {entry['size']}")
+            raise BundleError(
+                f"{folder.name}: {name} is {size} bytes, manifest says {entry['size']}"
+            )
     for name, entry in manifest["files"].items():
         if sha256_file(folder / name) != entry["sha256"]:
             raise BundleError(f"{folder.name}: {name} fails its sha256 check")
@@ -270,5 +272,3 @@ def load_bundle(folder: Path, verify: bool = True) -> Bundle:
         held=held,
         popularity=popularity,
     )
-
-

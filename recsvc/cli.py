@@ -83,7 +83,10 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         metadata=_metadata(args),
         timeout=args.timeout,
     )
-    print(f"model {resp.model_version}  source {pb.Source.Name(resp.source)}  id {resp.recommendation_id}")
+    print(
+        f"model {resp.model_version}  source {pb.Source.Name(resp.source)}  "
+        f"id {resp.recommendation_id}"
+    )
     rows = [
         (i + 1, it.item_id, f"{it.score:.4f}", ", ".join(c.item_id for c in it.because))
         for i, it in enumerate(resp.items)
@@ -101,14 +104,21 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     print(f"model {resp.model_version}")
-    print(_table(("#", "item_id", "similarity"), [(i + 1, it.item_id, f"{it.score:.4f}") for i, it in enumerate(resp.items)]))
+    print(
+        _table(
+            ("#", "item_id", "similarity"),
+            [(i + 1, it.item_id, f"{it.score:.4f}") for i, it in enumerate(resp.items)],
+        )
+    )
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from recsvc.v1 import recommender_pb2 as pb
 
-    info = _stub(args).GetModelInfo(pb.GetModelInfoRequest(), metadata=_metadata(args), timeout=args.timeout)
+    info = _stub(args).GetModelInfo(
+        pb.GetModelInfoRequest(), metadata=_metadata(args), timeout=args.timeout
+    )
     rows = [
         ("version", info.version),
         ("created_at", info.created_at.ToDatetime(timezone.utc).isoformat()),
@@ -154,7 +164,9 @@ def _cmd_target(args: argparse.Namespace) -> int:
                 "below_min_score": e.below_min_score,
             }
             eligible = msg.eligible_users
-    table = pa.table({"user_id": pa.array(ids, pa.string()), "score": pa.array(scores, pa.float32())})
+    table = pa.table(
+        {"user_id": pa.array(ids, pa.string()), "score": pa.array(scores, pa.float32())}
+    )
     sidecar = write_audience(
         Path(args.out),
         table,
@@ -197,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, help="seconds between looks at LATEST")
     p.add_argument("--workers", type=int, help="server processes sharing the port")
     p.add_argument("--max-concurrent-rpcs", type=int)
-    p.add_argument("--no-consent-data", action="store_true",
-                   help="allow TargetUsers on data without a users table")
+    p.add_argument(
+        "--no-consent-data",
+        action="store_true",
+        help="allow TargetUsers on data without a users table",
+    )
     p.add_argument("--auth-token-file")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
@@ -242,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except grpc.RpcError as exc:
-        print(f"recsvc: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"recsvc: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"recsvc: error: {exc}", file=sys.stderr)

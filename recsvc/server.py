@@ -38,7 +38,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     store: ModelStore
-    health: health.aio.HealthServicer
+    health: health.aio.HealthServicer  # type: ignore[name-defined]  # stubs predate grpc.aio
     settings: ServerSettings
     _reload_task: asyncio.Task[None] | None = None
 
@@ -61,7 +61,7 @@ class RunningServer:
         while True:
             try:
                 await self.refresh()
-            except Exception:  # noqa: BLE001 - the poller must outlive any one bad version
+            except Exception:
                 log.exception("reload failed")
             await asyncio.sleep(self.settings.poll_interval)
 
@@ -99,13 +99,11 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    server = grpc.aio.server(
-        options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs
-    )
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     _pb_grpc.add_RecommenderServicer_to_server(
         RecommenderService(store, Pseudonymizer(settings.pseudonym_key)), server
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -50,6 +50,7 @@ _SOURCE = {
 }
 
 T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -60,7 +61,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+async def _abort(context: Context, exc: BaseException, method: str) -> None:
     code, message = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.error("unexpected error", extra={"method": method}, exc_info=exc)
@@ -68,15 +69,15 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
 
 
 def _edge(
-    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]]:
+    method: Callable[[Any, Any, Context], Awaitable[T]],
+) -> Callable[[Any, Any, Context], Awaitable[T]]:
     """Unary methods: map every exception through ``status_for``."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+    async def wrapper(self: Any, request: Any, context: Context) -> T:
         try:
             return await method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
+        except Exception as exc:
             await _abort(context, exc, method.__name__)
             raise AssertionError("unreachable") from exc  # abort always raises
 
@@ -107,7 +108,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
 
     @_edge
     async def Recommend(
-        self, request: _pb.RecommendRequest, context: grpc.aio.ServicerContext
+        self, request: _pb.RecommendRequest, context: Context
     ) -> _pb.RecommendResponse:
         query = RecommendQuery(
             user_id=request.user_id,
@@ -128,7 +129,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
 
     @_edge
     async def SimilarItems(
-        self, request: _pb.SimilarItemsRequest, context: grpc.aio.ServicerContext
+        self, request: _pb.SimilarItemsRequest, context: Context
     ) -> _pb.SimilarItemsResponse:
         query = SimilarQuery(
             item_id=request.item_id,
@@ -145,7 +146,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
 
     @_edge
     async def RankItems(
-        self, request: _pb.RankItemsRequest, context: grpc.aio.ServicerContext
+        self, request: _pb.RankItemsRequest, context: Context
     ) -> _pb.RankItemsResponse:
         query = RankQuery(
             user_id=request.user_id,
@@ -165,7 +166,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
 
     @_edge
     async def GetModelInfo(
-        self, request: _pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: _pb.GetModelInfoRequest, context: Context
     ) -> _pb.ModelInfo:
         model = self._store.current()
         info = model.recommender.info()
@@ -189,7 +190,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         )
 
     async def TargetUsers(
-        self, request: _pb.TargetUsersRequest, context: grpc.aio.ServicerContext
+        self, request: _pb.TargetUsersRequest, context: Context
     ) -> AsyncIterator[_pb.TargetUsersResponse]:
         try:
             query = TargetQuery(
@@ -201,7 +202,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             model = self._store.current()
             # Large audiences take a while: keep the event loop free for other RPCs.
             audience = await asyncio.to_thread(model.targeter.target, query)
-        except Exception as exc:  # noqa: BLE001 - mapped at the edge, as in _edge
+        except Exception as exc:
             await _abort(context, exc, "TargetUsers")
             return
         user_ids = model.targeter.bundle.users.ids
@@ -209,7 +210,10 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         sent = 0
         for ids, scores in audience.batches(user_ids, _AUDIENCE_BATCH):
             msg = _pb.TargetUsersResponse(
-                users=[_pb.ScoredUser(user_id=u, score=float(s)) for u, s in zip(ids, scores, strict=True)]
+                users=[
+                    _pb.ScoredUser(user_id=u, score=float(s))
+                    for u, s in zip(ids, scores, strict=True)
+                ]
             )
             if first:
                 msg.model_version = audience.version

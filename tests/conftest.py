@@ -43,7 +43,9 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def training_data(sample_dir: Path) -> TrainingData:
     return load_training_data(
-        sample_dir / "interactions.parquet", sample_dir / "items.parquet", sample_dir / "users.parquet"
+        sample_dir / "interactions.parquet",
+        sample_dir / "items.parquet",
+        sample_dir / "users.parquet",
     )
 
 

@@ -33,7 +33,9 @@ def audience_table(targeter: Targeter, audience: Audience, progress: bool = Fals
     """Audience rows as a (user_id, score) table, best first."""
     ids = targeter.bundle.users.arrow()
     parts = []
-    for start in tqdm(range(0, len(audience.rows), _CHUNK), desc="audience", unit="chunk", disable=not progress):
+    for start in tqdm(
+        range(0, len(audience.rows), _CHUNK), desc="audience", unit="chunk", disable=not progress
+    ):
         parts.append(ids.take(pa.array(audience.rows[start : start + _CHUNK])))
     user_ids = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
     return pa.table({"user_id": user_ids, "score": pa.array(audience.scores, pa.float32())})
@@ -79,7 +81,9 @@ def export_all_items(
     active = np.flatnonzero(targeter.item_active)
     for row in tqdm(active, desc="products", unit="item", disable=not progress):
         item_id = b.items.ids[row]
-        query = TargetQuery(item_ids=(item_id,), audience_size=size, include_holders=include_holders)
+        query = TargetQuery(
+            item_ids=(item_id,), audience_size=size, include_holders=include_holders
+        )
         audience = targeter.target(query)
         table = audience_table(targeter, audience)
         table = table.append_column("rank", pa.array(np.arange(1, table.num_rows + 1), pa.int32()))

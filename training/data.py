@@ -205,7 +205,9 @@ def _row_strength(
     if "event" in table.column_names:
         event = table.column("event")
         if not (pa.types.is_string(event.type) or pa.types.is_large_string(event.type)):
-            raise DataError(f"interactions {path}: column 'event' has type {event.type}, expected string")
+            raise DataError(
+                f"interactions {path}: column 'event' has type {event.type}, expected string"
+            )
         codes = event.combine_chunks().dictionary_encode()
         names = codes.dictionary.to_pylist()
         idx = codes.indices.fill_null(-1).to_numpy(zero_copy_only=False)
@@ -214,19 +216,23 @@ def _row_strength(
     if "weight" in table.column_names:
         wcol = table.column("weight")
         if not (pa.types.is_floating(wcol.type) or pa.types.is_integer(wcol.type)):
-            raise DataError(f"interactions {path}: column 'weight' has type {wcol.type}, expected float")
+            raise DataError(
+                f"interactions {path}: column 'weight' has type {wcol.type}, expected float"
+            )
         weight = wcol.cast(pa.float64()).fill_null(1.0).to_numpy()
     elif "event" in table.column_names:
         known = [name in config.event_weights for name in names]
         lut = np.array([config.event_weights.get(name, 1.0) for name in names] + [1.0])
         weight = lut[idx]
-        report.unknown_events = int((~np.array(known + [True]))[idx].sum())
+        report.unknown_events = int((~np.array([*known, True]))[idx].sum())
     else:
         weight = np.ones(n)
     if config.half_life_days and "ts" in table.column_names:
         ts = table.column("ts")
         if not pa.types.is_timestamp(ts.type):
-            raise DataError(f"interactions {path}: column 'ts' has type {ts.type}, expected timestamp")
+            raise DataError(
+                f"interactions {path}: column 'ts' has type {ts.type}, expected timestamp"
+            )
         secs = ts.cast(pa.timestamp("s")).cast(pa.int64())
         newest = pc.max(secs).as_py()
         # An event without a time is taken as current: decay never inflates strength.
@@ -312,9 +318,13 @@ def load_training_data(
         (strength, (pairs % n_items).astype(np.int32), indptr.astype(np.int64)),
         shape=(n_users, n_items),
     )
-    aligned_items = item_table if item_table is not None else pa.table({"item_id": item_vocab.arrow()})
-    has_risk = item_table is not None and "risk_level" in item_table.column_names and bool(
-        pc.count(item_table.column("risk_level")).as_py()
+    aligned_items = (
+        item_table if item_table is not None else pa.table({"item_id": item_vocab.arrow()})
+    )
+    has_risk = (
+        item_table is not None
+        and "risk_level" in item_table.column_names
+        and bool(pc.count(item_table.column("risk_level")).as_py())
     )
     data = TrainingData(
         users=user_vocab,

@@ -91,8 +91,12 @@ def publish(
     tmp = models / f"{_TMP_PREFIX}{version}"
     tmp.mkdir()
     try:
-        item_spec = choose_index_spec(len(data.items), model.params.item_index, model.params.exact_max)
-        user_spec = choose_index_spec(len(data.users), model.params.user_index, model.params.exact_max)
+        item_spec = choose_index_spec(
+            len(data.items), model.params.item_index, model.params.exact_max
+        )
+        user_spec = choose_index_spec(
+            len(data.users), model.params.user_index, model.params.exact_max
+        )
         pq.write_table(data.item_table, tmp / "items.parquet")
         pq.write_table(data.user_table, tmp / "users.parquet")
         _write_npy(tmp, "item_factors.npy", model.item_factors)
@@ -103,8 +107,12 @@ def publish(
         _write_npy(tmp, "user_items_data.npy", conf.data.astype(np.float32))
         _write_npy(tmp, "user_items_held.npy", data.held.astype(np.bool_))
         _write_npy(tmp, "popularity.npy", _popularity(data))
-        faiss.write_index(build_index(model.item_factors, item_spec, model.params.seed), str(tmp / "items.faiss"))
-        faiss.write_index(build_index(model.user_factors, user_spec, model.params.seed), str(tmp / "users.faiss"))
+        faiss.write_index(
+            build_index(model.item_factors, item_spec, model.params.seed), str(tmp / "items.faiss")
+        )
+        faiss.write_index(
+            build_index(model.user_factors, user_spec, model.params.seed), str(tmp / "users.faiss")
+        )
         files = {
             p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tmp.iterdir())
@@ -168,5 +176,3 @@ def prune(models: Path, keep: int) -> list[str]:
             else:
                 p.unlink(missing_ok=True)
     return doomed
-
-

@@ -161,7 +161,7 @@ def _events(
     t0 = rng.integers(0, _YEAR_SECONDS - 7 * 86400, m)
     steps = [("view", np.ones(m, bool)), ("click", click), ("apply", apply), ("purchase", buy)]
     parts_u, parts_i, parts_e, parts_t = [], [], [], []
-    for k, (name, mask) in enumerate(steps):
+    for k, (_, mask) in enumerate(steps):
         parts_u.append(user[mask])
         parts_i.append(item[mask])
         parts_e.append(np.full(int(mask.sum()), k, dtype=np.int8))
@@ -182,7 +182,9 @@ def _events(
     )
 
 
-def write_sample(out: Path, spec: SampleSpec | None = None, progress: bool = True) -> dict[str, int]:
+def write_sample(
+    out: Path, spec: SampleSpec | None = None, progress: bool = True
+) -> dict[str, int]:
     """Write interactions/items/users Parquet into ``out``; returns row counts."""
     spec = spec or SampleSpec()
     if spec.users < 1 or spec.items < len(CATEGORIES):
@@ -199,14 +201,19 @@ def write_sample(out: Path, spec: SampleSpec | None = None, progress: bool = Tru
     event_writer: pq.ParquetWriter | None = None
     try:
         for start in tqdm(
-            range(0, spec.users, spec.chunk_users), desc="sample", unit="chunk", disable=not progress
+            range(0, spec.users, spec.chunk_users),
+            desc="sample",
+            unit="chunk",
+            disable=not progress,
         ):
             n = min(spec.chunk_users, spec.users - start)
             chunk_rng = np.random.default_rng([spec.seed, start])
             users = _users(spec, start, n, chunk_rng)
             events = _events(spec, users, start, members, item_risk, item_ids, chunk_rng)
             user_writer = user_writer or pq.ParquetWriter(out / "users.parquet", users.schema)
-            event_writer = event_writer or pq.ParquetWriter(out / "interactions.parquet", events.schema)
+            event_writer = event_writer or pq.ParquetWriter(
+                out / "interactions.parquet", events.schema
+            )
             user_writer.write_table(users)
             event_writer.write_table(events)
             counts["users"] += n

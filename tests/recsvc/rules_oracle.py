@@ -15,7 +15,9 @@ class Oracle:
     def __init__(self, sample_dir: Path) -> None:
         items = pq.read_table(sample_dir / "items.parquet").to_pylist()
         users = pq.read_table(sample_dir / "users.parquet").to_pylist()
-        self.risk = {r["item_id"]: (5 if r["risk_level"] is None else r["risk_level"]) for r in items}
+        self.risk = {
+            r["item_id"]: (5 if r["risk_level"] is None else r["risk_level"]) for r in items
+        }
         self.active = {r["item_id"]: bool(r["active"]) for r in items}
         self.tolerance = {
             r["user_id"]: (1 if r["risk_tolerance"] is None else r["risk_tolerance"]) for r in users

@@ -45,8 +45,12 @@ def _truncate(folder: Path) -> None:
 def _pickle_npy(folder: Path) -> None:
     p = folder / "popularity.npy"
     np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    _rewrite_manifest(folder, lambda m: m["files"]["popularity.npy"].update(
-        size=p.stat().st_size, sha256=__import__("recsvc.bundle").bundle.sha256_file(p)))
+    _rewrite_manifest(
+        folder,
+        lambda m: m["files"]["popularity.npy"].update(
+            size=p.stat().st_size, sha256=__import__("recsvc.bundle").bundle.sha256_file(p)
+        ),
+    )
 
 
 def _wrong_dim(folder: Path) -> None:

@@ -33,7 +33,9 @@ def _implicit_twin(rec: Recommender) -> AlternatingLeastSquares:
 def test_rules_hold_for_every_customer(recommender: Recommender, oracle: Oracle) -> None:
     for user_id in recommender.bundle.users.ids:
         exclude = {"SAV-000001", "CC-000002"}
-        got = recommender.recommend(RecommendQuery(user_id=user_id, k=25, exclude_item_ids=tuple(exclude)))
+        got = recommender.recommend(
+            RecommendQuery(user_id=user_id, k=25, exclude_item_ids=tuple(exclude))
+        )
         ids = [it.item_id for it in got.items]
         assert all(oracle.allowed(user_id, i, exclude) for i in ids), user_id
         assert len(ids) == min(25, oracle.n_allowed(user_id, exclude)), user_id
@@ -42,7 +44,9 @@ def test_rules_hold_for_every_customer(recommender: Recommender, oracle: Oracle)
         assert scores == sorted(scores, reverse=True)
 
 
-def test_unknown_customer_gets_popular_low_risk_products(recommender: Recommender, oracle: Oracle) -> None:
+def test_unknown_customer_gets_popular_low_risk_products(
+    recommender: Recommender, oracle: Oracle
+) -> None:
     got = recommender.recommend(RecommendQuery(user_id="never-seen", k=500))
     assert got.source is Source.POPULAR
     ids = [it.item_id for it in got.items]
@@ -56,7 +60,9 @@ def test_fold_in_matches_implicits_recalculate_user(recommender: Recommender) ->
     model = _implicit_twin(recommender)
     rows = np.array([3, 17, 40])
     conf = np.array([1.0, 2.5, 0.7], dtype=np.float32)
-    user_items = sp.csr_matrix((conf, (np.zeros(3), rows)), shape=(1, len(recommender.bundle.items)))
+    user_items = sp.csr_matrix(
+        (conf, (np.zeros(3), rows)), shape=(1, len(recommender.bundle.items))
+    )
     expected = model.recalculate_user(0, user_items)
     np.testing.assert_allclose(recommender.fold_in(rows, conf), expected, rtol=1e-3, atol=1e-4)
 
@@ -74,7 +80,9 @@ def test_explain_matches_implicits_explain(recommender: Recommender) -> None:
         np.testing.assert_allclose([w for _, w in item.because], [s for _, s in top], rtol=1e-3)
 
 
-def test_recent_items_fold_in_an_anonymous_customer(recommender: Recommender, oracle: Oracle) -> None:
+def test_recent_items_fold_in_an_anonymous_customer(
+    recommender: Recommender, oracle: Oracle
+) -> None:
     recent = ("CC-000001", "CC-000002")
     got = recommender.recommend(RecommendQuery(recent_item_ids=recent, k=10))
     assert got.source is Source.FOLD_IN
@@ -86,7 +94,9 @@ def test_recent_items_fold_in_an_anonymous_customer(recommender: Recommender, or
 def test_recent_items_refresh_a_known_customer(recommender: Recommender) -> None:
     user = recommender.bundle.users.ids[5]
     base = recommender.recommend(RecommendQuery(user_id=user, k=10))
-    fresh = recommender.recommend(RecommendQuery(user_id=user, k=10, recent_item_ids=("TD-000003",)))
+    fresh = recommender.recommend(
+        RecommendQuery(user_id=user, k=10, recent_item_ids=("TD-000003",))
+    )
     assert base.source is Source.PERSONALIZED and fresh.source is Source.FOLD_IN
     assert "TD-000003" not in [it.item_id for it in fresh.items]
 

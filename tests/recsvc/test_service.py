@@ -52,11 +52,14 @@ def test_every_rule_over_every_customer_through_grpc(
         assert len(ids) == min(12, oracle.n_allowed(user_id))
         assert resp.model_version == recommender.version and len(resp.recommendation_id) == 32
         ranked = stub.RankItems(
-            pb.RankItemsRequest(user_id=user_id, item_ids=recommender.bundle.items.ids[:80]), timeout=10
+            pb.RankItemsRequest(user_id=user_id, item_ids=recommender.bundle.items.ids[:80]),
+            timeout=10,
         )
         assert all(oracle.allowed(user_id, it.item_id) for it in ranked.items)
     for item_id in recommender.bundle.items.ids[::7]:
-        sim = stub.SimilarItems(pb.SimilarItemsRequest(item_id=item_id, k=15, user_id="C00000003"), timeout=10)
+        sim = stub.SimilarItems(
+            pb.SimilarItemsRequest(item_id=item_id, k=15, user_id="C00000003"), timeout=10
+        )
         assert all(oracle.allowed("C00000003", it.item_id) for it in sim.items)
 
 
@@ -69,7 +72,10 @@ def test_sources_and_explain(stub: recommender_pb2_grpc.RecommenderStub, recomme
     assert r.source == pb.FOLD_IN
     r = stub.Recommend(pb.RecommendRequest(user_id="stranger", k=3), timeout=5)
     assert r.source == pb.POPULAR and len(r.items) == 3
-    ids = {stub.Recommend(pb.RecommendRequest(user_id=known), timeout=5).recommendation_id for _ in range(3)}
+    ids = {
+        stub.Recommend(pb.RecommendRequest(user_id=known), timeout=5).recommendation_id
+        for _ in range(3)
+    }
     assert len(ids) == 3
 
 
@@ -89,7 +95,11 @@ def test_model_info(stub: recommender_pb2_grpc.RecommenderStub, recommender) -> 
         ("Recommend", pb.RecommendRequest(), "user_id"),
         ("Recommend", pb.RecommendRequest(user_id="x" * 257), "user_id"),
         ("Recommend", pb.RecommendRequest(user_id="a\nb"), "user_id"),
-        ("Recommend", pb.RecommendRequest(user_id="u", exclude_item_ids=["x"] * 1001), "exclude_item_ids"),
+        (
+            "Recommend",
+            pb.RecommendRequest(user_id="u", exclude_item_ids=["x"] * 1001),
+            "exclude_item_ids",
+        ),
         ("Recommend", pb.RecommendRequest(user_id="u", recent_item_ids=[""]), "recent_item_ids[0]"),
         ("SimilarItems", pb.SimilarItemsRequest(), "item_id"),
         ("SimilarItems", pb.SimilarItemsRequest(item_id="CC-000001", k=9999), "k"),
@@ -99,7 +109,10 @@ def test_model_info(stub: recommender_pb2_grpc.RecommenderStub, recommender) -> 
     ],
 )
 def test_invalid_argument_names_the_field(
-    stub: recommender_pb2_grpc.RecommenderStub, method: str, request_, field: str  # type: ignore[no-untyped-def]
+    stub: recommender_pb2_grpc.RecommenderStub,
+    method: str,
+    request_,
+    field: str,  # type: ignore[no-untyped-def]
 ) -> None:
     call = getattr(stub, method)
     assert _code(call, request_) == grpc.StatusCode.INVALID_ARGUMENT
@@ -107,12 +120,17 @@ def test_invalid_argument_names_the_field(
 
 
 def test_unknown_item_is_not_found(stub: recommender_pb2_grpc.RecommenderStub) -> None:
-    assert _code(stub.SimilarItems, pb.SimilarItemsRequest(item_id="nope")) == grpc.StatusCode.NOT_FOUND
+    assert (
+        _code(stub.SimilarItems, pb.SimilarItemsRequest(item_id="nope"))
+        == grpc.StatusCode.NOT_FOUND
+    )
 
 
 def test_reflection_lists_the_services(server: ServerThread) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
-    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"recsvc.v1.Recommender", "grpc.health.v1.Health"} <= names
 
@@ -130,7 +148,9 @@ def test_no_model_is_unavailable_then_serving_after_publish(
         s.start_polling()
         publish(models, training_data, fit_model(training_data.user_items, PARAMS, progress=False))
         deadline = time.time() + 20
-        while _health(s.channel) != health_pb2.HealthCheckResponse.SERVING and time.time() < deadline:
+        while (
+            _health(s.channel) != health_pb2.HealthCheckResponse.SERVING and time.time() < deadline
+        ):
             time.sleep(0.05)
         assert _health(s.channel, "recsvc.v1.Recommender") == health_pb2.HealthCheckResponse.SERVING
         assert s.stub.Recommend(pb.RecommendRequest(user_id="u"), timeout=5).source == pb.POPULAR
@@ -156,9 +176,13 @@ def test_hot_reload_and_corrupt_versions_are_never_served(
     s.start_polling()
     try:
         assert _wait_version(s, first)  # type: ignore[arg-type]
-        second = publish(models_copy, training_data, fit_model(training_data.user_items, PARAMS, progress=False))
+        second = publish(
+            models_copy, training_data, fit_model(training_data.user_items, PARAMS, progress=False)
+        )
         assert _wait_version(s, second.name)
-        third = publish(models_copy, training_data, fit_model(training_data.user_items, PARAMS, progress=False))
+        third = publish(
+            models_copy, training_data, fit_model(training_data.user_items, PARAMS, progress=False)
+        )
         # Corrupt it after publishing; LATEST already names it.
         p = third / "item_factors.npy"
         p.write_bytes(p.read_bytes()[:-8] + b"\x00" * 8)
@@ -176,9 +200,13 @@ def test_hot_reload_and_corrupt_versions_are_never_served(
         s.stop()
 
 
-def test_start_falls_back_to_newest_valid_version(models_copy: Path, training_data: TrainingData) -> None:
+def test_start_falls_back_to_newest_valid_version(
+    models_copy: Path, training_data: TrainingData
+) -> None:
     good = read_latest(models_copy)
-    bad = publish(models_copy, training_data, fit_model(training_data.user_items, PARAMS, progress=False))
+    bad = publish(
+        models_copy, training_data, fit_model(training_data.user_items, PARAMS, progress=False)
+    )
     (bad / "users.faiss").write_bytes(b"garbage")
     s = ServerThread(settings_for(models_copy))
     try:

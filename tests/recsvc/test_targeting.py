@@ -47,21 +47,34 @@ def _eligible(oracle: Oracle, items: list[str], include_holders: bool) -> set[st
     }
 
 
-def _check(oracle: Oracle, items: list[str], size: int, include: bool, users: list[str], scores: list[float]) -> None:
+def _check(
+    oracle: Oracle,
+    items: list[str],
+    size: int,
+    include: bool,
+    users: list[str],
+    scores: list[float],
+) -> None:
     eligible = _eligible(oracle, items, include)
     assert set(users) <= eligible
     assert len(users) == min(size, len(eligible)) == len(set(users))
     assert scores == sorted(scores, reverse=True)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
-def test_audience_rules_hold_for_any_campaign(targeter: Targeter, oracle: Oracle, data: st.DataObject) -> None:
+def test_audience_rules_hold_for_any_campaign(
+    targeter: Targeter, oracle: Oracle, data: st.DataObject
+) -> None:
     active = [i for i in targeter.bundle.items.ids if oracle.active[i]]
     items = data.draw(st.lists(st.sampled_from(active), min_size=1, max_size=3, unique=True))
     size = data.draw(st.integers(1, 2000))
     include = data.draw(st.booleans())
-    a = targeter.target(TargetQuery(item_ids=tuple(items), audience_size=size, include_holders=include))
+    a = targeter.target(
+        TargetQuery(item_ids=tuple(items), audience_size=size, include_holders=include)
+    )
     users = [targeter.bundle.users.ids[r] for r in a.rows]
     _check(oracle, items, size, include, users, a.scores.tolist())
 
@@ -74,14 +87,18 @@ def test_holders_are_left_out_unless_asked(targeter: Targeter, oracle: Oracle) -
     holders = {u for u, h in oracle.held.items() if item in h and oracle.consent[u]}
     assert holders
     without = targeter.target(TargetQuery(item_ids=(item,), audience_size=100_000))
-    with_ = targeter.target(TargetQuery(item_ids=(item,), audience_size=100_000, include_holders=True))
+    with_ = targeter.target(
+        TargetQuery(item_ids=(item,), audience_size=100_000, include_holders=True)
+    )
     ids = lambda a: {targeter.bundle.users.ids[r] for r in a.rows}  # noqa: E731
     assert not ids(without) & holders and holders <= ids(with_)
     assert without.excluded.holders == len(holders)
 
 
 def test_min_score_and_errors(targeter: Targeter) -> None:
-    a = targeter.target(TargetQuery(item_ids=("SAV-000001",), audience_size=100_000, min_score=0.05))
+    a = targeter.target(
+        TargetQuery(item_ids=("SAV-000001",), audience_size=100_000, min_score=0.05)
+    )
     assert (a.scores >= 0.05).all() and a.excluded.below_min_score > 0
     with pytest.raises(NotFound):
         targeter.target(TargetQuery(item_ids=("nope",), audience_size=5))
@@ -105,11 +122,44 @@ def test_rpc_cli_and_offline_agree(
 
     target = f"localhost:{server.running.port}"
     cli_out = tmp_path / "cli.parquet"
-    assert recsvc_main(["target", "--target", target, "--item", items[0], "--item", items[1],
-                        "--size", "7000", "--out", str(cli_out)]) == 0
+    assert (
+        recsvc_main(
+            [
+                "target",
+                "--target",
+                target,
+                "--item",
+                items[0],
+                "--item",
+                items[1],
+                "--size",
+                "7000",
+                "--out",
+                str(cli_out),
+            ]
+        )
+        == 0
+    )
     off_out = tmp_path / "offline.parquet"
-    assert train_main(["-q", "audience", "--models", str(models_dir), "--item", items[0],
-                       "--item", items[1], "--size", "7000", "--out", str(off_out)]) == 0
+    assert (
+        train_main(
+            [
+                "-q",
+                "audience",
+                "--models",
+                str(models_dir),
+                "--item",
+                items[0],
+                "--item",
+                items[1],
+                "--size",
+                "7000",
+                "--out",
+                str(off_out),
+            ]
+        )
+        == 0
+    )
     cli, off = pq.read_table(cli_out), pq.read_table(off_out)
     assert cli.column("user_id").to_pylist() == users == off.column("user_id").to_pylist()
     side = json.loads((tmp_path / "offline.parquet.json").read_text())
@@ -121,7 +171,10 @@ def test_rpc_cli_and_offline_agree(
 def test_rpc_errors(server: ServerThread) -> None:
     for req, code in [
         (pb.TargetUsersRequest(item_ids=["nope"], audience_size=5), grpc.StatusCode.NOT_FOUND),
-        (pb.TargetUsersRequest(item_ids=["SAV-000001"], audience_size=0), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            pb.TargetUsersRequest(item_ids=["SAV-000001"], audience_size=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         (pb.TargetUsersRequest(audience_size=5), grpc.StatusCode.INVALID_ARGUMENT),
     ]:
         with pytest.raises(grpc.RpcError) as err:
@@ -129,10 +182,26 @@ def test_rpc_errors(server: ServerThread) -> None:
         assert err.value.code() == code
 
 
-def test_all_items_export(models_dir: Path, tmp_path: Path, targeter: Targeter, oracle: Oracle) -> None:
+def test_all_items_export(
+    models_dir: Path, tmp_path: Path, targeter: Targeter, oracle: Oracle
+) -> None:
     out = tmp_path / "all"
-    assert train_main(["-q", "audience", "--models", str(models_dir), "--all-items",
-                       "--size", "50", "--out", str(out)]) == 0
+    assert (
+        train_main(
+            [
+                "-q",
+                "audience",
+                "--models",
+                str(models_dir),
+                "--all-items",
+                "--size",
+                "50",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = pq.read_table(out)
     by_item = table.group_by("item_id").aggregate([("user_id", "count")]).to_pylist()
     assert len(by_item) == sum(oracle.active.values())
@@ -141,7 +210,9 @@ def test_all_items_export(models_dir: Path, tmp_path: Path, targeter: Targeter, 
         assert oracle.tol(row["user_id"]) >= oracle.risk[str(row["item_id"])]
 
 
-def test_no_users_table_needs_an_explicit_waiver(sample_dir: Path, tmp_path: Path, oracle: Oracle) -> None:
+def test_no_users_table_needs_an_explicit_waiver(
+    sample_dir: Path, tmp_path: Path, oracle: Oracle
+) -> None:
     data = load_training_data(sample_dir / "interactions.parquet", sample_dir / "items.parquet")
     item = next(i for i in oracle.risk if oracle.risk[i] == 1 and oracle.active[i])
     folder = publish(tmp_path / "m", data, fit_model(data.user_items, PARAMS, progress=False))
@@ -149,12 +220,22 @@ def test_no_users_table_needs_an_explicit_waiver(sample_dir: Path, tmp_path: Pat
     with pytest.raises(PreconditionFailed, match="no-consent-data"):
         Targeter(bundle).target(TargetQuery(item_ids=(item,), audience_size=5))
     # Waived: no consent rule; unknown tolerance is 1, so only risk-1 products reach anyone.
-    assert len(Targeter(bundle, consent_required=False).target(
-        TargetQuery(item_ids=(item,), audience_size=5)).rows) == 5
+    assert (
+        len(
+            Targeter(bundle, consent_required=False)
+            .target(TargetQuery(item_ids=(item,), audience_size=5))
+            .rows
+        )
+        == 5
+    )
     s = ServerThread(settings_for(tmp_path / "m"))
     try:
         with pytest.raises(grpc.RpcError) as err:
-            list(s.stub.TargetUsers(pb.TargetUsersRequest(item_ids=["SAV-000001"], audience_size=5), timeout=10))
+            list(
+                s.stub.TargetUsers(
+                    pb.TargetUsersRequest(item_ids=["SAV-000001"], audience_size=5), timeout=10
+                )
+            )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         s.stop()

@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from recsvc.index import AllowedSet, VectorIndex, build_index, choose_index_spec, topk
@@ -16,7 +16,9 @@ ids = st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=50)
 
 
 @given(ids, st.lists(st.text(max_size=12), max_size=20))
-def test_vocabulary_round_trips_and_unknown_is_minus_one(known: list[str], probes: list[str]) -> None:
+def test_vocabulary_round_trips_and_unknown_is_minus_one(
+    known: list[str], probes: list[str]
+) -> None:
     v = Vocabulary(known)
     assert [v.ids[v.index(k)] for k in known] == known  # type: ignore[index]
     got = v.indices(probes).tolist()
@@ -67,7 +69,7 @@ def test_search_returns_k_allowed_items_or_all_of_them(kind: str) -> None:
         assert len(rows) == min(20, allowed.count)
         assert mask[rows].all()
         assert np.all(np.diff(scores) <= 1e-6)
-        exact = np.sort((x[mask] @ q))[::-1][: len(rows)]
+        exact = np.sort(x[mask] @ q)[::-1][: len(rows)]
         if kind == "flat" or allowed.count <= 4096:
             np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-4)
 
@@ -78,8 +80,10 @@ def test_hnsw_under_a_very_selective_filter_falls_back_to_exact() -> None:
     spec.params["efSearch"] = 16
     index = VectorIndex(x, build_index(x, spec), spec)
     mask = np.zeros(len(x), dtype=bool)
-    mask[np.random.default_rng(2).choice(len(x), 4200, replace=False)] = True  # above the subset cut
-    scores, rows = index.search(x[0], 500, AllowedSet.from_mask(mask))
+    mask[np.random.default_rng(2).choice(len(x), 4200, replace=False)] = (
+        True  # above the subset cut
+    )
+    _, rows = index.search(x[0], 500, AllowedSet.from_mask(mask))
     assert len(rows) == 500 and mask[rows].all()
 
 

@@ -62,7 +62,9 @@ def test_no_event_no_weight_counts_one(tmp_path: Path) -> None:
 
 
 def test_custom_event_weights_and_unknown_events(tmp_path: Path) -> None:
-    path = _write(tmp_path / "i.parquet", user_id=["a", "a"], item_id=["x", "y"], event=["view", "zap"])
+    path = _write(
+        tmp_path / "i.parquet", user_id=["a", "a"], item_id=["x", "y"], event=["view", "zap"]
+    )
     data = load_training_data(path, config=DataConfig(event_weights={"view": 3.0}))
     assert _dense(data) == {("a", "x"): 3.0, ("a", "y"): 1.0}
     assert data.report.unknown_events == 1
@@ -87,7 +89,9 @@ def test_null_ids_and_unknown_items_are_dropped_and_counted(tmp_path: Path) -> N
         user_id=["a", None, "b", "c"],
         item_id=["x", "x", None, "ghost"],
     )
-    items = _write(tmp_path / "items.parquet", item_id=["x", "y"], risk_level=pa.array([1, 3], pa.int8()))
+    items = _write(
+        tmp_path / "items.parquet", item_id=["x", "y"], risk_level=pa.array([1, 3], pa.int8())
+    )
     data = load_training_data(inter, items)
     assert data.report.null_ids == 2
     assert data.report.unknown_items == 1
@@ -123,7 +127,10 @@ def test_folder_and_glob_inputs(tmp_path: Path) -> None:
         ({"item_id": ["x"]}, "column 'user_id' is missing"),
         ({"user_id": ["a"]}, "column 'item_id' is missing"),
         ({"user_id": [1.5], "item_id": ["x"]}, "column 'user_id' has type double"),
-        ({"user_id": ["a"], "item_id": ["x"], "weight": ["heavy"]}, "column 'weight' has type string"),
+        (
+            {"user_id": ["a"], "item_id": ["x"], "weight": ["heavy"]},
+            "column 'weight' has type string",
+        ),
         ({"user_id": ["a"], "item_id": ["x"], "weight": [-1.0]}, "negative"),
         ({"user_id": ["a"], "item_id": ["x"], "event": [3]}, "column 'event' has type int64"),
         ({"user_id": ["a"], "item_id": ["x"], "ts": ["yesterday"]}, "column 'ts' has type string"),
@@ -139,7 +146,11 @@ def test_interaction_contract_errors_name_file_and_column(
 
 
 def test_empty_and_missing_inputs(tmp_path: Path) -> None:
-    empty = _write(tmp_path / "empty.parquet", user_id=pa.array([], pa.string()), item_id=pa.array([], pa.string()))
+    empty = _write(
+        tmp_path / "empty.parquet",
+        user_id=pa.array([], pa.string()),
+        item_id=pa.array([], pa.string()),
+    )
     with pytest.raises(DataError, match="empty.parquet: no rows"):
         load_training_data(empty)
     with pytest.raises(DataError, match="nothere.parquet"):

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 from implicit.cpu.als import AlternatingLeastSquares
 
-from recsvc.bundle import LATEST, list_versions, load_bundle, read_latest, read_manifest, sha256_file
+from recsvc.bundle import (
+    LATEST,
+    list_versions,
+    load_bundle,
+    read_latest,
+    read_manifest,
+    sha256_file,
+)
 from training.cli import main as train_main
 from training.data import TrainingData
 from training.fit import FitParams, apply_weighting, fit_model
@@ -54,12 +61,14 @@ def test_bundle_embeddings_reproduce_implicits_own_scores(
     )
     weighted = apply_weighting(training_data.user_items, params)
     model.fit(weighted, show_progress=False)
-    folder = publish(tmp_path, training_data, fit_model(training_data.user_items, params, progress=False))
+    folder = publish(
+        tmp_path, training_data, fit_model(training_data.user_items, params, progress=False)
+    )
     bundle = load_bundle(folder)
     users = np.arange(0, len(training_data.users), 97)
     ids, scores = model.recommend(users, weighted[users], N=10)
     ours = bundle.user_index.vectors[users] @ bundle.item_index.vectors.T
-    for row, u in enumerate(users):
+    for row in range(len(users)):
         np.testing.assert_allclose(ours[row, ids[row]], scores[row], rtol=1e-4, atol=1e-5)
 
 
@@ -124,9 +133,20 @@ def test_cli_fit_prints_summary_and_fails_cleanly(
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"factors": 6, "iterations": 2, "weighting": "bm25"}))
     code = train_main(
-        ["-q", "fit", "--interactions", str(sample_dir / "interactions.parquet"),
-         "--items", str(sample_dir / "items.parquet"), "--models", str(tmp_path / "m"),
-         "--params", str(params), "--seed", "4"]
+        [
+            "-q",
+            "fit",
+            "--interactions",
+            str(sample_dir / "interactions.parquet"),
+            "--items",
+            str(sample_dir / "items.parquet"),
+            "--models",
+            str(tmp_path / "m"),
+            "--params",
+            str(params),
+            "--seed",
+            "4",
+        ]
     )
     out = capsys.readouterr().out
     assert code == 0 and "published v" in out and "factors=6" in out
@@ -135,14 +155,34 @@ def test_cli_fit_prints_summary_and_fails_cleanly(
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"factorz": 3}))
-    code = train_main(["-q", "fit", "--interactions", str(sample_dir / "interactions.parquet"),
-                       "--models", str(tmp_path / "m2"), "--params", str(bad)])
+    code = train_main(
+        [
+            "-q",
+            "fit",
+            "--interactions",
+            str(sample_dir / "interactions.parquet"),
+            "--models",
+            str(tmp_path / "m2"),
+            "--params",
+            str(bad),
+        ]
+    )
     assert code == 2 and "unknown keys factorz" in capsys.readouterr().err
     assert not (tmp_path / "m2" / LATEST).exists()
 
 
-def test_cli_bad_input_publishes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = train_main(["-q", "fit", "--interactions", str(tmp_path / "missing.parquet"),
-                       "--models", str(tmp_path / "m")])
+def test_cli_bad_input_publishes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = train_main(
+        [
+            "-q",
+            "fit",
+            "--interactions",
+            str(tmp_path / "missing.parquet"),
+            "--models",
+            str(tmp_path / "m"),
+        ]
+    )
     assert code == 2 and "missing.parquet" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() or not os.listdir(tmp_path / "m")
