@@ -29,6 +29,7 @@ __all__ = [
     "LATEST",
     "MANIFEST",
     "SCHEMA_VERSION",
+    "VERSION_RE",
     "Bundle",
     "list_versions",
     "load_bundle",
@@ -104,6 +105,8 @@ def list_versions(models: Path) -> list[str]:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Parse and validate ``folder/manifest.json`` (structure only, not file contents)."""
     path = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"{folder.name}: no such bundle folder")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -236,6 +239,9 @@ def load_bundle(folder: Path, verify: bool = True) -> Bundle:
     data = _npy(folder, "user_items_data.npy", np.float32, (nnz,))
     held = _npy(folder, "user_items_held.npy", np.bool_, (nnz,))
     popularity = _npy(folder, "popularity.npy", np.int32, (n_items,))
+    for name, arr in (("item_factors.npy", item_factors), ("user_factors.npy", user_factors)):
+        if not np.isfinite(arr).all():
+            raise BundleError(f"{folder.name}: {name} holds NaN or infinite values")
     if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
         raise BundleError(f"{folder.name}: user_items_indptr.npy is not a valid CSR pointer")
     if nnz and (indices.min() < 0 or indices.max() >= n_items):

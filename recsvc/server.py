@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from recsvc.auth import BearerTokenInterceptor, read_token
 from recsvc.logs import Pseudonymizer, configure_logging
 from recsvc.service import RecommenderService
 from recsvc.settings import ServerSettings
@@ -93,13 +94,24 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     """Build and start a server (health NOT_SERVING until a model loads)."""
     # One query at a time per request: FAISS's OpenMP threads only fight the event loop.
     faiss.omp_set_num_threads(1)
-    store = ModelStore(settings.models, consent_required=not settings.no_consent_data)
+    store = ModelStore(
+        settings.models,
+        consent_required=not settings.no_consent_data,
+        trial_in_child=settings.trial_in_child,
+    )
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    interceptors = []
+    if settings.auth_token_file is not None:
+        interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
+    server = grpc.aio.server(
+        options=options,
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     _pb_grpc.add_RecommenderServicer_to_server(
         RecommenderService(store, Pseudonymizer(settings.pseudonym_key)), server
     )

@@ -55,10 +55,16 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
+    if isinstance(exc, DeadlineExpired):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before any work was done"
     for kind, code in _STATUS:
         if isinstance(exc, kind):
             return code, "internal error" if kind is BundleError else str(exc)
     return grpc.StatusCode.INTERNAL, "internal error"
+
+
+class DeadlineExpired(RecsvcError):
+    """The client's deadline passed before work started: do none."""
 
 
 async def _abort(context: Context, exc: BaseException, method: str) -> None:
@@ -66,6 +72,12 @@ async def _abort(context: Context, exc: BaseException, method: str) -> None:
     if code == grpc.StatusCode.INTERNAL:
         log.error("unexpected error", extra={"method": method}, exc_info=exc)
     await context.abort(code, message)
+
+
+def _check_deadline(context: Context) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExpired()
 
 
 def _edge(
@@ -76,6 +88,7 @@ def _edge(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: Context) -> T:
         try:
+            _check_deadline(context)
             return await method(self, request, context)
         except Exception as exc:
             await _abort(context, exc, method.__name__)
@@ -193,6 +206,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         self, request: _pb.TargetUsersRequest, context: Context
     ) -> AsyncIterator[_pb.TargetUsersResponse]:
         try:
+            _check_deadline(context)
             query = TargetQuery(
                 item_ids=tuple(request.item_ids),
                 audience_size=request.audience_size,

@@ -38,6 +38,8 @@ class ServerSettings:
     """How long SIGTERM waits for in-flight RPCs."""
     pseudonym_key: bytes = b""
     """HMAC key for customer ids in logs; random per process when unset."""
+    trial_in_child: bool = True
+    """Parse each new bundle in a throwaway child process before loading it here."""
     no_consent_data: bool = False
     """Allow TargetUsers on data without a users table (no consent requirement)."""
     auth_token_file: Path | None = None

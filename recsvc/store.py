@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recsvc.bundle import list_versions, load_bundle, read_latest
+from recsvc.bundle import VERSION_RE, list_versions, load_bundle, read_latest, read_manifest, verify_files
 from recsvc.errors import BundleError, ModelUnavailable
 from recsvc.ranking import Recommender
 from recsvc.requests import RecommendQuery, SimilarQuery
 from recsvc.targeting import Targeter
+from recsvc.trial import trial_load
 
 __all__ = ["ModelStore", "ServedModel", "load_served_model"]
 
@@ -43,9 +44,15 @@ def _warm_up(model: ServedModel) -> None:
         model.recommender.similar_items(SimilarQuery(item_id=b.items.ids[0], k=10))
 
 
-def load_served_model(folder: Path, consent_required: bool = True) -> ServedModel:
-    """Verify, load and warm one version. Raises BundleError on any defect."""
-    bundle = load_bundle(folder)
+def load_served_model(
+    folder: Path, consent_required: bool = True, verify: bool = True
+) -> ServedModel:
+    """Verify (unless told it is done), load and warm one version.
+
+    Raises:
+        BundleError: on any defect.
+    """
+    bundle = load_bundle(folder, verify=verify)
     try:
         model = ServedModel(Recommender(bundle), Targeter(bundle, consent_required))
         _warm_up(model)
@@ -67,9 +74,12 @@ class ReloadStats:
 class ModelStore:
     """Holds the served model and follows ``models/LATEST``."""
 
-    def __init__(self, models: Path, consent_required: bool = True) -> None:
+    def __init__(
+        self, models: Path, consent_required: bool = True, trial_in_child: bool = True
+    ) -> None:
         self.models = models
         self.consent_required = consent_required
+        self.trial_in_child = trial_in_child
         self._model: ServedModel | None = None
         self._rejected: set[str] = set()
         self._lock = threading.Lock()  # one load at a time; reads need no lock
@@ -90,8 +100,17 @@ class ModelStore:
         if version in self._rejected:
             return False
         start = time.perf_counter()
+        folder = self.models / version
         try:
-            model = load_served_model(self.models / version, self.consent_required)
+            if not VERSION_RE.match(version):
+                raise BundleError(f"LATEST names {version[:64]!r}, which is not a version name")
+            # Checksums first, in this process (pure Python, nothing parsed yet); then a
+            # child parses the files, so a crash in a native reader cannot take us down.
+            # Published folders are immutable, so the checked files are the loaded ones.
+            verify_files(folder, read_manifest(folder))
+            if self.trial_in_child:
+                trial_load(folder, self.consent_required)
+            model = load_served_model(folder, self.consent_required, verify=False)
         except BundleError as exc:
             self._rejected.add(version)
             self.stats.rejected += 1
