@@ -1,0 +1,198 @@
+"""Twenty-odd kinds of bad version: each is rejected, counted and logged, the
+previous model keeps serving, and the process never crashes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from recsvc.bundle import LATEST, read_latest, sha256_file
+from recsvc.store import ModelStore
+from training.publish import write_latest
+
+Corruption = Callable[[Path], None]
+
+
+def _manifest(folder: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _save_manifest(folder: Path, m: dict) -> None:  # type: ignore[type-arg]
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def _restamp(folder: Path, name: str) -> None:
+    """Make the manifest agree with a tampered file, so only deeper checks can catch it."""
+    m = _manifest(folder)
+    p = folder / name
+    m["files"][name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    _save_manifest(folder, m)
+
+
+def _truncate(name: str, keep: float) -> Corruption:
+    def f(folder: Path) -> None:
+        p = folder / name
+        data = p.read_bytes()
+        p.write_bytes(data[: int(len(data) * keep)])
+    return f
+
+
+def _flip(name: str) -> Corruption:
+    def f(folder: Path) -> None:
+        p = folder / name
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x5A
+        p.write_bytes(bytes(data))
+    return f
+
+
+def _edit_manifest(edit: Callable[[dict], None]) -> Corruption:  # type: ignore[type-arg]
+    def f(folder: Path) -> None:
+        m = _manifest(folder)
+        edit(m)
+        _save_manifest(folder, m)
+    return f
+
+
+def _restamped(name: str, write: Callable[[Path], None]) -> Corruption:
+    def f(folder: Path) -> None:
+        write(folder / name)
+        _restamp(folder, name)
+    return f
+
+
+def _pickled(p: Path) -> None:
+    np.save(p, np.array([{"evil": True}], dtype=object), allow_pickle=True)
+
+
+def _short_users(p: Path) -> None:
+    t = pq.read_table(p)
+    pq.write_table(t.slice(0, t.num_rows - 1), p)
+
+
+def _wrong_dim_index(p: Path) -> None:
+    idx = faiss.read_index(str(p))
+    bad = faiss.IndexFlatIP(idx.d + 1)
+    bad.add(np.zeros((idx.ntotal, idx.d + 1), dtype=np.float32))
+    faiss.write_index(bad, str(p))
+
+
+def _l2_index(p: Path) -> None:
+    idx = faiss.read_index(str(p))
+    bad = faiss.IndexFlatL2(idx.d)
+    bad.add(np.zeros((idx.ntotal, idx.d), dtype=np.float32))
+    faiss.write_index(bad, str(p))
+
+
+def _indices_out_of_range(p: Path) -> None:
+    a = np.load(p)
+    a[0] = 10**6
+    np.save(p, a)
+
+
+def _not_permutation(p: Path) -> None:
+    a = np.load(p)
+    a[0] = a[1]
+    np.save(p, a)
+
+
+def _nan_factors(p: Path) -> None:
+    a = np.load(p)
+    a[0, 0] = np.nan
+    np.save(p, a)
+
+
+def _float64_factors(p: Path) -> None:
+    np.save(p, np.load(p).astype(np.float64))
+
+
+CASES: dict[str, Corruption] = {
+    "truncated-empty": _truncate("item_factors.npy", 0.0),
+    "truncated-half": _truncate("user_factors.npy", 0.5),
+    "truncated-tail": _truncate("items.faiss", 0.99),
+    "flipped-byte-parquet": _flip("users.parquet"),
+    "flipped-byte-index": _flip("items.faiss"),
+    "missing-file": lambda f: (f / "popularity.npy").unlink(),
+    "no-manifest": lambda f: (f / "manifest.json").unlink(),
+    "manifest-not-json": lambda f: (f / "manifest.json").write_text("{oops"),
+    "manifest-missing-field": _edit_manifest(lambda m: m.pop("dim")),
+    "manifest-wrong-schema": _edit_manifest(lambda m: m.update(schema_version=99)),
+    "wrong-checksum": _edit_manifest(lambda m: m["files"]["items.parquet"].update(sha256="0" * 64)),
+    "wrong-size": _edit_manifest(lambda m: m["files"]["items.parquet"].update(size=1)),
+    "wrong-dimension": _edit_manifest(lambda m: m.update(dim=m["dim"] * 2)),
+    "wrong-count": _edit_manifest(lambda m: m["counts"].update(users=m["counts"]["users"] + 1)),
+    "file-name-escapes": _edit_manifest(lambda m: m["files"].update({"../../x": {"size": 1, "sha256": "0"}})),
+    "id-table-short": _restamped("users.parquet", _short_users),
+    "faiss-not-an-index": _restamped("users.faiss", lambda p: p.write_bytes(b"\x00" * 4096)),
+    "faiss-wrong-dimension": _restamped("items.faiss", _wrong_dim_index),
+    "faiss-wrong-metric": _restamped("items.faiss", _l2_index),
+    "npy-holds-pickle": _restamped("popularity.npy", _pickled),
+    "npy-wrong-dtype": _restamped("item_factors.npy", _float64_factors),
+    "npy-nan": _restamped("user_factors.npy", _nan_factors),
+    "csr-out-of-range": _restamped("user_items_indices.npy", _indices_out_of_range),
+    "popularity-not-permutation": _restamped("popularity.npy", _not_permutation),
+    "parquet-garbage": _restamped("items.parquet", lambda p: p.write_bytes(b"PAR1garbagePAR1")),
+    "empty-folder": lambda f: [p.unlink() for p in f.iterdir()],
+}
+
+
+def _publish_copy(models: Path, good: str, name: str) -> Path:
+    dst = models / name
+    shutil.copytree(models / good, dst)
+    m = _manifest(dst)
+    m["version"] = name
+    _save_manifest(dst, m)
+    return dst
+
+
+def test_at_least_twenty_kinds() -> None:
+    assert len(CASES) >= 20
+
+
+def test_every_corrupt_version_is_rejected_and_the_old_one_keeps_serving(
+    models_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = read_latest(models_copy)
+    assert good is not None
+    store = ModelStore(models_copy)
+    assert store.refresh() and store.version == good
+    rejected = 0
+    with caplog.at_level(logging.ERROR, logger="recsvc.store"):
+        for n, (kind, corrupt) in enumerate(CASES.items()):
+            folder = _publish_copy(models_copy, good, f"v99990101-000000-{n:06d}")
+            corrupt(folder)
+            write_latest(models_copy, folder.name)
+            assert not store.refresh(), kind
+            rejected += 1
+            assert store.version == good, kind
+            assert store.stats.rejected == rejected, kind
+            assert store.current().recommender.recommend  # still answering
+            assert any(folder.name == getattr(r, "version", None) for r in caplog.records), kind
+            assert not store.refresh()  # a rejected version is not retried every poll
+    for latest in ("v-missing-folder", "../../etc", "", "\x00bad"):
+        (models_copy / LATEST).write_text(latest)
+        assert not store.refresh()
+        assert store.version == good
+    print(f"\nrejected {store.stats.rejected}: {len(CASES)} corrupt kinds + 3 bad LATEST names")
+
+
+def test_a_good_version_after_corrupt_ones_is_served(models_copy: Path) -> None:
+    good = read_latest(models_copy)
+    assert good is not None
+    store = ModelStore(models_copy, trial_in_child=False)
+    store.refresh()
+    bad = _publish_copy(models_copy, good, "v99990101-000000-000001")
+    CASES["faiss-not-an-index"](bad)
+    write_latest(models_copy, bad.name)
+    assert not store.refresh()
+    fixed = _publish_copy(models_copy, good, "v99990101-000000-000002")
+    write_latest(models_copy, fixed.name)
+    assert store.refresh() and store.version == fixed.name
