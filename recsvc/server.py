@@ -41,6 +41,7 @@ class RunningServer:
     store: ModelStore
     health: health.aio.HealthServicer  # type: ignore[name-defined]  # stubs predate grpc.aio
     settings: ServerSettings
+    service: RecommenderService
     _reload_task: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
@@ -77,6 +78,7 @@ class RunningServer:
                 await self._reload_task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        self.store.close()
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -112,9 +114,8 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    _pb_grpc.add_RecommenderServicer_to_server(
-        RecommenderService(store, Pseudonymizer(settings.pseudonym_key)), server
-    )
+    service = RecommenderService(store, Pseudonymizer(settings.pseudonym_key))
+    _pb_grpc.add_RecommenderServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -124,7 +125,7 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     creds = _credentials(settings)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
-    running = RunningServer(server, port, store, health_servicer, settings)
+    running = RunningServer(server, port, store, health_servicer, settings, service)
     await running.set_serving(False)
     return running
 

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -67,8 +68,11 @@ class DeadlineExpired(RecsvcError):
     """The client's deadline passed before work started: do none."""
 
 
-async def _abort(context: Context, exc: BaseException, method: str) -> None:
+async def _abort(
+    context: Context, exc: BaseException, method: str, stats: Counter[tuple[str, str]]
+) -> None:
     code, message = status_for(exc)
+    stats[method, code.name] += 1
     if code == grpc.StatusCode.INTERNAL:
         log.error("unexpected error", extra={"method": method}, exc_info=exc)
     await context.abort(code, message)
@@ -89,10 +93,12 @@ def _edge(
     async def wrapper(self: Any, request: Any, context: Context) -> T:
         try:
             _check_deadline(context)
-            return await method(self, request, context)
-        except Exception as exc:
-            await _abort(context, exc, method.__name__)
+            response = await method(self, request, context)
+        except Exception as exc:  # the one place that maps them all
+            await _abort(context, exc, method.__name__, self.stats)
             raise AssertionError("unreachable") from exc  # abort always raises
+        self.stats[method.__name__, "OK"] += 1
+        return response
 
     return wrapper
 
@@ -114,6 +120,8 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
     def __init__(self, store: ModelStore, pseudonym: Pseudonymizer) -> None:
         self._store = store
         self._pseudonym = pseudonym
+        self.stats: Counter[tuple[str, str]] = Counter()
+        """Answers by (method, status code name), for tests and diagnostics."""
 
     def _log(self, method: str, user_id: str, **fields: object) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -217,8 +225,9 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             # Large audiences take a while: keep the event loop free for other RPCs.
             audience = await asyncio.to_thread(model.targeter.target, query)
         except Exception as exc:
-            await _abort(context, exc, "TargetUsers")
+            await _abort(context, exc, "TargetUsers", self.stats)
             return
+        self.stats["TargetUsers", "OK"] += 1
         user_ids = model.targeter.bundle.users.ids
         first = True
         sent = 0

@@ -17,7 +17,7 @@ from recsvc.errors import BundleError, ModelUnavailable
 from recsvc.ranking import Recommender
 from recsvc.requests import RecommendQuery, SimilarQuery
 from recsvc.targeting import Targeter
-from recsvc.trial import trial_load
+from recsvc.trial import TrialRunner
 
 __all__ = ["ModelStore", "ServedModel", "load_served_model"]
 
@@ -79,11 +79,16 @@ class ModelStore:
     ) -> None:
         self.models = models
         self.consent_required = consent_required
-        self.trial_in_child = trial_in_child
+        self._trials = TrialRunner(consent_required) if trial_in_child else None
         self._model: ServedModel | None = None
         self._rejected: set[str] = set()
         self._lock = threading.Lock()  # one load at a time; reads need no lock
         self.stats = ReloadStats()
+
+    def close(self) -> None:
+        """Stop the waiting trial process, if any."""
+        if self._trials is not None:
+            self._trials.close()
 
     def current(self) -> ServedModel:
         model = self._model  # one read: the swap is a single reference assignment
@@ -108,8 +113,8 @@ class ModelStore:
             # child parses the files, so a crash in a native reader cannot take us down.
             # Published folders are immutable, so the checked files are the loaded ones.
             verify_files(folder, read_manifest(folder))
-            if self.trial_in_child:
-                trial_load(folder, self.consent_required)
+            if self._trials is not None:
+                self._trials.trial(folder)
             model = load_served_model(folder, self.consent_required, verify=False)
         except BundleError as exc:
             self._rejected.add(version)

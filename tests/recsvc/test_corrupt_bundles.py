@@ -181,6 +181,7 @@ def test_every_corrupt_version_is_rejected_and_the_old_one_keeps_serving(
         (models_copy / LATEST).write_text(latest)
         assert not store.refresh()
         assert store.version == good
+    store.close()
     print(f"\nrejected {store.stats.rejected}: {len(CASES)} corrupt kinds + 3 bad LATEST names")
 
 
