@@ -1,0 +1,47 @@
+"""The people's client prints readable tables and fails with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsvc.cli import main
+from recsvc.settings import ServerSettings
+from tests.conftest import ServerThread
+
+
+def test_recommend_similar_info_tables(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    target = f"localhost:{server.running.port}"
+    assert main(["recommend", "--target", target, "--user", "C00000004", "-k", "3", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "source PERSONALIZED" in out and "because" in out and len(out.splitlines()) == 6
+    assert main(["recommend", "--target", target, "--recent", "CC-000001", "-k", "2"]) == 0
+    assert "source FOLD_IN" in capsys.readouterr().out
+    assert main(["similar", "--target", target, "--item", "CC-000001", "-k", "4"]) == 0
+    assert "similarity" in capsys.readouterr().out
+    assert main(["info", "--target", target]) == 0
+    assert "rule: suitability" in capsys.readouterr().out
+
+
+def test_errors_are_reported_not_raised(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    target = f"localhost:{server.running.port}"
+    assert main(["similar", "--target", target, "--item", "no-such-item"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["recommend", "--target", target, "-k", "9999", "--user", "u"]) == 1
+    assert "INVALID_ARGUMENT: k:" in capsys.readouterr().err
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RECSVC_MODELS", str(tmp_path))
+    monkeypatch.setenv("RECSVC_PORT", "6000")
+    monkeypatch.setenv("RECSVC_PSEUDONYM_KEY", "k1")
+    s = ServerSettings.from_env(port=7000)
+    assert (s.models, s.port, s.pseudonym_key) == (tmp_path, 7000, b"k1")
+    monkeypatch.delenv("RECSVC_MODELS")
+    with pytest.raises(ValueError, match="no model folder"):
+        ServerSettings.from_env()
+    with pytest.raises(ValueError, match="fixed port"):
+        ServerSettings.from_env(models=tmp_path, workers=2, port=0)
+    with pytest.raises(ValueError, match="go together"):
+        ServerSettings.from_env(models=tmp_path, tls_cert=tmp_path / "c")
