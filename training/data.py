@@ -165,34 +165,21 @@ def _check_bool(table: pa.Table, what: str, path: object, column: str) -> None:
         )
 
 
-def _read_items(path: str | Path) -> pa.Table:
-    table = read_parquet(path, "items")
-    ids = _id_column(table, "items", path, "item_id")
+def _read_table(
+    path: str | Path, what: str, id_col: str, level_col: str, bool_col: str
+) -> pa.Table:
+    """A catalogue or customer table: unique non-null ids, a 1..5 level, a bool flag."""
+    table = read_parquet(path, what)
+    ids = _id_column(table, what, path, id_col)
     if pc.count(ids, mode="only_null").as_py():
-        raise DataError(f"items {path}: column 'item_id' has null ids")
+        raise DataError(f"{what} {path}: column {id_col!r} has null ids")
     if pc.count_distinct(ids).as_py() != table.num_rows:
-        raise DataError(f"items {path}: column 'item_id' has duplicate ids")
-    table = table.set_column(table.schema.get_field_index("item_id"), "item_id", ids)
-    risk = _check_level(table, "items", path, "risk_level")
-    if risk is not None:
-        table = table.set_column(table.schema.get_field_index("risk_level"), "risk_level", risk)
-    _check_bool(table, "items", path, "active")
-    return table
-
-
-def _read_users(path: str | Path) -> pa.Table:
-    table = read_parquet(path, "users")
-    ids = _id_column(table, "users", path, "user_id")
-    if pc.count(ids, mode="only_null").as_py():
-        raise DataError(f"users {path}: column 'user_id' has null ids")
-    if pc.count_distinct(ids).as_py() != table.num_rows:
-        raise DataError(f"users {path}: column 'user_id' has duplicate ids")
-    table = table.set_column(table.schema.get_field_index("user_id"), "user_id", ids)
-    tol = _check_level(table, "users", path, "risk_tolerance")
-    if tol is not None:
-        idx = table.schema.get_field_index("risk_tolerance")
-        table = table.set_column(idx, "risk_tolerance", tol)
-    _check_bool(table, "users", path, "marketing_consent")
+        raise DataError(f"{what} {path}: column {id_col!r} has duplicate ids")
+    table = table.set_column(table.schema.get_field_index(id_col), id_col, ids)
+    level = _check_level(table, what, path, level_col)
+    if level is not None:
+        table = table.set_column(table.schema.get_field_index(level_col), level_col, level)
+    _check_bool(table, what, path, bool_col)
     return table
 
 
@@ -284,8 +271,16 @@ def load_training_data(
         table, u_col, i_col = table.filter(valid), u_col.filter(valid), i_col.filter(valid)
     weight, held = _row_strength(table, interactions, config, report)
 
-    item_table = _read_items(items) if items is not None else None
-    user_table = _read_users(users) if users is not None else None
+    item_table = (
+        _read_table(items, "items", "item_id", "risk_level", "active")
+        if items is not None
+        else None
+    )
+    user_table = (
+        _read_table(users, "users", "user_id", "risk_tolerance", "marketing_consent")
+        if users is not None
+        else None
+    )
     if item_table is not None:
         item_vocab = Vocabulary(item_table.column("item_id").combine_chunks())
     else:
