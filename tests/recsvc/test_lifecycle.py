@@ -215,3 +215,33 @@ def test_sigterm_drains_in_flight_requests(models_dir: Path) -> None:
     assert len(before) > 100 and set(before) == {"OK"}, set(before)
     assert set(after) <= {"OK", "UNAVAILABLE", "CANCELLED"}  # refused once stopping
     print(f"\nSIGTERM under load: {len(before)} requests accepted before the signal, 0 failed")
+
+
+@pytest.mark.slow
+def test_workers_share_one_port(models_dir: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recsvc.cli", "serve", "--models", str(models_dir),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        env={**os.environ, "RECSVC_LOG_LEVEL": "WARNING"}, stderr=subprocess.DEVNULL,
+    )
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        deadline = time.time() + 60
+        answered = 0
+        while answered < 50 and time.time() < deadline:
+            try:
+                stub.Recommend(pb.RecommendRequest(user_id="C00000001"), timeout=5)
+                answered += 1
+            except grpc.RpcError:
+                time.sleep(0.1)  # a worker still loading answers UNAVAILABLE
+        channel.close()
+        assert answered == 50
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
