@@ -1,0 +1,413 @@
+"""Offline evaluation through the serving path: split, train, rank as served, measure.
+
+The model is trained on the train part by the project's own trainer, published as a
+bundle, loaded by ``recsvc.bundle.load_bundle`` and asked through
+``recsvc.ranking.Recommender.recommend``, the code behind the ``Recommend`` RPC: the
+rules, the exclusion of training items and the FAISS index all apply, so the offline
+figure is the online one. ``rank_endpoint`` asks a running server over gRPC instead;
+for the same bundle the two must agree. Baselines are ranked on the same split under
+the same rules (``training.baselines``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from recsvc.bundle import load_bundle, read_latest
+from recsvc.errors import BundleError, DataError, InvalidArgument, RecsvcError
+from recsvc.ranking import Recommender
+from recsvc.requests import MAX_K, RecommendQuery
+from training.baselines import rank_baseline
+from training.data import DataConfig, TrainingData, load_training_data
+from training.fit import FitParams, fit_model
+from training.metrics import suitability_violations, summarize
+from training.publish import publish
+from training.scoring import Eligibility
+from training.splits import Split, write_split
+
+__all__ = [
+    "ENDPOINT_WINDOW",
+    "EvalOptions",
+    "Holdout",
+    "Lists",
+    "Result",
+    "agreement",
+    "evaluate",
+    "holdout",
+    "rank_endpoint",
+    "rank_in_process",
+    "resolve_bundle",
+    "score",
+]
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_WINDOW = 32
+"""Recommend RPCs kept in flight at once against an endpoint."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``evaluate`` runs besides the model.
+
+    Example:
+        >>> EvalOptions(ks=(5, 10), baselines=("popularity",), endpoint="localhost:50051")
+    """
+
+    ks: tuple[int, ...] = (10,)
+    baselines: tuple[str, ...] = ("popularity", "itemknn", "random")
+    seed: int = 0
+    """Seeds the random baseline (the split and the model have their own)."""
+    endpoint: str | None = None
+    """host:port of a server serving the evaluated bundle; its figure is checked against ours."""
+    progress: bool = True
+
+
+@dataclass
+class Holdout:
+    """The users to ask and their relevant items, in the training data's numbering."""
+
+    user_ids: list[str]
+    user_rows: np.ndarray  # training user row, -1 for a user unknown to training
+    relevant_users: np.ndarray  # position in user_ids of each relevant pair
+    relevant_items: np.ndarray  # catalogue row of each relevant pair
+    dropped_unknown_items: int  # test pairs naming an item outside the catalogue
+
+
+@dataclass
+class Lists:
+    """Ranked lists for every test user: catalogue rows, -1 padded, and how they were made."""
+
+    rows: np.ndarray
+    seconds: float
+    sources: dict[str, int] = field(default_factory=dict)
+    errors: int = 0  # users whose request was refused (an id the API rejects)
+    ids: list[list[str]] | None = None  # as returned, for agreement checks
+
+
+@dataclass
+class Result:
+    """One recommender's figures on the test set."""
+
+    name: str
+    metrics: dict[str, dict[int, float]]
+    violations: dict[str, int]
+    seconds: float
+    sources: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "metrics": {
+                m: {str(k): v for k, v in by_k.items()} for m, by_k in self.metrics.items()
+            },
+            "violations": self.violations,
+            "seconds": round(self.seconds, 3),
+            "sources": self.sources,
+            "request_errors": self.errors,
+        }
+
+
+def holdout(test: pa.Table, data: TrainingData) -> Holdout:
+    """Map the split's relevant pairs onto the training data's users and catalogue."""
+    items = data.items.indices_arrow(test.column("item_id"))
+    known = items >= 0
+    users = test.column("user_id").cast(pa.string()).combine_chunks()
+    unique = pc.unique(users).sort()
+    positions = np.asarray(pc.index_in(users, value_set=unique).to_numpy(zero_copy_only=False))
+    return Holdout(
+        user_ids=unique.to_pylist(),
+        user_rows=data.users.indices_arrow(unique),
+        relevant_users=positions[known].astype(np.int64),
+        relevant_items=items[known],
+        dropped_unknown_items=int((~known).sum()),
+    )
+
+
+def resolve_bundle(path: Path) -> Path:
+    """A bundle folder, or the one a models folder's LATEST names."""
+    if (path / "manifest.json").is_file():
+        return path
+    version = read_latest(path)
+    if version is None:
+        raise BundleError(f"{path}: neither a bundle (no manifest.json) nor a models folder")
+    return path / version
+
+
+def _rows(ids: Sequence[str], data: TrainingData, k: int) -> np.ndarray:
+    out = np.full(k, -1, dtype=np.int64)
+    found = data.items.indices(ids[:k])
+    out[: len(found)] = found
+    return out
+
+
+def rank_in_process(
+    recommender: Recommender, test: Holdout, data: TrainingData, k: int, progress: bool = True
+) -> Lists:
+    """Ask ``recommender.recommend`` for every test user, as the Recommend RPC does."""
+    start = time.perf_counter()
+    rows = np.full((len(test.user_ids), k), -1, dtype=np.int64)
+    ids: list[list[str]] = []
+    sources: Counter[str] = Counter()
+    errors = 0
+    for i, user in enumerate(tqdm(test.user_ids, desc="in-process", disable=not progress)):
+        try:
+            ranked = recommender.recommend(RecommendQuery(user_id=user, k=k))
+        except InvalidArgument:
+            errors += 1
+            ids.append([])
+            continue
+        got = [item.item_id for item in ranked.items]
+        ids.append(got)
+        rows[i] = _rows(got, data, k)
+        sources[ranked.source.name] += 1
+    return Lists(rows, time.perf_counter() - start, dict(sources), errors, ids)
+
+
+def rank_endpoint(
+    endpoint: str,
+    test: Holdout,
+    data: TrainingData,
+    k: int,
+    expect_version: str | None = None,
+    progress: bool = True,
+    timeout: float = 30.0,
+) -> Lists:
+    """Ask a running server's ``Recommend`` RPC for every test user.
+
+    Raises:
+        RecsvcError: the endpoint cannot be reached, or serves another version than
+            ``expect_version``.
+    """
+    import grpc
+
+    from recsvc.v1 import recommender_pb2 as pb
+    from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+    start = time.perf_counter()
+    rows = np.full((len(test.user_ids), k), -1, dtype=np.int64)
+    ids: list[list[str]] = [[] for _ in test.user_ids]
+    sources: Counter[str] = Counter()
+    errors = 0
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = pb_grpc.RecommenderStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise RecsvcError(f"endpoint {endpoint}: {exc.code().name} ({exc.details()})") from exc
+        if expect_version is not None and info.version != expect_version:
+            raise RecsvcError(
+                f"endpoint {endpoint}: serves model {info.version}, not the evaluated "
+                f"bundle {expect_version}"
+            )
+        pending: list[tuple[int, Any]] = []
+
+        def drain(until: int) -> None:
+            nonlocal errors
+            while len(pending) > until:
+                i, future = pending.pop(0)
+                try:
+                    reply = future.result()
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        raise RecsvcError(
+                            f"endpoint {endpoint}: {exc.code().name} ({exc.details()})"
+                        ) from exc
+                    errors += 1
+                    continue
+                if reply.model_version != info.version:
+                    raise RecsvcError(
+                        f"endpoint {endpoint}: model changed from {info.version} to "
+                        f"{reply.model_version} during the evaluation"
+                    )
+                got = [item.item_id for item in reply.items]
+                ids[i] = got
+                rows[i] = _rows(got, data, k)
+                sources[pb.Source.Name(reply.source)] += 1
+
+        for i, user in enumerate(tqdm(test.user_ids, desc="endpoint", disable=not progress)):
+            request = pb.RecommendRequest(user_id=user, k=k)
+            pending.append((i, stub.Recommend.future(request, timeout=timeout)))
+            drain(ENDPOINT_WINDOW)
+        drain(0)
+    return Lists(rows, time.perf_counter() - start, dict(sources), errors, ids)
+
+
+def _reference_rules(data: TrainingData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item risk, item active and user tolerance, read straight from the tables.
+
+    Deliberately not ``recsvc.rules``: the violation counts check that code, so they
+    restate the data contract's null semantics (risk 5, tolerance 1, inactive) here.
+    """
+    n_items, n_users = len(data.items), len(data.users)
+    risk = np.zeros(n_items, dtype=np.int64)
+    if data.has_risk_levels:
+        col = data.item_table.column("risk_level").cast(pa.int64()).fill_null(5)
+        risk = np.asarray(col.to_numpy(), dtype=np.int64)
+    active = np.ones(n_items, dtype=bool)
+    if "active" in data.item_table.column_names:
+        col = data.item_table.column("active").fill_null(False)
+        active = np.asarray(col.to_numpy(zero_copy_only=False), dtype=bool)
+    tolerance = np.ones(n_users, dtype=np.int64)
+    if "risk_tolerance" in data.user_table.column_names:
+        col = data.user_table.column("risk_tolerance").cast(pa.int64()).fill_null(1)
+        tolerance = np.asarray(col.to_numpy(), dtype=np.int64)
+    return risk, active, tolerance
+
+
+def score(name: str, lists: Lists, test: Holdout, data: TrainingData, ks: Sequence[int]) -> Result:
+    """Every metric at every k, and the rule violations, for one recommender's lists."""
+    item_users = np.bincount(data.user_items.indices, minlength=len(data.items))
+    metrics = summarize(
+        lists.rows, test.relevant_users, test.relevant_items, ks, item_users, len(data.users)
+    )
+    risk, active, tolerance = _reference_rules(data)
+    known = test.user_rows >= 0
+    user_tol = np.ones(len(test.user_ids), dtype=np.int64)
+    user_tol[known] = tolerance[test.user_rows[known]]
+    filled = lists.rows >= 0
+    inactive = int((filled & ~active[np.where(filled, lists.rows, 0)]).sum())
+    history = data.user_items.tocsr()
+    n_items = len(data.items)
+    owner = np.repeat(np.arange(history.shape[0], dtype=np.int64), np.diff(history.indptr))
+    user_of_slot = np.where(known, test.user_rows, -1)[:, None]
+    slot_keys = np.where(filled & (user_of_slot >= 0), user_of_slot * n_items + lists.rows, -1)
+    seen = int(np.isin(slot_keys, owner * n_items + history.indices).sum())
+    violations = {
+        "suitability": suitability_violations(lists.rows, risk, user_tol),
+        "inactive": inactive,
+        "seen_in_training": seen,
+    }
+    return Result(name, metrics, violations, lists.seconds, lists.sources, lists.errors)
+
+
+def agreement(a: Lists, b: Lists, ra: Result, rb: Result) -> dict[str, Any]:
+    """Whether two runs returned the same lists and the same figures."""
+    assert a.ids is not None and b.ids is not None
+    differing = sum(x != y for x, y in zip(a.ids, b.ids, strict=True))
+    gaps = [abs(ra.metrics[m][k] - rb.metrics[m][k]) for m in ra.metrics for k in ra.metrics[m]]
+    return {
+        "users_compared": len(a.ids),
+        "users_with_different_lists": differing,
+        "max_metric_difference": max(gaps, default=0.0),
+        "agree": differing == 0 and max(gaps, default=0.0) == 0.0,
+    }
+
+
+def _train(
+    data: TrainingData, params: FitParams, models: Path, progress: bool
+) -> tuple[Path, dict[str, float]]:
+    start = time.perf_counter()
+    model = fit_model(data.user_items, params, progress=progress)
+    mid = time.perf_counter()
+    folder = publish(models, data, model, extra={"evaluation": True})
+    return folder, {"fit": mid - start, "publish": time.perf_counter() - mid}
+
+
+def evaluate(
+    split: Split,
+    report: Path,
+    params: FitParams,
+    options: EvalOptions,
+    items: str | Path | None = None,
+    users: str | Path | None = None,
+    data_config: DataConfig | None = None,
+    bundle: Path | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one evaluation; returns the report (see ``training.report``).
+
+    The split is written to ``report/split``, the trained bundle to ``report/models``
+    (unless ``bundle`` names an existing one, which must have been trained on this
+    split's train part).
+
+    Raises:
+        DataError, BundleError, RecsvcError: bad input, a bundle trained on other
+            data, an endpoint that serves another model or disagrees.
+    """
+    ks = tuple(sorted(set(options.ks)))
+    if not ks or ks[0] < 1 or ks[-1] > MAX_K:
+        raise DataError(f"k: each k must be between 1 and {MAX_K}, got {list(options.ks)}")
+    if options.endpoint and bundle is None:
+        raise DataError(
+            "--endpoint needs --bundle: the bundle the server serves, so its figure can be "
+            "checked against the split and against the in-process one"
+        )
+    stage = on_stage or (lambda _msg: None)
+    k = ks[-1]
+    seconds: dict[str, float] = {}
+    split_dir = report / "split"
+    replayed = split.meta.get("replayed_from")
+    if replayed is None or Path(replayed).resolve() != split_dir.resolve():
+        write_split(split, split_dir)
+    stage(f"split {split.meta.get('spec')}: {split.meta}")
+    t0 = time.perf_counter()
+    data = load_training_data(split_dir / "train.parquet", items, users, data_config)
+    seconds["load"] = time.perf_counter() - t0
+    test = holdout(split.test, data)
+    if bundle is None:
+        stage(f"fitting {params.algorithm} on {data.user_items.nnz:,} training pairs")
+        folder, fit_seconds = _train(data, params, report / "models", options.progress)
+        seconds.update(fit_seconds)
+    else:
+        folder = resolve_bundle(bundle)
+    loaded = load_bundle(folder)
+    if loaded.manifest["data_fingerprint"] != data.fingerprint():
+        raise BundleError(
+            f"{folder}: was not trained on this split's train part (data fingerprint "
+            "differs); evaluating it would count training items as hits"
+        )
+    recommender = Recommender(loaded)
+    stage(f"ranking {len(test.user_ids):,} test users with bundle {loaded.version}")
+    results: list[Result] = []
+    lists = rank_in_process(recommender, test, data, k, options.progress)
+    results.append(score("model", lists, test, data, ks))
+    checks: dict[str, Any] = {}
+    if options.endpoint:
+        stage(f"asking {options.endpoint}")
+        remote = rank_endpoint(
+            options.endpoint, test, data, k, loaded.version, progress=options.progress
+        )
+        results.append(score("model@endpoint", remote, test, data, ks))
+        checks = agreement(lists, remote, results[0], results[-1])
+    eligibility = Eligibility.from_data(data)
+    for name in options.baselines:
+        stage(f"baseline {name}")
+        start = time.perf_counter()
+        rows = rank_baseline(name, eligibility, test.user_rows, k, options.seed)
+        results.append(score(name, Lists(rows, time.perf_counter() - start), test, data, ks))
+    return {
+        "ks": list(ks),
+        "split": split.meta,
+        "bundle": {
+            "path": str(folder),
+            "version": loaded.version,
+            "algorithm": loaded.manifest["algorithm"],
+            "params": loaded.manifest["params"],
+        },
+        "data": {
+            "train_users": len(data.users),
+            "items": len(data.items),
+            "train_pairs": int(data.user_items.nnz),
+            "test_users": len(test.user_ids),
+            "test_users_unknown_to_training": int((test.user_rows < 0).sum()),
+            "test_pairs": len(test.relevant_items),
+            "test_pairs_dropped_unknown_item": test.dropped_unknown_items,
+            "report": data.report.as_dict(),
+        },
+        "results": [r.to_json() for r in results],
+        "endpoint_agreement": checks or None,
+        "seconds": {k_: round(v, 3) for k_, v in seconds.items()},
+    }

@@ -1,0 +1,149 @@
+"""Evaluation reports: ``report.json`` (everything), ``report.md`` (tables), plots.
+
+Plots need the optional ``plots`` extra (matplotlib); without it they are skipped and
+the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from training.metrics import METRICS
+
+__all__ = ["HEADLINE", "machine", "markdown_table", "plot_metrics", "write_report"]
+
+HEADLINE = ("map", "ndcg", "precision", "recall")
+"""The four metrics of the published MovieLens table, in its column order."""
+
+_TITLES = {
+    "precision": "Precision",
+    "recall": "Recall",
+    "ndcg": "nDCG",
+    "map": "MAP",
+    "hit_rate": "Hit rate",
+    "mrr": "MRR",
+    "coverage": "Coverage",
+    "novelty": "Novelty",
+}
+
+
+def machine() -> dict[str, Any]:
+    """What ran the evaluation: CPU, cores, memory, Python and library versions."""
+    import implicit
+    import numpy
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory_gib = None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
+            memory_gib = round(kib / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "implicit": implicit.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def markdown_table(
+    results: Sequence[dict[str, Any]], k: int, metrics: Sequence[str] = METRICS
+) -> str:
+    """One row per result, one column per metric at ``k``."""
+    head = ["", *(f"{_TITLES[m]}@{k}" for m in metrics), "suitability violations"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [f"{r['metrics'][m][str(k)]:.4f}" for m in metrics]
+        lines.append(
+            f"| {r['name']} | " + " | ".join(cells) + f" | {r['violations']['suitability']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_metrics(report: dict[str, Any], folder: Path) -> list[Path] | str:
+    """One PNG per metric against k, a line per result; a note if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plots skipped: matplotlib is not installed (pip install 'recsvc[plots]')"
+    folder.mkdir(parents=True, exist_ok=True)
+    ks = report["ks"]
+    paths = []
+    for metric in METRICS:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in report["results"]:
+            values = [r["metrics"][metric][str(k)] for k in ks]
+            ax.plot(ks, values, marker="o", label=r["name"])
+        ax.set_xlabel("k")
+        ax.set_ylabel(_TITLES[metric])
+        ax.set_title(f"{_TITLES[metric]} at k")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = folder / f"{metric}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _markdown(report: dict[str, Any], plots: list[Path] | str) -> str:
+    data, split = report["data"], report["split"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- split: `{split.get('spec')}`, seed {split.get('seed')}; "
+        f"{data['train_pairs']:,} training pairs, {data['test_pairs']:,} test pairs "
+        f"over {data['test_users']:,} users "
+        f"({data['test_users_unknown_to_training']:,} unknown to training)",
+        f"- model: bundle `{report['bundle']['version']}`, {report['bundle']['algorithm']}, "
+        f"params `{json.dumps(report['bundle']['params'], sort_keys=True)}`",
+        f"- command: `{report.get('command', '')}`",
+        f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores",
+    ]
+    agreement = report.get("endpoint_agreement")
+    if agreement:
+        verdict = "agree" if agreement["agree"] else "DISAGREE"
+        lines.append(
+            f"- in-process and endpoint {verdict}: {agreement['users_with_different_lists']} of "
+            f"{agreement['users_compared']} users got different lists, largest metric gap "
+            f"{agreement['max_metric_difference']:.2e}"
+        )
+    for k in report["ks"]:
+        lines += ["", f"## At k = {k}", "", markdown_table(report["results"], k)]
+    lines += ["", "Definitions: docs/EVALUATION.md.", ""]
+    if isinstance(plots, str):
+        lines.append(plots)
+    else:
+        lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``plots/*.png`` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = plot_metrics(report, folder / "plots")
+    report["plots"] = plots if isinstance(plots, str) else [str(p) for p in plots]
+    paths = {"json": folder / "report.json", "markdown": folder / "report.md"}
+    paths["json"].write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+    paths["markdown"].write_text(_markdown(report, plots), encoding="utf-8")
+    return paths
