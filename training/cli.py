@@ -1,4 +1,4 @@
-"""``recsvc-train``: sample data, fit and publish, offline audiences."""
+"""``recsvc-train``: sample data, fit and publish, tune, offline audiences, MovieLens import."""
 
 from __future__ import annotations
 
@@ -55,10 +55,20 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-max", type=int)
 
 
-_FIT_KEYS = (
-    "algorithm factors iterations regularization alpha learning_rate weighting seed "
-    "threads item_index user_index exact_max"
-).split()
+_FIT_KEYS = [
+    "algorithm",
+    "factors",
+    "iterations",
+    "regularization",
+    "alpha",
+    "learning_rate",
+    "weighting",
+    "seed",
+    "threads",
+    "item_index",
+    "user_index",
+    "exact_max",
+]
 
 
 def fit_params_from_args(args: argparse.Namespace) -> FitParams:
@@ -97,7 +107,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     params = fit_params_from_args(args)
     t0 = time.perf_counter()
-    data = load_training_data(args.interactions, args.items, args.users, data_config_from_args(args))
+    data = load_training_data(
+        args.interactions, args.items, args.users, data_config_from_args(args)
+    )
     t_load = time.perf_counter() - t0
     model = fit_model(data.user_items, params, progress=not args.quiet)
     t1 = time.perf_counter()
@@ -115,7 +127,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     )
     print(
         f"  dropped: {report.null_ids} null ids, {report.unknown_items} unknown items; "
-        f"merged {report.duplicates_merged:,} duplicate pairs; {report.unknown_events} unknown events"
+        f"merged {report.duplicates_merged:,} duplicate pairs; "
+        f"{report.unknown_events} unknown events"
     )
     print(f"  load {t_load:.2f}s, fit {model.seconds:.2f}s, index+publish {t_publish:.2f}s")
     return 0
@@ -128,8 +141,13 @@ def _cmd_audience(args: argparse.Namespace) -> int:
     targeter = open_targeter(Path(args.models), consent_required=not args.no_consent_data)
     out = Path(args.out)
     if args.all_items:
-        rows = export_all_items(targeter, args.size, out, args.include_holders, progress=not args.quiet)
-        print(f"wrote {rows:,} rows for every active product to {out}/ (model {targeter.bundle.version})")
+        rows = export_all_items(
+            targeter, args.size, out, args.include_holders, progress=not args.quiet
+        )
+        print(
+            f"wrote {rows:,} rows for every active product to {out}/ "
+            f"(model {targeter.bundle.version})"
+        )
         return 0
     if not args.item:
         raise RecsvcError("give --item (repeatable) or --all-items")
@@ -140,7 +158,69 @@ def _cmd_audience(args: argparse.Namespace) -> int:
         include_holders=args.include_holders,
     )
     audience, sidecar = export_audience(targeter, query, out, progress=not args.quiet)
-    print(f"wrote {len(audience.rows):,} customers to {out} (model {audience.version}); sidecar {sidecar}")
+    print(
+        f"wrote {len(audience.rows):,} customers to {out} (model {audience.version}); "
+        f"sidecar {sidecar}"
+    )
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from training.tune import TuneOptions, tune
+
+    base = fit_params_from_args(args)
+    options = TuneOptions(
+        trials=args.trials,
+        time_budget=args.time_budget,
+        seed=args.seed if args.seed is not None else 0,
+        validation_fraction=args.validation_fraction,
+        folds=args.folds,
+        metric=args.metric,
+        k=args.k,
+        algorithms=tuple(a.strip() for a in args.algorithms.split(",") if a.strip()),
+        weightings=tuple(w.strip() for w in args.weightings.split(",") if w.strip()),
+        base=base,
+    )
+    data = load_training_data(
+        args.interactions, args.items, args.users, data_config_from_args(args)
+    )
+    result = tune(data, options, progress=not args.quiet)
+    # The winner is refit later on all the training data: record the caller's seed, not a trial's.
+    best = replace(result.best.params, seed=base.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(best.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    log_path = out.with_name(out.stem + ".tune.json")
+    log_path.write_text(
+        json.dumps({"interactions": str(args.interactions), **result.to_json()}, indent=2),
+        encoding="utf-8",
+    )
+    ranked = sorted(result.trials, key=lambda t: -t.score)[:5]
+    print(
+        f"{len(result.trials)} trials in {result.seconds:.1f}s (stopped by {result.stopped_by}); "
+        f"best validation {options.metric}@{options.k} = {result.best.score:.4f}"
+    )
+    for t in ranked:
+        p = t.params
+        print(
+            f"  #{t.number:<3} {t.score:.4f}  {p.algorithm} factors={p.factors} "
+            f"iterations={p.iterations} regularization={p.regularization:.4g} alpha={p.alpha:.4g} "
+            f"weighting={p.weighting}"
+        )
+    print(f"wrote {out} (trials: {log_path})")
+    return 0
+
+
+def _cmd_import_movielens(args: argparse.Namespace) -> int:
+    from training.movielens import import_movielens
+
+    counts = import_movielens(Path(args.path), Path(args.out), weight=args.weight)
+    print(
+        f"wrote {counts['interactions']:,} interactions, {counts['users']:,} users, "
+        f"{counts['items']:,} items to {args.out}"
+    )
     return 0
 
 
@@ -170,10 +250,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--min-score", type=float)
     p.add_argument("--include-holders", action="store_true")
-    p.add_argument("--no-consent-data", action="store_true",
-                   help="data without a users table carries no consent requirement")
+    p.add_argument(
+        "--no-consent-data",
+        action="store_true",
+        help="data without a users table carries no consent requirement",
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_audience)
+
+    p = sub.add_parser(
+        "tune",
+        help="search fit parameters on a validation part carved out of the training data",
+        description="Give it training data only (e.g. a split's train.parquet): the "
+        "validation part is carved out of it, so the test part is never seen.",
+    )
+    _add_data_args(p)
+    _add_fit_args(p)
+    p.add_argument("--out", required=True, help="best FitParams JSON, for fit --params")
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--time-budget", type=float, help="seconds; no trial starts after it")
+    p.add_argument("--validation-fraction", type=float, default=0.25)
+    p.add_argument("--folds", type=int, default=1, help="validation carves to average over")
+    p.add_argument("--metric", default="ndcg", help="metric to maximize (see recsvc-eval)")
+    p.add_argument("-k", type=int, default=10, help="its cut-off")
+    p.add_argument("--algorithms", default="als,bpr", help="comma-separated: als, bpr")
+    p.add_argument("--weightings", default="raw,log,bm25", help="comma-separated: raw, log, bm25")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser(
+        "import-movielens",
+        help="MovieLens-100K (u.data, u.item, u.user) to interactions/items/users Parquet",
+    )
+    p.add_argument("path", help="folder holding u.data, u.item, u.user")
+    p.add_argument("--out", required=True, help="output folder (never inside the repository)")
+    p.add_argument(
+        "--weight",
+        choices=["rating", "none"],
+        default="rating",
+        help="carry each rating as the interaction weight (default) or count 1 per rating",
+    )
+    p.set_defaults(func=_cmd_import_movielens)
     return parser
 
 

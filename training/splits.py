@@ -39,6 +39,7 @@ __all__ = [
     "make_split",
     "read_split",
     "split_interactions",
+    "stratified_holdout",
     "write_split",
 ]
 
@@ -140,9 +141,16 @@ def _rank_within_user(pair_user: np.ndarray, order_key: np.ndarray) -> tuple[np.
     return rank, counts[pair_user]
 
 
-def _test_pairs_stratified(
+def stratified_holdout(
     pair_user: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> np.ndarray:
+    """Which pairs to hold out: per user a random ``fraction``, keeping ``floor((1-f) n)``.
+
+    Args:
+        pair_user: the user (any integer code) of each pair.
+        fraction: share of each user's pairs to hold out, in (0, 1).
+        rng: the randomness (one draw per pair).
+    """
     rank, count = _rank_within_user(pair_user, rng.random(len(pair_user)))
     # A user keeps floor((1 - f) * n) pairs; the epsilon absorbs 0.75 * 4 = 2.9999...
     keep = np.floor((1.0 - fraction) * count + 1e-9)
@@ -160,9 +168,7 @@ def _test_pairs_last(
 
 
 def _cutoff(text: str, secs: np.ndarray) -> float:
-    known = secs[~np.isnan(secs)]
-    if known.size == 0:
-        raise DataError("interactions: column 'ts' holds no times")
+    known = secs
     try:
         q = float(text) if text else 0.8
     except ValueError:
@@ -219,7 +225,7 @@ def split_interactions(table: pa.Table, spec: SplitSpec, seed: int = 0) -> Split
     if spec.kind == "stratified":
         fraction = _fraction(spec.value, 0.25, "stratified")
         meta["test_fraction"] = fraction
-        test_pair = _test_pairs_stratified(pair_user, fraction, rng)
+        test_pair = stratified_holdout(pair_user, fraction, rng)
         train_rows = np.flatnonzero(~test_pair[row_pair])
         test_rows = np.flatnonzero(test_pair[row_pair])
     elif spec.kind == "last":
