@@ -28,7 +28,7 @@ from training.baselines import BASELINES
 from training.cli import _add_data_args, _add_fit_args, data_config_from_args, fit_params_from_args
 from training.evaluate import EvalOptions, evaluate
 from training.report import machine, markdown_table, write_report
-from training.splits import SplitSpec, make_split
+from training.splits import SplitSpec, make_split, write_split
 
 __all__ = ["build_parser", "main", "parse_ks"]
 
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port of a server serving --bundle: ask it over gRPC and check it agrees",
     )
     p.add_argument("--report", required=True, type=Path, help="output folder")
+    p.add_argument(
+        "--split-only",
+        action="store_true",
+        help="write the split to REPORT/split and stop (to tune on its train part first)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -114,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         start = time.perf_counter()
         split = make_split(args.interactions, SplitSpec.parse(args.split), seed)
+        if args.split_only:
+            paths = write_split(split, args.report / "split")
+            print(f"wrote {paths['train']} and {paths['test']}: {split.meta}")
+            return 0
         report = evaluate(
             split,
             args.report,

@@ -279,8 +279,10 @@ def tune(
     folds = [
         _fold(data, options.validation_fraction, options.seed + i) for i in range(options.folds)
     ]
-    if any(len(f.users) == 0 for f in folds):
-        raise DataError("interactions: no user has enough pairs to hold some out for validation")
+    if any(f.fit.nnz == 0 or len(f.users) == 0 for f in folds):
+        raise DataError(
+            "interactions: too few pairs per user to carve out a validation part and still fit"
+        )
     validation = {
         "fraction": options.validation_fraction,
         "folds": options.folds,

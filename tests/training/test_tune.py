@@ -1,0 +1,136 @@
+"""Tuning: a validation carve of the training data only, valid parameters out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsvc.errors import DataError
+from tests.conftest import PARAMS
+from training.cli import main as train_main
+from training.data import TrainingData, load_training_data
+from training.evaluate_cli import main as eval_main
+from training.fit import FitParams
+from training.tune import SEARCH_SPACE, TuneOptions, carve_validation, sample_params, tune
+
+# Small and fast: a handful of cheap candidates.
+FAST = TuneOptions(trials=3, seed=1, base=replace(PARAMS, iterations=3), k=10)
+
+
+def test_carve_puts_every_pair_on_exactly_one_side(training_data: TrainingData) -> None:
+    x = training_data.user_items
+    fit, valid = carve_validation(x, 0.25, seed=4)
+    assert fit.shape == valid.shape == x.shape
+    assert fit.nnz + valid.nnz == x.nnz
+    assert (fit + valid != x).nnz == 0
+    assert fit.multiply(valid).nnz == 0
+    per_user = np.diff(x.indptr)
+    assert (np.diff(fit.indptr) == np.floor(0.75 * per_user + 1e-9)).all()
+    again, _ = carve_validation(x, 0.25, seed=4)
+    other, _ = carve_validation(x, 0.25, seed=5)
+    assert (again != fit).nnz == 0 and (other != fit).nnz > 0
+
+
+def test_sampled_candidates_stay_in_range_and_are_valid(rng: np.random.Generator) -> None:
+    options = TuneOptions(base=PARAMS)
+    best = PARAMS
+    for i in range(300):
+        p = sample_params(rng, options, around=best if i % 2 else None)
+        assert isinstance(p, FitParams)  # __post_init__ validated it
+        for name, (low, high, _log, _int, algorithms) in SEARCH_SPACE.items():
+            if p.algorithm in algorithms and name != "regularization":
+                assert low <= getattr(p, name) <= high, (name, p)
+        assert p.weighting in options.weightings
+        best = p
+
+
+def test_tune_keeps_the_best_trial_and_starts_from_the_defaults(
+    training_data: TrainingData,
+) -> None:
+    result = tune(training_data, FAST, progress=False)
+    assert [t.number for t in result.trials] == [0, 1, 2]
+    assert result.trials[0].params == replace(FAST.base, seed=1)
+    assert result.best.score == max(t.score for t in result.trials)
+    assert result.best.score == result.best.metrics["ndcg"]
+    assert result.stopped_by == "trials"
+    v = result.validation
+    assert v["fit_pairs"][0] + v["validation_pairs"][0] == training_data.user_items.nnz
+    assert v["data_fingerprint"] == training_data.fingerprint()
+
+
+def test_tune_is_deterministic_for_a_seed(training_data: TrainingData) -> None:
+    options = replace(FAST, algorithms=("als",))
+    a = tune(training_data, options, progress=False)
+    b = tune(training_data, options, progress=False)
+    assert [t.params for t in a.trials] == [t.params for t in b.trials]
+    assert [t.score for t in a.trials] == [t.score for t in b.trials]
+
+
+def test_time_budget_stops_after_the_first_trial(training_data: TrainingData) -> None:
+    result = tune(training_data, replace(FAST, trials=50, time_budget=0.0), progress=False)
+    assert len(result.trials) == 1 and result.stopped_by == "time_budget"
+
+
+def test_bad_options_are_named() -> None:
+    with pytest.raises(ValueError, match="metric must be one of"):
+        TuneOptions(metric="auc")
+    with pytest.raises(ValueError, match="validation_fraction must be between 0 and 1"):
+        TuneOptions(validation_fraction=1.0)
+    with pytest.raises(ValueError, match="algorithms must be among als, bpr"):
+        TuneOptions(algorithms=("svd",))
+
+
+def test_too_little_data_to_carve_is_an_error(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # One pair per user: each keeps floor((1 - f) * 1) = 0 pairs, so nothing is left to fit.
+    pq.write_table(pa.table({"user_id": ["a", "b"], "item_id": ["x", "y"]}), tmp_path / "i.parquet")
+    data = load_training_data(tmp_path / "i.parquet")
+    with pytest.raises(DataError, match="too few pairs per user to carve out a validation part"):
+        tune(data, FAST, progress=False)
+
+
+def test_cli_tunes_on_the_train_part_only_and_fit_accepts_the_result(
+    sample_dir: Path, tmp_path: Path
+) -> None:
+    inputs = [
+        "--items", str(sample_dir / "items.parquet"),
+        "--users", str(sample_dir / "users.parquet"),
+    ]  # fmt: skip
+    assert eval_main(
+        ["--interactions", str(sample_dir / "interactions.parquet"), *inputs,
+         "--split", "stratified", "--seed", "2", "--split-only", "--report", str(tmp_path), "-q"]
+    ) == 0  # fmt: skip
+    train = tmp_path / "split" / "train.parquet"
+    out = tmp_path / "best" / "params.json"
+    assert train_main(
+        ["-q", "tune", "--interactions", str(train), *inputs, "--trials", "2", "--seed", "2",
+         "--iterations", "3", "--factors", "8", "--out", str(out)]
+    ) == 0  # fmt: skip
+    params = FitParams.from_json(out)  # only FitParams keys: usable by fit --params
+    assert params.seed == 2
+    log = json.loads((tmp_path / "best" / "params.tune.json").read_text(encoding="utf-8"))
+    assert len(log["trials"]) == 2 and log["interactions"] == str(train)
+    # The carve came out of the train part, never the full log (which holds the test pairs).
+    train_data = load_training_data(
+        train, sample_dir / "items.parquet", sample_dir / "users.parquet"
+    )
+    full = load_training_data(
+        sample_dir / "interactions.parquet",
+        sample_dir / "items.parquet",
+        sample_dir / "users.parquet",
+    )
+    assert log["validation"]["data_fingerprint"] == train_data.fingerprint() != full.fingerprint()
+    assert (
+        log["validation"]["fit_pairs"][0] + log["validation"]["validation_pairs"][0]
+        == train_data.user_items.nnz
+    )
+    assert train_main(
+        ["-q", "fit", "--interactions", str(train), *inputs, "--params", str(out),
+         "--models", str(tmp_path / "models")]
+    ) == 0  # fmt: skip
