@@ -17,13 +17,14 @@ import scipy.linalg
 
 from recsvc.bundle import Bundle
 from recsvc.errors import NotFound
-from recsvc.index import IndexSpec, VectorIndex
+from recsvc.index import AllowedSet, IndexSpec, VectorIndex
 from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.rules import MIN_LEVEL, ItemRules, item_active, item_risk, user_tolerance
 
 __all__ = ["Ranked", "Recommender", "ScoredItem", "Source"]
 
 _EXPLAIN_TOP = 3
+_NO_ROWS = np.empty(0, dtype=np.int64)
 
 
 class Source(enum.Enum):
@@ -119,7 +120,9 @@ class Recommender:
 
         Solves (YtY + reg*I + Yu^T (Cu - I) Yu) x = Yu^T Cu, with Cu = alpha * confidence.
         """
-        x = np.linalg.solve(self._fold_in_matrix(rows, confidence), self._fold_in_rhs(rows, confidence))
+        x = np.linalg.solve(
+            self._fold_in_matrix(rows, confidence), self._fold_in_rhs(rows, confidence)
+        )
         if self._has_bias:
             x = np.append(x, 1.0)
         return x.astype(np.float32)
@@ -139,8 +142,8 @@ class Recommender:
         tolerance = int(self.tolerance[row]) if row is not None else MIN_LEVEL
         history = b.user_item_rows(row) if row is not None else np.empty(0, np.int32)
         conf = b.user_item_data(row) if row is not None else np.empty(0, np.float32)
-        recent = b.items.indices(recent_item_ids)
-        recent = np.unique(recent[recent >= 0])
+        recent = b.items.indices(recent_item_ids) if recent_item_ids else _NO_ROWS
+        recent = np.unique(recent[recent >= 0]) if recent.size else recent
         if recent.size:
             rows = np.concatenate([history, recent]).astype(np.int64)
             confs = np.concatenate([conf, np.full(recent.size, self.recent_confidence, np.float32)])
@@ -155,18 +158,19 @@ class Recommender:
 
     # --- queries ---------------------------------------------------------------
 
-    def _popular(self, k: int, allowed_rows_mask: np.ndarray) -> list[ScoredItem]:
-        order = self.bundle.popularity
-        chosen = order[allowed_rows_mask[order]][:k]
-        ids = self.bundle.items.ids
-        return [ScoredItem(ids[r], float(self.popularity_score[r])) for r in chosen]
+    def _popular(self, k: int, allowed: AllowedSet, exclude: np.ndarray) -> list[ScoredItem]:
+        chosen = allowed.first(self.bundle.popularity, k, exclude).tolist()
+        ids, score = self.bundle.items.ids, self.popularity_score
+        return [ScoredItem(ids[r], float(score[r])) for r in chosen]
 
     def _explain(self, user: _User, rows: np.ndarray) -> list[tuple[tuple[str, float], ...]]:
         """Per recommended row, the customer's items that contributed most (implicit's explain)."""
         if user.confidence_rows.size == 0:
             return [() for _ in rows]
         a = self._fold_in_matrix(user.confidence_rows, user.confidence)
-        weighted = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a), self._y[rows].T.astype(np.float64))
+        weighted = scipy.linalg.cho_solve(
+            scipy.linalg.cho_factor(a), self._y[rows].T.astype(np.float64)
+        )
         own = self._y[user.confidence_rows].astype(np.float64)
         contrib = (own @ weighted) * (self.alpha * user.confidence[:, None])  # own x recommended
         ids = self.bundle.items.ids
@@ -178,18 +182,25 @@ class Recommender:
 
     def recommend(self, q: RecommendQuery) -> Ranked:
         user = self._resolve_user(q.user_id, q.recent_item_ids)
-        exclude = self.bundle.items.indices(q.exclude_item_ids)
-        if not q.include_interacted:
-            exclude = np.concatenate([exclude, user.history])
-        allowed = self.item_rules.allowed(user.tolerance, exclude)
+        exclude = _NO_ROWS if q.include_interacted else user.history
+        if q.exclude_item_ids:
+            exclude = np.concatenate([self.bundle.items.indices(q.exclude_item_ids), exclude])
+        # The shared per-tolerance set; exclusions are applied by the search itself.
+        allowed = self.item_rules.allowed(user.tolerance)
         if user.vector is None:
-            return Ranked(self._popular(q.k, allowed.mask()), Source.POPULAR, self.version)
-        scores, rows = self.bundle.item_index.search(user.vector, q.k, allowed)
-        because = self._explain(user, rows) if q.explain else [() for _ in rows]
+            return Ranked(self._popular(q.k, allowed, exclude), Source.POPULAR, self.version)
+        scores, rows = self.bundle.item_index.search(user.vector, q.k, allowed, exclude)
         ids = self.bundle.items.ids
-        items = [
-            ScoredItem(ids[r], float(s), bc) for r, s, bc in zip(rows, scores, because, strict=True)
-        ]
+        if q.explain:
+            because = self._explain(user, rows)
+            items = [
+                ScoredItem(ids[r], s, bc)
+                for r, s, bc in zip(rows.tolist(), scores.tolist(), because, strict=True)
+            ]
+        else:
+            items = [
+                ScoredItem(ids[r], s) for r, s in zip(rows.tolist(), scores.tolist(), strict=True)
+            ]
         return Ranked(items, user.source, self.version)
 
     def similar_items(self, q: SimilarQuery) -> Ranked:
@@ -202,11 +213,13 @@ class Recommender:
         exclude = [b.items.indices(q.exclude_item_ids), np.array([row])]
         if user_row is not None:
             exclude.append(b.user_item_rows(user_row))
-        allowed = self.item_rules.allowed(tolerance, np.concatenate(exclude))
-        scores, rows = self._similar.search(self._similar.vectors[row], q.k, allowed)
+        allowed = self.item_rules.allowed(tolerance)
+        scores, rows = self._similar.search(
+            self._similar.vectors[row], q.k, allowed, np.concatenate(exclude)
+        )
         ids = b.items.ids
         return Ranked(
-            [ScoredItem(ids[r], float(s)) for r, s in zip(rows, scores, strict=True)],
+            [ScoredItem(ids[r], s) for r, s in zip(rows.tolist(), scores.tolist(), strict=True)],
             Source.PERSONALIZED,
             self.version,
         )

@@ -1,0 +1,137 @@
+"""Search under rules with exclusions, all-zero rows and shared FAISS parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recsvc.errors import BundleError
+from recsvc.index import AllowedSet, VectorIndex, build_index, choose_index_spec, read_index
+
+
+def _with_zero_rows(n: int, zero_share: float, d: int = 8, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[rng.random(n) < zero_share] = 0.0
+    return x
+
+
+def _exact(x: np.ndarray, q: np.ndarray, k: int, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference answer: best score first, ties by row."""
+    rows = np.flatnonzero(ok)
+    scores = x[rows] @ q
+    order = np.lexsort((rows, -scores))[:k]
+    return scores[order], rows[order]
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_leave_out_all_zero_rows(kind: str, tmp_path: Path) -> None:
+    x = _with_zero_rows(6000, 0.6)
+    spec = choose_index_spec(len(x), kind)
+    index = build_index(x, spec)
+    nonzero = int(np.any(x != 0, axis=1).sum())
+    assert index.ntotal == nonzero
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    back = read_index(tmp_path / "i.faiss", spec, x)
+    assert back.ntotal == nonzero
+
+
+def test_flat_and_dense_indexes_stay_plain() -> None:
+    x = _with_zero_rows(500, 0.5)
+    assert build_index(x, choose_index_spec(len(x), "flat")).ntotal == 500
+    dense = _with_zero_rows(500, 0.0)
+    assert build_index(dense, choose_index_spec(len(dense), "hnsw")).ntotal == 500
+
+
+def test_an_index_that_drops_a_real_row_is_refused(tmp_path: Path) -> None:
+    x = _with_zero_rows(3000, 0.5)
+    spec = choose_index_spec(len(x), "hnsw")
+    nonzero = np.flatnonzero(np.any(x != 0, axis=1))
+    bad = faiss.IndexIDMap2(faiss.IndexHNSWFlat(x.shape[1], 8, faiss.METRIC_INNER_PRODUCT))
+    keep = nonzero[1:]  # one row with a real embedding missing, one zero row in its place
+    zero_row = np.flatnonzero(~np.any(x != 0, axis=1))[0]
+    ids = np.concatenate([keep, [zero_row]]).astype(np.int64)
+    bad.add_with_ids(x[ids], ids)
+    faiss.write_index(bad, str(tmp_path / "bad.faiss"))
+    with pytest.raises(BundleError, match="not all zeros"):
+        read_index(tmp_path / "bad.faiss", spec, x)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_search_with_exclusions_is_k_allowed_rows(kind: str) -> None:
+    x = _with_zero_rows(8000, 0.5, seed=1)
+    spec = choose_index_spec(len(x), kind)
+    index = VectorIndex(x, build_index(x, spec), spec)
+    rng = np.random.default_rng(3)
+    for share in (0.3, 0.6, 0.95):
+        mask = rng.random(len(x)) < share
+        allowed = AllowedSet.from_mask(mask)
+        for _ in range(5):
+            q = rng.normal(size=x.shape[1]).astype(np.float32)
+            exclude = rng.choice(len(x), 40, replace=False)
+            scores, rows = index.search(q, 10, allowed, exclude)
+            ok = mask.copy()
+            ok[exclude] = False
+            assert len(rows) == 10 and ok[rows].all()
+            assert np.all(np.diff(scores) <= 1e-6)
+            if kind == "flat":
+                want, _ = _exact(x, q, 10, ok)
+                np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_rows_come_back_as_ties_in_row_order() -> None:
+    # Few rows have a positive score: the answer must continue with the all-zero rows.
+    rng = np.random.default_rng(5)
+    x = np.zeros((6000, 8), dtype=np.float32)
+    real = rng.choice(len(x), 3000, replace=False)
+    x[real] = -np.abs(rng.normal(size=(len(real), 8)))  # every real row scores below 0
+    x[real[:3]] = np.abs(x[real[:3]])  # except three
+    q = np.ones(8, dtype=np.float32)
+    spec = choose_index_spec(len(x), "ivf")
+    spec.params["nprobe"] = spec.params["nlist"]  # every list: exact, so the order is checkable
+    index = VectorIndex(x, build_index(x, spec), spec)
+    mask = np.ones(len(x), dtype=bool)
+    mask[rng.choice(len(x), 500, replace=False)] = False
+    exclude = np.flatnonzero(~np.any(x != 0, axis=1))[:2]
+    scores, rows = index.search(q, 10, AllowedSet.from_mask(mask), exclude)
+    ok = mask.copy()
+    ok[exclude] = False
+    want_scores, want_rows = _exact(x, q, 10, ok)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+
+
+def test_shared_allowed_set_serves_two_indexes_without_mixing_them() -> None:
+    x = _with_zero_rows(6000, 0.5, seed=2)
+    spec = choose_index_spec(len(x), "hnsw")
+    sparse = VectorIndex(x, build_index(x, spec), spec)
+    dense_x = np.where(x == 0, 1e-3, x).astype(np.float32)
+    dense = VectorIndex(dense_x, build_index(dense_x, spec), spec)
+    mask = np.random.default_rng(4).random(len(x)) < 0.5
+    allowed = AllowedSet.from_mask(mask)
+    q = np.ones(8, dtype=np.float32)
+    for _ in range(3):  # the second and third searches reuse cached parameters
+        for idx in (sparse, dense, sparse):
+            _, rows = idx.search(q, 20, allowed)
+            assert len(rows) == 20 and mask[rows].all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.booleans(), min_size=1, max_size=300),
+    st.integers(0, 40),
+    st.lists(st.integers(-5, 320), max_size=30),
+)
+def test_first_matches_a_plain_filter(mask: list[bool], k: int, exclude: list[int]) -> None:
+    m = np.array(mask)
+    allowed = AllowedSet.from_mask(m)
+    candidates = np.random.default_rng(len(mask)).permutation(len(m))
+    ex = np.array(exclude, dtype=np.int64)
+    got = allowed.first(candidates, k, ex)
+    want = [c for c in candidates if m[c] and c not in set(exclude)][:k]
+    assert got.tolist() == want
