@@ -1,0 +1,203 @@
+"""Sample banks and model bundles for the benchmarks, built once and cached.
+
+A bundle is keyed by everything that shapes it (users, items, seed, factors,
+iterations), so a rerun with the same parameters reuses it and a changed
+parameter builds a new one. Both steps run the real command-line tools in a
+child process: the harness stays small, and the fit is the one users run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from recsvc.bundle import read_latest
+
+__all__ = [
+    "BundleSpec",
+    "Measured",
+    "build_record",
+    "ensure_bundle",
+    "ensure_sample",
+    "fit_command",
+    "run_measured",
+]
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """One benchmark bundle.
+
+    Example:
+        >>> BundleSpec(users=100_000, items=100_000).key
+        'u100000-i100000-s7-f64-it15'
+    """
+
+    users: int
+    items: int
+    seed: int = 7
+    factors: int = 64
+    iterations: int = 15
+
+    @property
+    def key(self) -> str:
+        return f"u{self.users}-i{self.items}-s{self.seed}-f{self.factors}-it{self.iterations}"
+
+    @property
+    def sample_key(self) -> str:
+        return f"u{self.users}-i{self.items}-s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{_short(self.items)} items"
+
+
+def _short(n: int) -> str:
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}K"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A finished child process: exit status, wall seconds, peak resident memory."""
+
+    returncode: int
+    seconds: float
+    max_rss_bytes: int
+    stdout: str
+    stderr: str
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
+    """Run ``cmd`` to completion; its own peak RSS comes from ``wait4``.
+
+    ``wait4`` reports the rusage of exactly that child, unlike
+    ``getrusage(RUSAGE_CHILDREN)``, which is the maximum over all children so far.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Drain pipes in threads so a chatty child cannot block on a full pipe before exit.
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else "")),
+        threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else "")),
+    ]
+    for t in readers:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    for t in readers:
+        t.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    # ru_maxrss is in KiB on Linux.
+    return Measured(proc.returncode, seconds, usage.ru_maxrss * 1024, "".join(out), "".join(err))
+
+
+def _tool(name: str) -> str:
+    """A console script from the running interpreter's environment."""
+    path = Path(sys.executable).with_name(name)
+    return str(path) if path.exists() else name
+
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def build_record(root: Path, spec: BundleSpec) -> dict[str, Any] | None:
+    """How long building ``spec``'s sample and bundle took, and their peak memory."""
+    path = root / "models" / f"{spec.key}.build.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _record(root: Path, spec: BundleSpec, step: str, result: Measured) -> None:
+    path = root / "models" / f"{spec.key}.build.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(path.read_text()) if path.is_file() else {"spec": asdict(spec)}
+    record[step] = {
+        "seconds": round(result.seconds, 2),
+        "max_rss_mib": round(result.max_rss_bytes / 2**20, 1),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "output": result.stdout.strip().splitlines()[-6:],
+    }
+    path.write_text(json.dumps(record, indent=2))
+
+
+def ensure_sample(root: Path, spec: BundleSpec, log: Log = _quiet) -> Path:
+    """The sample bank for ``spec`` under ``root/samples``, generated if absent."""
+    out = root / "samples" / spec.sample_key
+    if (out / "interactions.parquet").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    cmd = [
+        _tool("recsvc-train"),
+        "-q",
+        "sample-data",
+        "--out",
+        str(tmp),
+        "--users",
+        str(spec.users),
+        "--items",
+        str(spec.items),
+        "--seed",
+        str(spec.seed),
+    ]
+    log(f"building sample {spec.sample_key}")
+    result = run_measured(cmd)
+    if result.returncode != 0:
+        raise RuntimeError(f"sample-data failed for {spec.sample_key}:\n{result.stderr[-2000:]}")
+    _record(root, spec, "sample", result)
+    tmp.rename(out)
+    return out
+
+
+def fit_command(sample: Path, models: Path, spec: BundleSpec) -> list[str]:
+    """``recsvc-train fit`` for a sample, as a user would run it."""
+    return [
+        _tool("recsvc-train"),
+        "-q",
+        "fit",
+        "--interactions",
+        str(sample / "interactions.parquet"),
+        "--items",
+        str(sample / "items.parquet"),
+        "--users",
+        str(sample / "users.parquet"),
+        "--models",
+        str(models),
+        "--factors",
+        str(spec.factors),
+        "--iterations",
+        str(spec.iterations),
+        "--seed",
+        str(spec.seed),
+    ]
+
+
+def ensure_bundle(root: Path, spec: BundleSpec, log: Log = _quiet) -> Path:
+    """A models folder (with LATEST) for ``spec`` under ``root/models``, fitted if absent."""
+    models = root / "models" / spec.key
+    if read_latest(models) is not None:
+        return models
+    sample = ensure_sample(root, spec, log)
+    log(f"fitting bundle {spec.key}")
+    result = run_measured(fit_command(sample, models, spec))
+    if result.returncode != 0:
+        raise RuntimeError(f"fit failed for {spec.key}:\n{result.stderr[-2000:]}")
+    _record(root, spec, "fit", result)
+    return models

@@ -1,0 +1,147 @@
+"""Reference servers for the serving benchmark, on the same gRPC stack as recsvc.
+
+- ``empty``: ``Recommend`` parses the request and returns an empty response; the
+  ceiling any handler on this stack can reach.
+- ``naive``: ``Recommend`` calls implicit's own brute-force ``model.recommend``
+  with the customer's CSR row (``filter_already_liked_items``) and the bank's
+  item rules as ``filter_items``, so it returns the same items as recsvc, exactly.
+
+Both are built like ``recsvc.server.create_server``: a ``grpc.aio`` server with
+the same options, health and reflection, one process, the default event loop.
+
+``python -m bench.servers --kind naive --models DIR --port P``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import scipy.sparse as sp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsvc.bundle import load_bundle, read_latest
+from recsvc.settings import ServerSettings
+from recsvc.v1 import recommender_pb2 as _pb
+from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
+
+__all__ = ["EmptyService", "NaiveService", "main", "serve"]
+
+_SERVICE = _pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+
+class EmptyService(_pb_grpc.RecommenderServicer):
+    """The ceiling: a unary handler that does nothing."""
+
+    async def Recommend(self, request: Any, context: Any) -> _pb.RecommendResponse:
+        return _pb.RecommendResponse()
+
+
+class NaiveService(_pb_grpc.RecommenderServicer):
+    """implicit's ``model.recommend`` per request, rules passed as ``filter_items``."""
+
+    def __init__(self, models: Path) -> None:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+
+        from recsvc.rules import ItemRules, item_active, item_risk, user_tolerance
+
+        version = read_latest(models)
+        if version is None:
+            raise SystemExit(f"no LATEST under {models}")
+        b = load_bundle(models / version)
+        self.version = b.version
+        self.user_index = b.users.index
+        self.item_ids = b.items.ids
+        suitability = bool(b.manifest["rules"].get("risk_levels"))
+        rules = ItemRules.build(
+            item_risk(b.item_table, suitability), item_active(b.item_table), suitability
+        )
+        # Everything a customer of tolerance t may not see, as implicit's filter_items.
+        self.filter_by_tolerance = [np.flatnonzero(~s.mask()) for s in rules.by_tolerance]
+        self.tolerance = user_tolerance(b.user_table)
+        n_users, n_items = len(b.users), len(b.items)
+        self.user_items = sp.csr_matrix(
+            (b.data, b.indices, b.indptr), shape=(n_users, n_items), dtype=np.float32
+        )
+        # implicit's advice, and what recsvc does for FAISS: one BLAS thread per query.
+        threadpool_limits(1, "blas")
+        model = AlternatingLeastSquares(factors=int(b.manifest["dim"]), random_state=0)
+        model.user_factors = b.user_index.vectors
+        model.item_factors = b.item_index.vectors
+        self.model = model
+
+    async def Recommend(self, request: Any, context: Any) -> _pb.RecommendResponse:
+        row = self.user_index(request.user_id)
+        if row is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown user")
+        t = int(self.tolerance[row]) - 1
+        ids, scores = self.model.recommend(
+            row,
+            self.user_items[row],
+            N=request.k or 10,
+            filter_already_liked_items=True,
+            filter_items=self.filter_by_tolerance[t],
+        )
+        return _pb.RecommendResponse(
+            items=[
+                _pb.ScoredItem(item_id=self.item_ids[i], score=float(s))
+                for i, s in zip(ids, scores, strict=True)
+            ],
+            model_version=self.version,
+            source=_pb.PERSONALIZED,
+            recommendation_id=uuid.uuid4().hex,
+        )
+
+
+async def serve(servicer: _pb_grpc.RecommenderServicer, host: str, port: int) -> None:
+    """Serve until SIGTERM, on the stack ``recsvc.server.create_server`` builds."""
+    settings = ServerSettings(models=Path("."), host=host, port=port)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    _pb_grpc.add_RecommenderServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for name in ("", _SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.servers", description=__doc__)
+    p.add_argument("--kind", choices=["empty", "naive"], required=True)
+    p.add_argument("--models", type=Path, help="models folder (naive)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args(argv)
+    if args.kind == "naive" and args.models is None:
+        p.error("--kind naive needs --models")
+    servicer = EmptyService() if args.kind == "empty" else NaiveService(args.models)
+    asyncio.run(serve(servicer, args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

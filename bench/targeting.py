@@ -1,0 +1,93 @@
+"""Targeting: audience time for one product, server-side (``Targeter.target``).
+
+Runs in its own process over a bundle: a 10,000-customer audience (the user
+index with the rules inside the search) and the full ranked audience over every
+eligible customer (blocked matrix products), for a few active products of
+different risk levels. Also the overlap of the indexed audience with the exact
+one, since the index is approximate.
+
+``python -m bench.targeting --models DIR`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main", "measure"]
+
+
+def measure(models: Path, size: int, products: int, full_products: int) -> dict[str, Any]:
+    import faiss
+
+    from recsvc.bundle import load_bundle, read_latest
+    from recsvc.requests import MAX_AUDIENCE, TargetQuery
+    from recsvc.targeting import Targeter
+
+    version = read_latest(models)
+    if version is None:
+        raise SystemExit(f"no LATEST under {models}")
+    faiss.omp_set_num_threads(1)  # as the server runs it
+    t0 = time.perf_counter()
+    bundle = load_bundle(models / version)
+    load_s = time.perf_counter() - t0
+    targeter = Targeter(bundle)
+    # Products of every risk level the catalogue has, most popular first within each.
+    active = np.flatnonzero(targeter.item_active)
+    popularity = np.bincount(bundle.indices, minlength=len(bundle.items))
+    picks: list[int] = []
+    for level in np.unique(targeter.item_risk[active]):
+        rows = active[targeter.item_risk[active] == level]
+        picks.append(int(rows[np.argmax(popularity[rows])]))
+    picks = picks[:products]
+    ids = [bundle.items.ids[r] for r in picks]
+
+    def timed(item_id: str, n: int) -> tuple[float, Any]:
+        start = time.perf_counter()
+        audience = targeter.target(TargetQuery(item_ids=(item_id,), audience_size=n))
+        return time.perf_counter() - start, audience
+
+    timed(ids[0], size)  # first call: page in the index and vectors
+    small = []
+    overlap = []
+    for item_id in ids:
+        seconds, audience = timed(item_id, size)
+        small.append(seconds)
+        _, full = timed(item_id, MAX_AUDIENCE)
+        exact = set(full.rows[: len(audience.rows)].tolist())
+        overlap.append(len(exact & set(audience.rows.tolist())) / max(1, len(audience.rows)))
+    whole = [timed(item_id, MAX_AUDIENCE) for item_id in ids[:full_products]]
+    return {
+        "version": version,
+        "users": len(bundle.users),
+        "items": len(bundle.items),
+        "user_index": bundle.manifest["indexes"]["users"]["type"],
+        "load_s": round(load_s, 2),
+        "size": size,
+        "products": ids,
+        "small_s": [round(s, 4) for s in small],
+        "small_overlap": [round(o, 4) for o in overlap],
+        "full_s": [round(s, 3) for s, _ in whole],
+        "full_rows": [len(a.rows) for _, a in whole],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.targeting", description=__doc__)
+    p.add_argument("--models", type=Path, required=True)
+    p.add_argument("--size", type=int, default=10_000)
+    p.add_argument("--products", type=int, default=3)
+    p.add_argument("--full-products", type=int, default=2)
+    args = p.parse_args(argv)
+    print(json.dumps(measure(args.models, args.size, args.products, args.full_products)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
