@@ -162,7 +162,7 @@ def _serving_bundle(
             )
             rows += _serving_rows(plan, spec, cells, agreement)
         if "workers" in sections and spec == plan.workers:
-            rows += _workers(plan, root, spec, models, recsvc, users_file, results)
+            rows += _workers(plan, root, spec, models, recsvc, empty, users_file, results)
     finally:
         recsvc.stop()
         naive.stop()
@@ -217,30 +217,39 @@ def _workers(
     spec: BundleSpec,
     models: Path,
     one: Server,
+    empty: Server,
     users_file: Path,
     results: dict[str, Any],
 ) -> list[Row]:
+    """recsvc with 1 and 2 workers, and the empty handler with 2 (the 2-process ceiling)."""
     _log(f"workers: 1 against 2 on {spec.label}")
     two = launch("recsvc", models, root / "logs", workers=2)
+    empty_two = launch("empty", None, root / "logs", workers=2)
     try:
-        wait_ready([two])
+        wait_ready([two, empty_two])
         cells = measure_cells(
-            [one, two], users_file, list(plan.workers_concurrency), plan.load, _log
+            [one, two, empty, empty_two],
+            users_file,
+            list(plan.workers_concurrency),
+            plan.load,
+            _log,
         )
     finally:
         two.stop()
+        empty_two.stop()
     results["workers"] = {"bundle": asdict(spec), "cells": [asdict(c) for c in cells]}
     by = {(c.server, c.concurrency): c for c in cells}
     rows = []
     for c in plan.workers_concurrency:
         a, b = by[(one.name, c)], by[(two.name, c)]
+        ceiling = by[(empty_two.name, c)]
         rows.append(
             Row(
                 "workers",
                 f"{spec.label}, c={c}, --workers 2",
                 _cell(b),
-                f"--workers 1: {_cell(a)}",
-                f"{b.qps / a.qps:.2f}x",
+                f"--workers 1: {_cell(a)}; empty handler x2: {_cell(ceiling)}",
+                f"{b.qps / a.qps:.2f}x 1 worker, {b.qps / ceiling.qps:.2f}x 2-worker ceiling",
                 "shows 1 -> 2 scaling",
             )
         )

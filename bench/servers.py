@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import signal
 import uuid
 from collections.abc import Sequence
@@ -33,7 +34,9 @@ from recsvc.settings import ServerSettings
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
 
-__all__ = ["EmptyService", "NaiveService", "main", "serve"]
+__all__ = ["READY_LINE", "EmptyService", "NaiveService", "main", "serve"]
+
+READY_LINE = "bench server ready"
 
 _SERVICE = _pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 
@@ -102,13 +105,15 @@ class NaiveService(_pb_grpc.RecommenderServicer):
         )
 
 
-async def serve(servicer: _pb_grpc.RecommenderServicer, host: str, port: int) -> None:
+async def serve(
+    servicer: _pb_grpc.RecommenderServicer, host: str, port: int, reuse_port: bool = False
+) -> None:
     """Serve until SIGTERM, on the stack ``recsvc.server.create_server`` builds."""
     settings = ServerSettings(models=Path("."), host=host, port=port)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     _pb_grpc.add_RecommenderServicer_to_server(servicer, server)
@@ -121,6 +126,7 @@ async def serve(servicer: _pb_grpc.RecommenderServicer, host: str, port: int) ->
     await server.start()
     for name in ("", _SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(READY_LINE, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -129,17 +135,36 @@ async def serve(servicer: _pb_grpc.RecommenderServicer, host: str, port: int) ->
     await server.stop(1.0)
 
 
+def _worker(kind: str, models: Path | None, host: str, port: int) -> None:
+    servicer = EmptyService() if kind == "empty" else NaiveService(models)  # type: ignore[arg-type]
+    asyncio.run(serve(servicer, host, port, reuse_port=True))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.servers", description=__doc__)
     p.add_argument("--kind", choices=["empty", "naive"], required=True)
     p.add_argument("--models", type=Path, help="models folder (naive)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     args = p.parse_args(argv)
     if args.kind == "naive" and args.models is None:
         p.error("--kind naive needs --models")
-    servicer = EmptyService() if args.kind == "empty" else NaiveService(args.models)
-    asyncio.run(serve(servicer, args.host, args.port))
+    if args.workers == 1:
+        servicer = EmptyService() if args.kind == "empty" else NaiveService(args.models)
+        asyncio.run(serve(servicer, args.host, args.port))
+        return 0
+    # As recsvc.server.serve_forever: spawned processes (gRPC must not fork), SO_REUSEPORT.
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(args.kind, args.models, args.host, args.port))
+        for _ in range(args.workers)
+    ]
+    for proc in procs:
+        proc.start()
+    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs])
+    for proc in procs:
+        proc.join()
     return 0
 
 

@@ -42,7 +42,8 @@ __all__ = [
     "write_users",
 ]
 
-_READY_LINE = "serving model version"
+# What each worker logs once it serves: recsvc's store, or bench.servers.
+_READY_LINES = ("serving model version", "bench server ready")
 
 
 def free_port() -> int:
@@ -86,9 +87,8 @@ def _wait_ready(server: Server, workers: int, timeout: float) -> None:
                 raise RuntimeError(f"{server.name} exited during start-up:\n{tail}")
             with contextlib.suppress(grpc.RpcError):
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                loaded = workers <= 1 or (
-                    server.log_path.read_text(errors="replace").count(_READY_LINE) >= workers
-                )
+                text = server.log_path.read_text(errors="replace")
+                loaded = workers <= 1 or sum(text.count(x) for x in _READY_LINES) >= workers
                 if status == health_pb2.HealthCheckResponse.SERVING and loaded:
                     return
             time.sleep(0.2)
@@ -118,6 +118,7 @@ def launch(kind: str, models: Path | None, logs: Path, workers: int = 1) -> Serv
         ]
     else:
         cmd = [sys.executable, "-m", "bench.servers", "--kind", kind, "--port", str(port)]
+        cmd += ["--workers", str(workers)]
         if models is not None:
             cmd += ["--models", str(models)]
     with log_path.open("wb") as log:
