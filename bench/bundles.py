@@ -12,13 +12,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.peak import MARKER
 from recsvc.bundle import read_latest
 
 __all__ = [
@@ -79,30 +79,25 @@ class Measured:
     stderr: str
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
-    """Run ``cmd`` to completion; its own peak RSS comes from ``wait4``.
+def run_measured(cmd: list[str]) -> Measured:
+    """Run ``cmd`` to completion, timing it and reading its own peak RSS.
 
-    ``wait4`` reports the rusage of exactly that child, unlike
-    ``getrusage(RUSAGE_CHILDREN)``, which is the maximum over all children so far.
+    The peak comes from ``/usr/bin/time`` (or ``bench.peak``), a small process
+    between us and the command: Linux seeds a child's peak-RSS count with its
+    parent's size at fork, and this process may hold a bundle.
     """
+    timer = ["/usr/bin/time", "-f", f"{MARKER}%M"] if Path("/usr/bin/time").exists() else None
+    wrapper = timer or [sys.executable, "-m", "bench.peak"]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    # Drain pipes in threads so a chatty child cannot block on a full pipe before exit.
-    out: list[str] = []
-    err: list[str] = []
-    readers = [
-        threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else "")),
-        threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else "")),
-    ]
-    for t in readers:
-        t.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    out = subprocess.run([*wrapper, *cmd], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    for t in readers:
-        t.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    # ru_maxrss is in KiB on Linux.
-    return Measured(proc.returncode, seconds, usage.ru_maxrss * 1024, "".join(out), "".join(err))
+    lines = out.stderr.rstrip("\n").split("\n")
+    peak_kib = 0
+    if lines and lines[-1].startswith(MARKER):
+        peak_kib = int(lines.pop()[len(MARKER) :])
+    # /usr/bin/time prefixes a note when the command fails; keep the status, drop the note.
+    lines = [line for line in lines if not line.startswith("Command exited with non-zero")]
+    return Measured(out.returncode, seconds, peak_kib * 1024, out.stdout, "\n".join(lines))
 
 
 def _tool(name: str) -> str:

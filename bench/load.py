@@ -2,7 +2,8 @@
 
 ``python -m bench.load --target empty=127.0.0.1:P1 --target recsvc=127.0.0.1:P2
 --users FILE --concurrency 1,8,32 --seconds 3`` prints one JSON line per
-(concurrency, server) cell: requests, errors, QPS, p50/p99 latency. Servers are
+(concurrency, server) cell: requests, errors, QPS, p50/p99 latency, and CPU per
+request of the client and (given ``@PID``) of the server. Servers are
 interleaved within each concurrency, so their figures are seconds apart.
 
 Every server under test gets the same client: requests are serialized once up
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -44,6 +46,10 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     mean_ms: float
+    server_cpu_us: float
+    """Server CPU per request (all its processes and threads); NaN when unknown."""
+    client_cpu_us: float
+    """This client's CPU per request."""
     first_error: str = ""
 
 
@@ -51,6 +57,22 @@ def _check_target(target: str) -> None:
     host = target.rsplit(":", 1)[0]
     if host not in _LOOPBACK:
         raise SystemExit(f"bench.load only sends to loopback, not {host!r}")
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its child processes so far (Linux /proc), 0 if unknown."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                total += sum(_process_cpu(int(c)) for c in f.read().split())
+    except (OSError, IndexError, ValueError):
+        pass
+    return total
 
 
 def _requests(users: Sequence[str], k: int) -> list[bytes]:
@@ -65,6 +87,7 @@ async def run_load(
     max_requests: int,
     warmup_seconds: float = 0.3,
     channels: int = 0,
+    server_pid: int = 0,
 ) -> LoadResult:
     """Drive ``target`` with ``concurrency`` callers until ``seconds`` or ``max_requests``.
 
@@ -113,9 +136,13 @@ async def run_load(
         warm_end = time.perf_counter() + warmup_seconds
         await asyncio.gather(*(caller(c, warm_end, False) for c in range(concurrency)))
         state["errors"], state["first_error"] = 0, ""
+        server0 = _process_cpu(server_pid) if server_pid else 0.0
+        client0 = time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(caller(c, start + seconds, True) for c in range(concurrency)))
         elapsed = time.perf_counter() - start
+        client_cpu = time.process_time() - client0
+        server_cpu = _process_cpu(server_pid) - server0 if server_pid else float("nan")
     finally:
         for ch in opened:
             await ch.close()
@@ -130,33 +157,44 @@ async def run_load(
         p50_ms=round(float(np.percentile(ms, 50)), 3) if n else float("nan"),
         p99_ms=round(float(np.percentile(ms, 99)), 3) if n else float("nan"),
         mean_ms=round(float(ms.mean()), 3) if n else float("nan"),
+        server_cpu_us=round(server_cpu / n * 1e6, 1) if n else float("nan"),
+        client_cpu_us=round(client_cpu / n * 1e6, 1) if n else float("nan"),
         first_error=str(state["first_error"]),
     )
 
 
 async def _cells(args: argparse.Namespace, payloads: list[bytes]) -> None:
-    """Every (concurrency, target) cell, targets interleaved within a concurrency."""
-    targets = [t.split("=", 1) if "=" in t else (t, t) for t in args.target]
-    for target in targets:
-        _check_target(target[1])
+    """Every (concurrency, round, target) cell, targets interleaved within a round."""
+    targets = []
+    for spec in args.target:
+        name, _, rest = spec.rpartition("=")
+        address, _, pid = rest.partition("@")
+        _check_target(address)
+        targets.append((name or address, address, int(pid or 0)))
     for concurrency in args.concurrency:
-        for name, target in targets:
-            result = await run_load(
-                target,
-                payloads,
-                concurrency,
-                args.seconds,
-                args.max_requests,
-                args.warmup,
-                args.channels,
-            )
-            print(json.dumps({"server": name, **asdict(result)}), flush=True)
+        for round_ in range(args.rounds):
+            for name, address, pid in targets:
+                result = await run_load(
+                    address,
+                    payloads,
+                    concurrency,
+                    args.seconds,
+                    args.max_requests,
+                    args.warmup,
+                    args.channels,
+                    pid,
+                )
+                line = {"server": name, "round": round_, **asdict(result)}
+                print(json.dumps(line), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.load", description=__doc__)
     p.add_argument(
-        "--target", action="append", required=True, help="[NAME=]127.0.0.1:PORT (repeatable)"
+        "--target",
+        action="append",
+        required=True,
+        help="[NAME=]127.0.0.1:PORT[@SERVER_PID] (repeatable; the pid adds server CPU)",
     )
     p.add_argument("--users", type=Path, required=True, help="text file, one user id a line")
     p.add_argument("-k", type=int, default=10)
@@ -170,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=200_000, help="per cell")
     p.add_argument("--warmup", type=float, default=0.3, help="unmeasured seconds per cell")
     p.add_argument("--channels", type=int, default=0, help="connections (0: min(c, 16))")
+    p.add_argument("--rounds", type=int, default=1, help="repeat each cell, servers interleaved")
     args = p.parse_args(argv)
     users = args.users.read_text(encoding="utf-8").split()
     asyncio.run(_cells(args, _requests(users, args.k)))

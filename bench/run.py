@@ -71,7 +71,7 @@ FULL = Plan(
         BundleSpec(200_000, 1_000_000),
     ),
     concurrency=(1, 8, 32),
-    load=LoadSpec(seconds=3.0, warmup=0.5, max_requests=200_000),
+    load=LoadSpec(seconds=2.0, warmup=0.5, max_requests=200_000, rounds=2),
     workers=BundleSpec(100_000, 100_000),
     workers_concurrency=(8, 32),
     quality=(BundleSpec(100_000, 100_000), BundleSpec(200_000, 1_000_000)),
@@ -109,7 +109,10 @@ def _ms(x: float) -> str:
 
 
 def _cell(c: Cell) -> str:
-    return f"{c.qps:,.0f} QPS, p50 {_ms(c.p50_ms)} ms, p99 {_ms(c.p99_ms)} ms"
+    cpu = (
+        f", server {c.server_cpu_us:,.0f} us CPU/req" if c.server_cpu_us == c.server_cpu_us else ""
+    )
+    return f"{c.qps:,.0f} QPS, p50 {_ms(c.p50_ms)} ms, p99 {_ms(c.p99_ms)} ms{cpu}"
 
 
 # --- serving -------------------------------------------------------------------------------
