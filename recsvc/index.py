@@ -43,6 +43,8 @@ _EXACT_SUBSET_MAX = 4096
 # A filter that rejects most visited nodes leaves HNSW fewer usable candidates per step:
 # widen its beam by sqrt(n / allowed), up to this factor (recall at 24% selectivity).
 _EF_BOOST_MAX = 4.0
+# Scalar-quantized HNSW storage, by bits per dimension.
+_SQ_TYPES = {8: faiss.ScalarQuantizer.QT_8bit, 16: faiss.ScalarQuantizer.QT_fp16}
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,10 @@ def choose_index_spec(n: int, kind: str = "auto", exact_max: int = 20_000) -> In
         return IndexSpec("flat")
     if kind == "hnsw":
         # efSearch 64 (widened under selective filters, see _EF_BOOST_MAX): recall@10
-        # >= 0.95 against exact search at 100K and 1M items (docs/BENCHMARKS.md).
-        return IndexSpec("hnsw", {"M": 32, "efConstruction": 80, "efSearch": 64})
+        # >= 0.95 against exact search at 100K and 1M items. Vectors held as 8-bit codes
+        # ("sq": 8): a graph walk is bound by memory reads, and a code is one cache line
+        # where a float32 vector is four; results are rescored exactly (docs/BENCHMARKS.md).
+        return IndexSpec("hnsw", {"M": 32, "efConstruction": 80, "efSearch": 64, "sq": 8})
     if kind == "ivf":
         nlist = int(max(1, min(65536, 4 * np.sqrt(n))))
         return IndexSpec("ivf", {"nlist": nlist, "nprobe": max(1, nlist // 16)})
@@ -181,7 +185,16 @@ def _build(x: np.ndarray, spec: IndexSpec, seed: int) -> faiss.Index:
     if spec.kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif spec.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, spec.params["M"], faiss.METRIC_INNER_PRODUCT)
+        bits = spec.params.get("sq", 0)
+        if bits:
+            qtype = _SQ_TYPES.get(bits)
+            if qtype is None:
+                raise ValueError(f"hnsw sq must be one of {sorted(_SQ_TYPES)}, not {bits}")
+            index = faiss.IndexHNSWSQ(d, qtype, spec.params["M"], faiss.METRIC_INNER_PRODUCT)
+            if len(x):
+                index.train(x)  # per-dimension ranges of the codes
+        else:
+            index = faiss.IndexHNSWFlat(d, spec.params["M"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = spec.params["efConstruction"]
         index.hnsw.efSearch = spec.params["efSearch"]
     elif spec.kind == "ivf":
@@ -259,6 +272,8 @@ class VectorIndex:
         self.vectors = vectors
         self.index = index
         self.spec = spec
+        # Quantized codes give approximate scores: rescore what the index finds, exactly.
+        self._rescore = bool(spec.params.get("sq"))
         ids = _id_map(index)
         # Rows the index leaves out (all-zero embeddings), ascending, and a bitmap of the rest.
         self._zero_rows: np.ndarray | None = None
@@ -334,7 +349,12 @@ class VectorIndex:
         keep = labels[0] >= 0
         if len(ex):
             keep &= ~np.isin(labels[0], ex)
-        rows, scores = labels[0][keep][:k], dist[0][keep][:k]
+        rows, scores = labels[0][keep], dist[0][keep]
+        if self._rescore and len(rows):
+            scores = self.vectors[rows] @ q[0]
+            order = np.lexsort((rows, -scores))
+            rows, scores = rows[order], scores[order].astype(np.float32)
+        rows, scores = rows[:k], scores[:k]
         if self._zero_rows is not None and (len(rows) < k or scores[-1] < 0):
             if len(rows) < min(k, self._held_available(allowed, ex)):
                 return self.exact(q[0], k, _without(allowed.rows(), ex))

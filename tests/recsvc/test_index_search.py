@@ -135,3 +135,25 @@ def test_first_matches_a_plain_filter(mask: list[bool], k: int, exclude: list[in
     got = allowed.first(candidates, k, ex)
     want = [c for c in candidates if m[c] and c not in set(exclude)][:k]
     assert got.tolist() == want
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_quantized_hnsw_answers_with_exact_scores(bits: int) -> None:
+    x = _with_zero_rows(6000, 0.3, seed=6)
+    spec = choose_index_spec(len(x), "hnsw")
+    spec.params["sq"] = bits
+    index = VectorIndex(x, build_index(x, spec), spec)
+    assert isinstance(faiss.downcast_index(index.index.index), faiss.IndexHNSWSQ)
+    q = np.random.default_rng(7).normal(size=x.shape[1]).astype(np.float32)
+    mask = np.random.default_rng(8).random(len(x)) < 0.5
+    scores, rows = index.search(q, 15, AllowedSet.from_mask(mask))
+    assert len(rows) == 15 and mask[rows].all()
+    np.testing.assert_allclose(scores, x[rows] @ q, rtol=1e-6)
+    assert np.all(np.diff(scores) <= 0)
+
+
+def test_unknown_quantizer_is_refused() -> None:
+    spec = choose_index_spec(100, "hnsw")
+    spec.params["sq"] = 4
+    with pytest.raises(ValueError, match="sq must be"):
+        build_index(_with_zero_rows(100, 0.0), spec)
