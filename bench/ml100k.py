@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, default=Path("var/ml100k"), help="scratch folder")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--trials", type=int, default=60, help="tune trials per seed")
+    parser.add_argument("--trials", type=int, default=120, help="tune trials per seed")
     parser.add_argument("--time-budget", type=float, help="tune seconds per seed")
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 1, 4 trials")
     args = parser.parse_args(argv)

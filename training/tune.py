@@ -8,9 +8,14 @@ validation users under the serving rules (``training.scoring``) and keeps the
 candidate with the best validation metric. The winner is written as ``FitParams``
 JSON for ``recsvc-train fit --params`` and ``recsvc-eval --params``.
 
-The search: the default parameters first, then random candidates, then (from 40% of
-the trials on) random perturbations of the best so far, all drawn from one seeded
-generator. A time budget stops it between trials.
+The search: the default parameters first, then random candidates (30% of the trials);
+then the three best of those each found a local search, and the three take turns. A
+local search is an opportunistic pattern search: it tries each value of its best one
+step up and down (log units for log-scale values; regularization and alpha also
+together, as they trade off), and the other weightings; an improvement restarts the
+sweep around the new best, a sweep without one halves the step. Converged searches give
+their turns back to random candidates. All is drawn from one seeded generator; a time
+budget stops the search between trials.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from implicit.recommender_base import ModelFitError
 from tqdm import tqdm
 
 from recsvc.errors import DataError
@@ -39,6 +45,7 @@ __all__ = [
     "TuneOptions",
     "TuneResult",
     "carve_validation",
+    "neighbours",
     "sample_params",
     "tune",
     "validation_score",
@@ -62,7 +69,9 @@ _BPR_SPACE: dict[str, tuple[float, float, bool, bool]] = {
     "learning_rate": (1e-3, 0.2, True, False),
     "iterations": (50, 300, False, True),
 }
-_EXPLORE_SHARE = 0.4
+_EXPLORE_SHARE = 0.3
+_STARTS = 3  # local searches after exploring
+_MIN_STEP = 0.1
 
 
 @dataclass(frozen=True)
@@ -110,14 +119,20 @@ class Trial:
     score: float
     metrics: dict[str, float]
     seconds: float
+    family: int = 0
+    """The exploring trial this one descends from (its own number while exploring)."""
+    error: str | None = None
+    """Why the fit failed (the score is then -inf)."""
 
     def to_json(self) -> dict[str, Any]:
         searched = {k: v for k, v in self.params.to_json().items() if k in _SEARCHED}
         return {
             "trial": self.number,
-            "score": self.score,
+            "score": self.score if math.isfinite(self.score) else None,
+            "error": self.error,
             "metrics": self.metrics,
             "seconds": round(self.seconds, 3),
+            "family": self.family,
             "params": searched,
         }
 
@@ -181,39 +196,12 @@ def _space(algorithm: str) -> dict[str, tuple[float, float, bool, bool]]:
     return space
 
 
-def sample_params(
-    rng: np.random.Generator, options: TuneOptions, around: FitParams | None = None
-) -> FitParams:
-    """A random candidate; with ``around``, a perturbation of 1 to 3 of its values."""
-    if around is None:
-        algorithm = str(rng.choice(options.algorithms))
-        values: dict[str, Any] = {
-            name: _draw(rng, *spec) for name, spec in _space(algorithm).items()
-        }
-        values["weighting"] = str(rng.choice(options.weightings))
-        return replace(options.base, algorithm=algorithm, **values)
-    algorithm = around.algorithm
-    if len(options.algorithms) > 1 and rng.random() < 0.1:
-        algorithm = str(rng.choice([a for a in options.algorithms if a != algorithm]))
-        return sample_params(rng, replace(options, algorithms=(algorithm,)))
-    space = _space(algorithm)
-    # BM25's constants only matter under BM25 weighting; perturbing them otherwise wastes a trial.
-    names = [n for n in space if around.weighting == "bm25" or not n.startswith("bm25")]
-    names.append("weighting")
-    changes: dict[str, Any] = {}
-    for name in rng.choice(names, size=int(rng.integers(1, 4)), replace=False):
-        if name == "weighting":
-            changes["weighting"] = str(rng.choice(options.weightings))
-            continue
-        low, high, log_scale, integer = space[str(name)]
-        current = float(getattr(around, str(name)))
-        if log_scale:
-            value = current * math.exp(rng.normal(0.0, 0.5))
-        else:
-            value = current + rng.normal(0.0, 0.15 * (high - low))
-        value = min(max(value, low), high)
-        changes[str(name)] = round(value) if integer else float(value)
-    return replace(around, **changes)
+def sample_params(rng: np.random.Generator, options: TuneOptions) -> FitParams:
+    """A random candidate from the whole space (log-uniform for log-scale values)."""
+    algorithm = str(rng.choice(options.algorithms))
+    values: dict[str, Any] = {name: _draw(rng, *spec) for name, spec in _space(algorithm).items()}
+    values["weighting"] = str(rng.choice(options.weightings))
+    return replace(options.base, algorithm=algorithm, **values)
 
 
 @dataclass
@@ -258,6 +246,114 @@ def validation_score(
     return {name: by_k[k] for name, by_k in figures.items()}
 
 
+def neighbours(params: FitParams, step: float, options: TuneOptions) -> list[FitParams]:
+    """Pattern-search moves around ``params``, within the search space.
+
+    Each searched value once up and once down by ``step`` (log units for log-scale
+    values, ``step / 4`` of the range for the others); for ALS also regularization and
+    alpha together, since they trade off along a ridge; and each other weighting.
+    """
+    space = _space(params.algorithm)
+    out: list[FitParams] = []
+
+    def moved(name: str, sign: float) -> Any:
+        low, high, log_scale, integer = space[name]
+        current = float(getattr(params, name))
+        if log_scale:
+            value = current * math.exp(sign * step)
+        else:
+            value = current + sign * step * 0.25 * (high - low)
+        value = min(max(value, low), high)
+        return round(value) if integer else float(value)
+
+    # BM25's constants only matter under BM25 weighting.
+    names = [n for n in space if params.weighting == "bm25" or not n.startswith("bm25")]
+    groups = [[n] for n in names]
+    if params.algorithm == "als":
+        groups.append(["regularization", "alpha"])
+    for group in groups:
+        for sign in (1.0, -1.0):
+            candidate = replace(params, **{n: moved(n, sign) for n in group})
+            if candidate != params and candidate not in out:
+                out.append(candidate)
+    out += [replace(params, weighting=w) for w in options.weightings if w != params.weighting]
+    return out
+
+
+@dataclass
+class _Climber:
+    """One local search: opportunistic pattern search from a founding trial.
+
+    Moves around the family's best one at a time; when one improves, a new sweep starts
+    around it; a sweep without improvement halves the step, down to ``_MIN_STEP``.
+    """
+
+    family: int
+    step: float = 1.0
+    center: FitParams | None = None
+    moves: list[FitParams] = field(default_factory=list)
+    done: bool = False
+
+    def propose(
+        self, best: FitParams, rng: np.random.Generator, options: TuneOptions, seen: set[FitParams]
+    ) -> FitParams | None:
+        if best != self.center:
+            self.center = best
+            self.moves = self._sweep(best, rng, options)
+        while True:
+            while self.moves:
+                move = self.moves.pop()
+                if move not in seen:
+                    return move
+            self.step /= 2
+            if self.step < _MIN_STEP:
+                self.done = True
+                return None
+            self.moves = self._sweep(best, rng, options)
+
+    def _sweep(
+        self, best: FitParams, rng: np.random.Generator, options: TuneOptions
+    ) -> list[FitParams]:
+        moves = neighbours(best, self.step, options)
+        return [moves[i] for i in rng.permutation(len(moves))]
+
+
+class _Search:
+    """Random candidates while exploring; then the best explorers' climbers take turns."""
+
+    def __init__(self, options: TuneOptions, explore: int, rng: np.random.Generator) -> None:
+        self.options = options
+        self.explore = explore
+        self.rng = rng
+        self.climbers: list[_Climber] | None = None
+        self.turn = 0
+
+    def propose(self, trials: list[Trial]) -> tuple[FitParams, int]:
+        """The next candidate and the family it belongs to."""
+        number = len(trials)
+        seen = {t.params for t in trials}
+        if number >= self.explore and self.climbers is None:
+            fitted = sorted((t for t in trials if t.error is None), key=lambda t: -t.score)
+            self.climbers = [_Climber(t.number) for t in fitted[:_STARTS]]
+        for _ in range(len(self.climbers or ())):
+            assert self.climbers is not None
+            climber = self.climbers[self.turn % len(self.climbers)]
+            self.turn += 1
+            if climber.done:
+                continue
+            family = [t for t in trials if t.family == climber.family and t.error is None]
+            best = max(family, key=lambda t: t.score).params
+            move = climber.propose(best, self.rng, self.options, seen)
+            if move is not None:
+                return move, climber.family
+        # Exploring, or every climber has converged: a fresh random candidate.
+        for _ in range(10):  # a repeat teaches nothing: draw again
+            params = sample_params(self.rng, self.options)
+            if params not in seen:
+                break
+        return params, number
+
+
 def tune(
     data: TrainingData,
     options: TuneOptions,
@@ -296,6 +392,7 @@ def tune(
     rng = np.random.default_rng(options.seed)
     explore = max(1, round(options.trials * _EXPLORE_SHARE))
     options = replace(options, base=replace(options.base, seed=options.seed))
+    search = _Search(options, explore, rng)
     trials: list[Trial] = []
     best: Trial | None = None
     stopped_by = "trials"
@@ -305,16 +402,18 @@ def tune(
         if number and options.time_budget is not None and elapsed > options.time_budget:
             stopped_by = "time_budget"
             break
-        if number == 0:
-            params = options.base
-        elif number < explore or best is None:
-            params = sample_params(rng, options)
-        else:
-            params = sample_params(rng, options, around=best.params)
+        params, family = (options.base, 0) if number == 0 else search.propose(trials)
         t0 = time.perf_counter()
-        per_fold = [validation_score(params, f, options.k) for f in folds]
-        metrics = {m: float(np.mean([p[m] for p in per_fold])) for m in per_fold[0]}
-        trial = Trial(number, params, metrics[options.metric], metrics, time.perf_counter() - t0)
+        try:
+            per_fold = [validation_score(params, f, options.k) for f in folds]
+        except (ModelFitError, FloatingPointError, np.linalg.LinAlgError) as exc:
+            # A diverging candidate (BPR at a high learning rate: NaN factors) is a bad
+            # candidate, not a failed search.
+            trial = Trial(number, params, -math.inf, {}, time.perf_counter() - t0, family, str(exc))
+        else:
+            metrics = {m: float(np.mean([p[m] for p in per_fold])) for m in per_fold[0]}
+            seconds = time.perf_counter() - t0
+            trial = Trial(number, params, metrics[options.metric], metrics, seconds, family)
         trials.append(trial)
         if best is None or trial.score > best.score:
             best = trial
@@ -324,4 +423,6 @@ def tune(
             on_trial(trial, best)
     bar.close()
     assert best is not None  # the first trial always runs
+    if best.error is not None:
+        raise DataError(f"tune: every trial failed to fit (first: {best.error})")
     return TuneResult(best, trials, validation, time.perf_counter() - start, stopped_by)

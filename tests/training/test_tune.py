@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,14 @@ from training.cli import main as train_main
 from training.data import TrainingData, load_training_data
 from training.evaluate_cli import main as eval_main
 from training.fit import FitParams
-from training.tune import SEARCH_SPACE, TuneOptions, carve_validation, sample_params, tune
+from training.tune import (
+    SEARCH_SPACE,
+    TuneOptions,
+    carve_validation,
+    neighbours,
+    sample_params,
+    tune,
+)
 
 # Small and fast: a handful of cheap candidates.
 FAST = TuneOptions(trials=3, seed=1, base=replace(PARAMS, iterations=3), k=10)
@@ -37,15 +45,30 @@ def test_carve_puts_every_pair_on_exactly_one_side(training_data: TrainingData) 
 
 def test_sampled_candidates_stay_in_range_and_are_valid(rng: np.random.Generator) -> None:
     options = TuneOptions(base=PARAMS)
-    best = PARAMS
-    for i in range(300):
-        p = sample_params(rng, options, around=best if i % 2 else None)
+    for _ in range(300):
+        p = sample_params(rng, options)
         assert isinstance(p, FitParams)  # __post_init__ validated it
         for name, (low, high, _log, _int, algorithms) in SEARCH_SPACE.items():
             if p.algorithm in algorithms and name != "regularization":
                 assert low <= getattr(p, name) <= high, (name, p)
         assert p.weighting in options.weightings
-        best = p
+
+
+def test_neighbours_step_each_value_both_ways_within_the_space() -> None:
+    options = TuneOptions()
+    p = FitParams(factors=64, regularization=1.0, alpha=2.0, iterations=15, weighting="log")
+    moves = neighbours(p, math.log(2), options)
+    changed = [{k for k, v in m.to_json().items() if v != p.to_json()[k]} for m in moves]
+    assert {"factors"} in changed and {"alpha"} in changed
+    assert {"regularization", "alpha"} in changed  # the ridge move
+    assert any(m.factors == 128 for m in moves) and any(m.factors == 32 for m in moves)
+    assert {m.weighting for m in moves} == {"log", "raw", "bm25"}
+    # BM25's constants are not moved unless BM25 weighting is on; bounds are respected.
+    assert not any(c & {"bm25_k1", "bm25_b"} for c in changed)
+    top = neighbours(replace(p, factors=256, weighting="bm25"), 1.0, options)
+    assert max(m.factors for m in top) == 256
+    assert any(m.bm25_k1 != p.bm25_k1 for m in top)
+    assert p not in moves and len(moves) == len(set(moves))
 
 
 def test_tune_keeps_the_best_trial_and_starts_from_the_defaults(
@@ -62,6 +85,20 @@ def test_tune_keeps_the_best_trial_and_starts_from_the_defaults(
     assert v["data_fingerprint"] == training_data.fingerprint()
 
 
+def test_after_exploring_the_three_best_explorers_climb(training_data: TrainingData) -> None:
+    result = tune(training_data, replace(FAST, trials=12, algorithms=("als",)), progress=False)
+    explorers = result.trials[:4]  # 30% of 12
+    assert [t.family for t in explorers] == [0, 1, 2, 3]
+    founders = {t.number for t in sorted(explorers, key=lambda t: -t.score)[:3]}
+    assert {t.family for t in result.trials[4:]} == founders
+    # Each climbing candidate is a neighbour of something its family already tried.
+    for t in result.trials[4:]:
+        family = [f.params for f in result.trials[: t.number] if f.family == t.family]
+        assert any(
+            t.params in neighbours(f, s, FAST) for f in family for s in (1.0, 0.5, 0.25, 0.125)
+        )
+
+
 def test_tune_is_deterministic_for_a_seed(training_data: TrainingData) -> None:
     options = replace(FAST, algorithms=("als",))
     a = tune(training_data, options, progress=False)
@@ -73,6 +110,18 @@ def test_tune_is_deterministic_for_a_seed(training_data: TrainingData) -> None:
 def test_time_budget_stops_after_the_first_trial(training_data: TrainingData) -> None:
     result = tune(training_data, replace(FAST, trials=50, time_budget=0.0), progress=False)
     assert len(result.trials) == 1 and result.stopped_by == "time_budget"
+
+
+def test_a_diverging_candidate_is_a_failed_trial_not_a_failed_search(
+    training_data: TrainingData,
+) -> None:
+    diverging = FitParams(algorithm="bpr", learning_rate=10.0, iterations=3, factors=8)
+    result = tune(training_data, replace(FAST, trials=3, base=diverging), progress=False)
+    first = result.trials[0]
+    assert first.error == "NaN encountered in factors" and first.to_json()["score"] is None
+    assert result.best.error is None and result.best.number > 0
+    with pytest.raises(DataError, match="every trial failed to fit"):
+        tune(training_data, replace(FAST, trials=1, base=diverging), progress=False)
 
 
 def test_bad_options_are_named() -> None:
