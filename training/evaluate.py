@@ -402,6 +402,8 @@ def evaluate(
             "items": len(data.items),
             "train_pairs": int(data.user_items.nnz),
             "test_users": len(test.user_ids),
+            # Users left with no relevant pair (all theirs named unknown items) are not averaged.
+            "evaluated_users": int(np.unique(test.relevant_users).size),
             "test_users_unknown_to_training": int((test.user_rows < 0).sum()),
             "test_pairs": len(test.relevant_items),
             "test_pairs_dropped_unknown_item": test.dropped_unknown_items,
