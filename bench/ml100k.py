@@ -117,22 +117,18 @@ def run(
     commands: list[str] = []
     tables = work / "data"
     _step(commands, "recsvc-train", ["-q", "import-movielens", str(data), "--out", str(tables)])
-    inputs = [
-        "--interactions",
-        str(tables / "interactions.parquet"),
-        "--items",
-        str(tables / "items.parquet"),
-        "--users",
-        str(tables / "users.parquet"),
-    ]
+    catalogue = ["--items", str(tables / "items.parquet"), "--users", str(tables / "users.parquet")]
+    inputs = ["--interactions", str(tables / "interactions.parquet"), *catalogue]
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in seeds:
         folder = work / f"seed{seed}"
         s = str(seed)
         _step(commands, "recsvc-eval", [*inputs, "--split", "stratified:0.25", "--seed", s,
                                         "--split-only", "--report", str(folder), "-q"])  # fmt: skip
-        tune = ["-q", "tune", *inputs, "--seed", s, "--trials", str(trials)]
-        tune[3] = str(folder / "split" / "train.parquet")  # the train part, never the test part
+        # Tuning reads the split's train part, never the test part.
+        train = str(folder / "split" / "train.parquet")
+        tune = ["-q", "tune", "--interactions", train, *catalogue, "--seed", s]
+        tune += ["--trials", str(trials)]
         if time_budget is not None:
             tune += ["--time-budget", str(time_budget)]
         _step(commands, "recsvc-train", [*tune, "--out", str(folder / "params.json")])
