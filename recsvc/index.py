@@ -43,6 +43,8 @@ _EXACT_SUBSET_MAX = 4096
 # A filter that rejects most visited nodes leaves HNSW fewer usable candidates per step:
 # widen its beam by sqrt(n / allowed), up to this factor (recall at 24% selectivity).
 _EF_BOOST_MAX = 4.0
+# Up to this many rows from the index, filter and rescore in plain Python (see search).
+_SMALL = 256
 # Scalar-quantized HNSW storage, by bits per dimension.
 _SQ_TYPES = {8: faiss.ScalarQuantizer.QT_8bit, 16: faiss.ScalarQuantizer.QT_fp16}
 
@@ -69,6 +71,14 @@ class AllowedSet:
     @classmethod
     def all(cls, n: int) -> AllowedSet:
         return cls.from_mask(np.ones(n, dtype=bool))
+
+    @cached_property
+    def _bytes(self) -> bytes:
+        return self.bits.tobytes()
+
+    def member(self, row: int) -> bool:
+        """Membership of one row (in range), without numpy's per-call cost."""
+        return bool((self._bytes[row >> 3] >> (row & 7)) & 1)
 
     def contains(self, rows: np.ndarray) -> np.ndarray:
         """Membership of each row (rows must be in range)."""
@@ -332,37 +342,70 @@ class VectorIndex:
         Returns:
             (scores, rows), best first; ``min(k, rows allowed and not excluded)`` of them.
         """
-        ex = np.empty(0, dtype=np.int64)
+        # A customer excludes a handful of rows and the index returns k + that many: at this
+        # size plain Python beats numpy's per-call overhead (the serving hot path, profiled).
+        ex: list[int] = []
         if exclude is not None and len(exclude):
-            ex = np.unique(np.asarray(exclude, dtype=np.int64))
-            ex = ex[(ex >= 0) & (ex < allowed.n)]
-            ex = ex[allowed.contains(ex)]  # only exclusions inside the set change anything
+            member, n = allowed.member, allowed.n
+            rows_in = exclude.tolist() if isinstance(exclude, np.ndarray) else list(exclude)
+            # Only exclusions inside the set change anything.
+            ex = sorted({int(r) for r in rows_in if 0 <= r < n and member(int(r))})
         available = allowed.count - len(ex)
         k = min(k, available)
         if k <= 0:
             return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        ex_rows = np.array(ex, dtype=np.int64)
         if available <= _EXACT_SUBSET_MAX:
-            return self.exact(q[0], k, _without(allowed.rows(), ex))
+            return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
         fetch = k + len(ex)
         dist, labels = self.index.search(q, fetch, params=self._params(allowed, fetch))
-        keep = labels[0] >= 0
-        if len(ex):
-            keep &= ~np.isin(labels[0], ex)
-        rows, scores = labels[0][keep], dist[0][keep]
-        if self._rescore and len(rows):
-            scores = self.vectors[rows] @ q[0]
-            order = np.lexsort((rows, -scores))
-            rows, scores = rows[order], scores[order].astype(np.float32)
-        rows, scores = rows[:k], scores[:k]
+        if fetch <= _SMALL:
+            scores, rows = self._found_small(dist[0], labels[0], q[0], k, ex)
+        else:
+            scores, rows = self._found_large(dist[0], labels[0], q[0], k, ex_rows)
         if self._zero_rows is not None and (len(rows) < k or scores[-1] < 0):
-            if len(rows) < min(k, self._held_available(allowed, ex)):
-                return self.exact(q[0], k, _without(allowed.rows(), ex))
-            scores, rows = self._with_zero_rows(rows, scores, k, allowed, ex)
+            if len(rows) < min(k, self._held_available(allowed, ex_rows)):
+                return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
+            scores, rows = self._with_zero_rows(rows, scores, k, allowed, ex_rows)
         if len(rows) < k:
             # An approximate graph/list under a selective filter ran dry: be exact.
-            return self.exact(q[0], k, _without(allowed.rows(), ex))
-        return scores, rows.astype(np.int64)
+            return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
+        return scores, rows
+
+    def _found_small(
+        self, dist: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, ex: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The index's answer less exclusions, rescored if quantized; Python lists."""
+        skip = set(ex)
+        found = [
+            (d, r)
+            for d, r in zip(dist.tolist(), labels.tolist(), strict=True)
+            if r >= 0 and r not in skip
+        ]
+        if self._rescore and found:
+            got = np.fromiter((r for _, r in found), dtype=np.int64, count=len(found))
+            exact = (self.vectors[got] @ q).tolist()
+            found = sorted(zip(exact, got.tolist(), strict=True), key=lambda t: (-t[0], t[1]))
+        found = found[:k]
+        return (
+            np.array([d for d, _ in found], dtype=np.float32),
+            np.array([r for _, r in found], dtype=np.int64),
+        )
+
+    def _found_large(
+        self, dist: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, ex: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As ``_found_small`` for long answers (audiences), in numpy."""
+        keep = labels >= 0
+        if len(ex):
+            keep &= ~np.isin(labels, ex)
+        rows, scores = labels[keep].astype(np.int64), dist[keep]
+        if self._rescore and len(rows):
+            scores = (self.vectors[rows] @ q).astype(np.float32)
+            order = np.lexsort((rows, -scores))
+            rows, scores = rows[order], scores[order]
+        return scores[:k], rows[:k]
 
     def _held_available(self, allowed: AllowedSet, ex: np.ndarray) -> int:
         """How many rows the index holds that are allowed and not excluded."""
