@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +316,7 @@ def _training(plan: Plan, root: Path, results: dict[str, Any]) -> list[Row]:
         "e2e": {"seconds": r.e2e.seconds, "max_rss": r.e2e.max_rss_bytes, **e},
         "bare": {"seconds": r.bare.seconds, "max_rss": r.bare.max_rss_bytes, **b},
     }
-    size = f"{spec.users // 1000}K users x {spec.label}"
+    size = f"{spec.users:,} users x {spec.label}"
     return [
         Row(
             "training",
@@ -414,15 +414,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", type=Path, help="cache and output folder (default var/bench)")
     p.add_argument("--seconds", type=float, help="measured seconds per serving cell")
     p.add_argument("--targeting-models", type=Path, help="an existing models folder to target over")
+    p.add_argument(
+        "--training",
+        metavar="USERSxITEMS",
+        help="sample size for the training section, e.g. 1000000x100000",
+    )
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.seconds:
-        plan = Plan(
-            **{
-                **plan.__dict__,
-                "load": LoadSpec(args.seconds, plan.load.warmup, plan.load.max_requests),
-            }
-        )
+        plan = replace(plan, load=replace(plan.load, seconds=args.seconds))
+    if args.training:
+        users, _, items = args.training.lower().partition("x")
+        plan = replace(plan, training=BundleSpec(int(users), int(items)))
     sections = set(SECTIONS if not args.only else args.only.split(","))
     unknown = sections - set(SECTIONS)
     if unknown:

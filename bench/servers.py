@@ -4,12 +4,13 @@
   ceiling any handler on this stack can reach.
 - ``naive``: ``Recommend`` calls implicit's own brute-force ``model.recommend``
   with the customer's CSR row (``filter_already_liked_items``) and the bank's
-  item rules as ``filter_items``, so it returns the same items as recsvc, exactly.
+  item rules as ``filter_items``: the exact answer under the same rules.
 
 Both are built like ``recsvc.server.create_server``: a ``grpc.aio`` server with
-the same options, health and reflection, one process, the default event loop.
+the same options, health and reflection, the default event loop; one process, or
+``--workers N`` spawned processes sharing the port, as ``recsvc serve`` does.
 
-``python -m bench.servers --kind naive --models DIR --port P``
+``python -m bench.servers --kind naive --models DIR --port P [--workers N]``
 """
 
 from __future__ import annotations
@@ -136,7 +137,11 @@ async def serve(
 
 
 def _worker(kind: str, models: Path | None, host: str, port: int) -> None:
-    servicer = EmptyService() if kind == "empty" else NaiveService(models)  # type: ignore[arg-type]
+    if kind == "empty":
+        servicer: _pb_grpc.RecommenderServicer = EmptyService()
+    else:
+        assert models is not None
+        servicer = NaiveService(models)
     asyncio.run(serve(servicer, host, port, reuse_port=True))
 
 
