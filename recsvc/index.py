@@ -46,7 +46,7 @@ _EF_BOOST_MAX = 4.0
 # Up to this many rows from the index, filter and rescore in plain Python (see search).
 _SMALL = 256
 # Scalar-quantized HNSW storage, by bits per dimension.
-_SQ_TYPES = {8: faiss.ScalarQuantizer.QT_8bit, 16: faiss.ScalarQuantizer.QT_fp16}
+_SQ_TYPES: dict[int, Any] = {8: faiss.ScalarQuantizer.QT_8bit, 16: faiss.ScalarQuantizer.QT_fp16}
 
 
 @dataclass(frozen=True)
@@ -179,9 +179,9 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 0) -> faiss.In
         nonzero = np.flatnonzero(np.any(x != 0, axis=1))
         enough = len(nonzero) >= spec.params.get("nlist", 1)  # IVF needs a point per list
         if 0 < len(nonzero) < len(x) and enough:
-            index = faiss.IndexIDMap2(_build(x[nonzero], spec, seed))
-            index.add_with_ids(x[nonzero], nonzero.astype(np.int64))
-            return index
+            mapped = faiss.IndexIDMap2(_build(x[nonzero], spec, seed))
+            mapped.add_with_ids(x[nonzero], nonzero.astype(np.int64))
+            return mapped
     index = _build(x, spec, seed)
     if len(x):
         index.add(x)
@@ -288,6 +288,7 @@ class VectorIndex:
         # Rows the index leaves out (all-zero embeddings), ascending, and a bitmap of the rest.
         self._zero_rows: np.ndarray | None = None
         self._held_bits: np.ndarray | None = None
+        self._id_map_vector: Any = getattr(index, "id_map", None)
         if ids is not None:
             held = np.zeros(len(vectors), dtype=bool)
             held[ids] = True
@@ -308,18 +309,19 @@ class VectorIndex:
         cached = allowed._faiss.get(key)
         if cached is not None:
             return cached[1]
-        sel = allowed.selector()
+        sel: Any = allowed.selector()
         if self._zero_rows is not None:
             # Translate index positions to rows ourselves: FAISS would otherwise swap the
             # selector inside these (shared) parameters for the duration of each search.
-            sel = faiss.IDSelectorTranslated(self.index.id_map, sel)
-        params: faiss.SearchParameters
+            sel = faiss.IDSelectorTranslated(self._id_map_vector, sel)
+        # faiss's bundled stubs lack these classes' keyword arguments.
+        lib: Any = faiss
         if self.spec.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
+            params = lib.SearchParametersHNSW(sel=sel, efSearch=ef)
         elif self.spec.kind == "ivf":
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=self.spec.params["nprobe"])
+            params = lib.SearchParametersIVF(sel=sel, nprobe=self.spec.params["nprobe"])
         else:
-            params = faiss.SearchParameters(sel=sel)
+            params = lib.SearchParameters(sel=sel)
         # Keeping self and sel referenced keeps id(self) unique and the selector alive.
         allowed._faiss[key] = (self, params, sel)
         return params
