@@ -59,6 +59,15 @@ class BundleSpec:
     def label(self) -> str:
         return f"{_short(self.items)} items"
 
+    @property
+    def fit_options(self) -> list[str]:
+        """The training options of ``recsvc-train fit`` (and ``bench.training e2e``)."""
+        return [
+            *("--factors", str(self.factors)),
+            *("--iterations", str(self.iterations)),
+            *("--seed", str(self.seed)),
+        ]
+
 
 def _short(n: int) -> str:
     if n >= 1_000_000 and n % 1_000_000 == 0:
@@ -175,12 +184,7 @@ def fit_command(sample: Path, models: Path, spec: BundleSpec) -> list[str]:
         str(sample / "users.parquet"),
         "--models",
         str(models),
-        "--factors",
-        str(spec.factors),
-        "--iterations",
-        str(spec.iterations),
-        "--seed",
-        str(spec.seed),
+        *spec.fit_options,
     ]
 
 

@@ -137,20 +137,9 @@ def compare_training(sample: Path, spec: BundleSpec, work: Path) -> TrainingResu
     try:
         e2e, e2e_phases = _child(
             [
-                sys.executable,
-                "-m",
-                "bench.training",
-                "e2e",
-                "--sample",
-                str(sample),
-                "--models",
-                str(models),
-                "--factors",
-                str(spec.factors),
-                "--iterations",
-                str(spec.iterations),
-                "--seed",
-                str(spec.seed),
+                *(sys.executable, "-m", "bench.training", "e2e"),
+                *("--sample", str(sample), "--models", str(models)),
+                *spec.fit_options,
             ]
         )
         bundle = str(e2e_phases.pop("bundle"))

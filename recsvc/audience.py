@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["write_audience"]
+from recsvc.requests import TargetQuery
+from recsvc.targeting import ExclusionCounts
+
+__all__ = ["audience_meta", "write_audience"]
+
+
+def audience_meta(
+    version: str, query: TargetQuery, eligible: int, excluded: ExclusionCounts, source: str
+) -> dict[str, Any]:
+    """The sidecar of an audience: model version, time, request, customers left out by rule."""
+    return {
+        "model_version": version,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "request": {**dataclasses.asdict(query), "item_ids": list(query.item_ids)},
+        "eligible_users": eligible,
+        "excluded": dataclasses.asdict(excluded),
+        "source": source,
+    }
 
 
 def write_audience(out: Path, table: pa.Table, meta: dict[str, Any]) -> Path:

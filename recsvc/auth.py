@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
@@ -29,7 +29,11 @@ async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> No
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+if TYPE_CHECKING:  # the stubs make handlers generic; grpc's runtime classes are not
+    _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Rejects RPCs without the right bearer token with UNAUTHENTICATED."""
 
     def __init__(self, token: bytes) -> None:
@@ -44,9 +48,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> _Handler:
         method = handler_call_details.method
         if method.startswith(_OPEN_PREFIXES) or self._ok(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)

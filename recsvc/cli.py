@@ -6,11 +6,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from dataclasses import fields
+from datetime import timezone
 from pathlib import Path
 
 import grpc
 
+from recsvc.errors import RecsvcError
 from recsvc.logs import configure_logging
 from recsvc.settings import ServerSettings
 
@@ -140,52 +142,42 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_target(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from recsvc.audience import write_audience
+    from recsvc.audience import audience_meta, write_audience
+    from recsvc.requests import TargetQuery
+    from recsvc.targeting import ExclusionCounts
     from recsvc.v1 import recommender_pb2 as pb
 
-    request = pb.TargetUsersRequest(
-        item_ids=args.item, audience_size=args.size, include_holders=args.include_holders
+    query = TargetQuery(  # checked here too, so a typo fails before the call
+        item_ids=tuple(args.item),
+        audience_size=args.size,
+        min_score=args.min_score,
+        include_holders=args.include_holders,
     )
-    if args.min_score is not None:
-        request.min_score = args.min_score
+    request = pb.TargetUsersRequest(
+        item_ids=query.item_ids,
+        audience_size=query.audience_size,
+        include_holders=query.include_holders,
+    )
+    if query.min_score is not None:
+        request.min_score = query.min_score
     ids: list[str] = []
     scores: list[float] = []
-    version, excluded, eligible = "", {}, 0
+    version, excluded, eligible = "", ExclusionCounts(), 0
     for msg in _stub(args).TargetUsers(request, metadata=_metadata(args), timeout=args.timeout):
         ids.extend(u.user_id for u in msg.users)
         scores.extend(u.score for u in msg.users)
         version = msg.model_version or version
         if msg.HasField("excluded"):
-            e = msg.excluded
-            excluded = {
-                "no_consent": e.no_consent,
-                "unsuitable": e.unsuitable,
-                "holders": e.holders,
-                "below_min_score": e.below_min_score,
-            }
+            counts = {f.name: getattr(msg.excluded, f.name) for f in fields(ExclusionCounts)}
+            excluded = ExclusionCounts(**counts)
             eligible = msg.eligible_users
     table = pa.table(
         {"user_id": pa.array(ids, pa.string()), "score": pa.array(scores, pa.float32())}
     )
-    sidecar = write_audience(
-        Path(args.out),
-        table,
-        {
-            "model_version": version,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "request": {
-                "item_ids": list(args.item),
-                "audience_size": args.size,
-                "min_score": args.min_score,
-                "include_holders": args.include_holders,
-            },
-            "eligible_users": eligible,
-            "excluded": excluded,
-            "source": f"rpc {args.target}",
-        },
-    )
+    meta = audience_meta(version, query, eligible, excluded, f"rpc {args.target}")
+    sidecar = write_audience(Path(args.out), table, meta)
     print(f"wrote {len(ids):,} customers to {args.out} (model {version}); sidecar {sidecar}")
-    print(json.dumps(excluded))
+    print(json.dumps(meta["excluded"]))
     return 0
 
 
@@ -259,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"recsvc: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except ValueError as exc:
+    except (RecsvcError, ValueError) as exc:
         print(f"recsvc: error: {exc}", file=sys.stderr)
         return 2
 

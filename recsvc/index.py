@@ -270,7 +270,14 @@ def topk(scores: np.ndarray, k: int) -> np.ndarray:
     k = min(k, len(scores))
     if k <= 0:
         return np.empty(0, dtype=np.int64)
-    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    if k < len(scores):
+        # argpartition picks arbitrarily among ties at the k-th score: take every score
+        # above it, then the tied ones in position order, so the answer is deterministic.
+        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+        above = np.flatnonzero(scores > kth)
+        part = np.concatenate([above, np.flatnonzero(scores == kth)[: k - len(above)]])
+    else:
+        part = np.arange(len(scores))
     order = np.lexsort((part, -scores[part]))
     return part[order].astype(np.int64)
 

@@ -12,7 +12,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recsvc.bundle import VERSION_RE, list_versions, load_bundle, read_latest, read_manifest, verify_files
+from recsvc.bundle import (
+    VERSION_RE,
+    list_versions,
+    load_bundle,
+    read_latest,
+    read_manifest,
+    verify_files,
+)
 from recsvc.errors import BundleError, ModelUnavailable
 from recsvc.ranking import Recommender
 from recsvc.requests import RecommendQuery, SimilarQuery

@@ -87,7 +87,9 @@ def _main(argv: list[str]) -> int:
     if not line:
         return _OK  # the server went away before asking anything
     try:
-        load_served_model(Path(line), consent_required="--no-consent-data" not in argv, verify=False)
+        load_served_model(
+            Path(line), consent_required="--no-consent-data" not in argv, verify=False
+        )
     except RecsvcError as exc:
         print(str(exc), file=sys.stderr)
         return _REJECTED

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from recsvc.audience import write_audience
+from recsvc.audience import audience_meta, write_audience
 from recsvc.bundle import load_bundle, read_latest
 from recsvc.errors import BundleError
 from recsvc.requests import TargetQuery
@@ -41,34 +39,13 @@ def audience_table(targeter: Targeter, audience: Audience, progress: bool = Fals
     return pa.table({"user_id": user_ids, "score": pa.array(audience.scores, pa.float32())})
 
 
-def _meta(targeter: Targeter, audience: Audience, query: TargetQuery) -> dict[str, Any]:
-    ex = audience.excluded
-    return {
-        "model_version": audience.version,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "request": {
-            "item_ids": list(query.item_ids),
-            "audience_size": query.audience_size,
-            "min_score": query.min_score,
-            "include_holders": query.include_holders,
-        },
-        "eligible_users": audience.eligible,
-        "excluded": {
-            "no_consent": ex.no_consent,
-            "unsuitable": ex.unsuitable,
-            "holders": ex.holders,
-            "below_min_score": ex.below_min_score,
-        },
-        "source": "offline",
-    }
-
-
 def export_audience(
     targeter: Targeter, query: TargetQuery, out: Path, progress: bool = True
 ) -> tuple[Audience, Path]:
     audience = targeter.target(query)
     table = audience_table(targeter, audience, progress)
-    return audience, write_audience(out, table, _meta(targeter, audience, query))
+    meta = audience_meta(audience.version, query, audience.eligible, audience.excluded, "offline")
+    return audience, write_audience(out, table, meta)
 
 
 def export_all_items(

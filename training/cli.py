@@ -22,7 +22,7 @@ __all__ = ["main"]
 log = logging.getLogger("recsvc.train")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interactions", required=True, help="Parquet file, folder, glob or URI")
     p.add_argument("--items", help="items Parquet (category, risk_level, active, ...)")
     p.add_argument("--users", help="users Parquet (risk_tolerance, marketing_consent, ...)")
@@ -39,7 +39,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_fit_args(p: argparse.ArgumentParser) -> None:
+def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", type=Path, help="JSON file of FitParams (e.g. from tune)")
     p.add_argument("--algorithm", choices=["als", "bpr"])
     p.add_argument("--factors", type=int)
@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("fit", help="fit embeddings, build indexes, publish a bundle")
-    _add_data_args(p)
-    _add_fit_args(p)
+    add_data_args(p)
+    add_fit_args(p)
     p.add_argument("--models", required=True, help="bundle folder (DIR/<version>/, DIR/LATEST)")
     p.add_argument("--keep", type=int, default=5, help="versions to keep")
     p.set_defaults(func=_cmd_fit)
@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Give it training data only (e.g. a split's train.parquet): the "
         "validation part is carved out of it, so the test part is never seen.",
     )
-    _add_data_args(p)
-    _add_fit_args(p)
+    add_data_args(p)
+    add_fit_args(p)
     p.add_argument("--out", required=True, help="best FitParams JSON, for fit --params")
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--time-budget", type=float, help="seconds; no trial starts after it")

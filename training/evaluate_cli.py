@@ -25,7 +25,7 @@ from pathlib import Path
 from recsvc.errors import RecsvcError
 from recsvc.logs import configure_logging
 from training.baselines import BASELINES
-from training.cli import _add_data_args, _add_fit_args, data_config_from_args, fit_params_from_args
+from training.cli import add_data_args, add_fit_args, data_config_from_args, fit_params_from_args
 from training.evaluate import EvalOptions, evaluate
 from training.report import machine, markdown_table, write_report
 from training.splits import SplitSpec, make_split, write_split
@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_data_args(p)
-    _add_fit_args(p)
+    add_data_args(p)
+    add_fit_args(p)
     p.add_argument(
         "--split",
         required=True,

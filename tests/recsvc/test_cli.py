@@ -11,9 +11,13 @@ from recsvc.settings import ServerSettings
 from tests.conftest import ServerThread
 
 
-def test_recommend_similar_info_tables(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_recommend_similar_info_tables(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     target = f"localhost:{server.running.port}"
-    assert main(["recommend", "--target", target, "--user", "C00000004", "-k", "3", "--explain"]) == 0
+    assert (
+        main(["recommend", "--target", target, "--user", "C00000004", "-k", "3", "--explain"]) == 0
+    )
     out = capsys.readouterr().out
     assert "source PERSONALIZED" in out and "because" in out and len(out.splitlines()) == 6
     assert main(["recommend", "--target", target, "--recent", "CC-000001", "-k", "2"]) == 0
@@ -24,7 +28,9 @@ def test_recommend_similar_info_tables(server: ServerThread, capsys: pytest.Capt
     assert "rule: suitability" in capsys.readouterr().out
 
 
-def test_errors_are_reported_not_raised(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_errors_are_reported_not_raised(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     target = f"localhost:{server.running.port}"
     assert main(["similar", "--target", target, "--item", "no-such-item"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err

@@ -42,6 +42,7 @@ def _truncate(name: str, keep: float) -> Corruption:
         p = folder / name
         data = p.read_bytes()
         p.write_bytes(data[: int(len(data) * keep)])
+
     return f
 
 
@@ -51,6 +52,7 @@ def _flip(name: str) -> Corruption:
         data = bytearray(p.read_bytes())
         data[len(data) // 2] ^= 0x5A
         p.write_bytes(bytes(data))
+
     return f
 
 
@@ -59,6 +61,7 @@ def _edit_manifest(edit: Callable[[dict], None]) -> Corruption:  # type: ignore[
         m = _manifest(folder)
         edit(m)
         _save_manifest(folder, m)
+
     return f
 
 
@@ -66,6 +69,7 @@ def _restamped(name: str, write: Callable[[Path], None]) -> Corruption:
     def f(folder: Path) -> None:
         write(folder / name)
         _restamp(folder, name)
+
     return f
 
 
@@ -129,7 +133,9 @@ CASES: dict[str, Corruption] = {
     "wrong-size": _edit_manifest(lambda m: m["files"]["items.parquet"].update(size=1)),
     "wrong-dimension": _edit_manifest(lambda m: m.update(dim=m["dim"] * 2)),
     "wrong-count": _edit_manifest(lambda m: m["counts"].update(users=m["counts"]["users"] + 1)),
-    "file-name-escapes": _edit_manifest(lambda m: m["files"].update({"../../x": {"size": 1, "sha256": "0"}})),
+    "file-name-escapes": _edit_manifest(
+        lambda m: m["files"].update({"../../x": {"size": 1, "sha256": "0"}})
+    ),
     "id-table-short": _restamped("users.parquet", _short_users),
     "faiss-not-an-index": _restamped("users.faiss", lambda p: p.write_bytes(b"\x00" * 4096)),
     "faiss-wrong-dimension": _restamped("items.faiss", _wrong_dim_index),

@@ -15,8 +15,14 @@ from recsvc.v1 import recommender_pb2 as pb
 from tests.conftest import ServerThread
 
 FIELDS = {
-    "user_id", "k", "item_id", "item_ids", "exclude_item_ids", "recent_item_ids",
-    "audience_size", "min_score",
+    "user_id",
+    "k",
+    "item_id",
+    "item_ids",
+    "exclude_item_ids",
+    "recent_item_ids",
+    "audience_size",
+    "min_score",
 }
 ALLOWED = {
     grpc.StatusCode.OK,
@@ -38,7 +44,9 @@ odd_text = st.one_of(
     st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=40),
     st.text(_chars, max_size=40),
     st.text(_chars, min_size=250, max_size=300),
-    st.sampled_from(["", " ", "C00000001", "CC-000001", "\x00", "a\tb", "ü🙂", "\u202e", "x" * 256, "x" * 257]),
+    st.sampled_from(
+        ["", " ", "C00000001", "CC-000001", "\x00", "a\tb", "ü🙂", "\u202e", "x" * 256, "x" * 257]
+    ),
 )
 odd_ids = st.one_of(st.lists(real_ids, max_size=8), st.lists(odd_text, max_size=8))
 int32 = st.one_of(st.integers(0, 500), st.integers(0, 500), st.integers(-(2**31), 2**31 - 1))
@@ -65,22 +73,57 @@ def _check(code: grpc.StatusCode, details: str) -> None:
 
 requests = st.one_of(
     st.builds(
-        lambda u, k, ex, rc, e, inc: ("Recommend", pb.RecommendRequest(
-            user_id=u, k=k, exclude_item_ids=ex, recent_item_ids=rc, explain=e, include_interacted=inc)),
-        odd_text, int32, odd_ids, odd_ids, st.booleans(), st.booleans(),
+        lambda u, k, ex, rc, e, inc: (
+            "Recommend",
+            pb.RecommendRequest(
+                user_id=u,
+                k=k,
+                exclude_item_ids=ex,
+                recent_item_ids=rc,
+                explain=e,
+                include_interacted=inc,
+            ),
+        ),
+        odd_text,
+        int32,
+        odd_ids,
+        odd_ids,
+        st.booleans(),
+        st.booleans(),
     ),
     st.builds(
-        lambda i, k, u, ex: ("SimilarItems", pb.SimilarItemsRequest(item_id=i, k=k, user_id=u, exclude_item_ids=ex)),
-        odd_text, int32, odd_text, odd_ids,
+        lambda i, k, u, ex: (
+            "SimilarItems",
+            pb.SimilarItemsRequest(item_id=i, k=k, user_id=u, exclude_item_ids=ex),
+        ),
+        odd_text,
+        int32,
+        odd_text,
+        odd_ids,
     ),
     st.builds(
-        lambda u, ids, rc: ("RankItems", pb.RankItemsRequest(user_id=u, item_ids=ids, recent_item_ids=rc)),
-        odd_text, odd_ids, odd_ids,
+        lambda u, ids, rc: (
+            "RankItems",
+            pb.RankItemsRequest(user_id=u, item_ids=ids, recent_item_ids=rc),
+        ),
+        odd_text,
+        odd_ids,
+        odd_ids,
     ),
     st.builds(
-        lambda ids, n, ms, h: ("TargetUsers", pb.TargetUsersRequest(
-            item_ids=ids, audience_size=n, include_holders=h, **({} if ms is None else {"min_score": ms}))),
-        odd_ids, st.one_of(st.integers(1, 3000), st.integers(-(2**63), 2**63 - 1)), st.one_of(st.none(), st.floats(width=32)), st.booleans(),
+        lambda ids, n, ms, h: (
+            "TargetUsers",
+            pb.TargetUsersRequest(
+                item_ids=ids,
+                audience_size=n,
+                include_holders=h,
+                **({} if ms is None else {"min_score": ms}),
+            ),
+        ),
+        odd_ids,
+        st.one_of(st.integers(1, 3000), st.integers(-(2**63), 2**63 - 1)),
+        st.one_of(st.none(), st.floats(width=32)),
+        st.booleans(),
     ),
     st.just(("GetModelInfo", pb.GetModelInfoRequest())),
 )
@@ -96,16 +139,38 @@ def test_fuzzed_requests_get_only_expected_codes(server: ServerThread, req) -> N
 @pytest.mark.parametrize(
     ("method", "request_", "field"),
     [
-        ("Recommend", pb.RecommendRequest(user_id="u", exclude_item_ids=["x"] * 1001), "exclude_item_ids"),
-        ("Recommend", pb.RecommendRequest(user_id="u", recent_item_ids=["CC-000001"] * 1001), "recent_item_ids"),
-        ("RankItems", pb.RankItemsRequest(user_id="u", item_ids=[f"i{n}" for n in range(501)]), "item_ids"),
+        (
+            "Recommend",
+            pb.RecommendRequest(user_id="u", exclude_item_ids=["x"] * 1001),
+            "exclude_item_ids",
+        ),
+        (
+            "Recommend",
+            pb.RecommendRequest(user_id="u", recent_item_ids=["CC-000001"] * 1001),
+            "recent_item_ids",
+        ),
+        (
+            "RankItems",
+            pb.RankItemsRequest(user_id="u", item_ids=[f"i{n}" for n in range(501)]),
+            "item_ids",
+        ),
         ("TargetUsers", pb.TargetUsersRequest(item_ids=["x"] * 1001, audience_size=5), "item_ids"),
-        ("TargetUsers", pb.TargetUsersRequest(item_ids=["x"], audience_size=2**62), "audience_size"),
-        ("TargetUsers", pb.TargetUsersRequest(item_ids=["x"], audience_size=5, min_score=float("nan")), "min_score"),
+        (
+            "TargetUsers",
+            pb.TargetUsersRequest(item_ids=["x"], audience_size=2**62),
+            "audience_size",
+        ),
+        (
+            "TargetUsers",
+            pb.TargetUsersRequest(item_ids=["x"], audience_size=5, min_score=float("nan")),
+            "min_score",
+        ),
         ("Recommend", pb.RecommendRequest(user_id="u", k=2**31 - 1), "k"),
     ],
 )
-def test_huge_inputs_are_invalid_and_named(server: ServerThread, method: str, request_, field: str) -> None:  # type: ignore[no-untyped-def]
+def test_huge_inputs_are_invalid_and_named(
+    server: ServerThread, method: str, request_, field: str
+) -> None:  # type: ignore[no-untyped-def]
     code, details = _call(getattr(server.stub, method), request_)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
     TALLY[code.name] += 1
@@ -118,7 +183,9 @@ def test_oversized_messages_are_resource_exhausted(server: ServerThread) -> None
 
 
 def test_server_is_healthy_after_the_fuzzing(server: ServerThread) -> None:
-    status = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    status = health_pb2_grpc.HealthStub(server.channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=5
+    )
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     assert server.stub.Recommend(pb.RecommendRequest(user_id="C00000001"), timeout=5).items
     print(f"\nfuzz tally: {dict(TALLY)} total={sum(TALLY.values())}")

@@ -162,15 +162,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _serve_process(models_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """`recsvc serve` in its own process on 127.0.0.1:port, quiet."""
+    argv = ["serve", "--models", str(models_dir), "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "recsvc.cli", *argv, *extra],
+        env={**os.environ, "RECSVC_LOG_LEVEL": "WARNING"},
+        stderr=subprocess.DEVNULL,
+    )
+
+
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests(models_dir: Path) -> None:
     port = _free_port()
-    env = {**os.environ, "RECSVC_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recsvc.cli", "serve", "--models", str(models_dir),
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stderr=subprocess.DEVNULL,
-    )
+    proc = _serve_process(models_dir, port)
     results: list[tuple[float, str]] = []
     stop = threading.Event()
     try:
@@ -178,7 +183,10 @@ def test_sigterm_drains_in_flight_requests(models_dir: Path) -> None:
         grpc.channel_ready_future(channel).result(timeout=30)
         health = health_pb2_grpc.HealthStub(channel)
         deadline = time.time() + 30
-        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != 1 and time.time() < deadline:
+        while (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != 1
+            and time.time() < deadline
+        ):
             time.sleep(0.05)
         stub = recommender_pb2_grpc.RecommenderStub(channel)
 
@@ -188,8 +196,12 @@ def test_sigterm_drains_in_flight_requests(models_dir: Path) -> None:
                 started = time.monotonic()
                 try:
                     # Explain makes each call do real work, so some are in flight at the signal.
-                    stub.Recommend(pb.RecommendRequest(user_id=f"C{(seed * 7919 + n) % 1500:08d}",
-                                                       k=50, explain=True), timeout=10)
+                    stub.Recommend(
+                        pb.RecommendRequest(
+                            user_id=f"C{(seed * 7919 + n) % 1500:08d}", k=50, explain=True
+                        ),
+                        timeout=10,
+                    )
                     results.append((started, "OK"))
                 except grpc.RpcError as err:
                     results.append((started, err.code().name))  # type: ignore[attr-defined]
@@ -220,11 +232,7 @@ def test_sigterm_drains_in_flight_requests(models_dir: Path) -> None:
 @pytest.mark.slow
 def test_workers_share_one_port(models_dir: Path) -> None:
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recsvc.cli", "serve", "--models", str(models_dir),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-        env={**os.environ, "RECSVC_LOG_LEVEL": "WARNING"}, stderr=subprocess.DEVNULL,
-    )
+    proc = _serve_process(models_dir, port, "--workers", "2")
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=60)

@@ -45,16 +45,29 @@ def test_bearer_token_required_except_for_health(models_dir: Path, token_file: P
         good = [("authorization", f"Bearer {TOKEN}")]
         req = pb.RecommendRequest(user_id="C00000001")
         assert _code(s.stub.Recommend, req) == grpc.StatusCode.UNAUTHENTICATED
-        assert _code(s.stub.Recommend, req, metadata=[("authorization", "Bearer nope")]) == grpc.StatusCode.UNAUTHENTICATED
-        assert _code(s.stub.Recommend, req, metadata=[("authorization", TOKEN)]) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            _code(s.stub.Recommend, req, metadata=[("authorization", "Bearer nope")])
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert (
+            _code(s.stub.Recommend, req, metadata=[("authorization", TOKEN)])
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
         assert _code(s.stub.Recommend, req, metadata=good) == grpc.StatusCode.OK
         target = pb.TargetUsersRequest(item_ids=["SAV-000002"], audience_size=3)
         assert _code(s.stub.TargetUsers, target) == grpc.StatusCode.UNAUTHENTICATED
-        assert _code(s.stub.GetModelInfo, pb.GetModelInfoRequest()) == grpc.StatusCode.UNAUTHENTICATED
-        health = health_pb2_grpc.HealthStub(s.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert (
+            _code(s.stub.GetModelInfo, pb.GetModelInfoRequest()) == grpc.StatusCode.UNAUTHENTICATED
+        )
+        health = health_pb2_grpc.HealthStub(s.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         port = s.running.port
-        assert recsvc_main(["info", "--target", f"localhost:{port}", "--token-file", str(token_file)]) == 0
+        assert (
+            recsvc_main(["info", "--target", f"localhost:{port}", "--token-file", str(token_file)])
+            == 0
+        )
         assert recsvc_main(["info", "--target", f"localhost:{port}"]) == 1
     finally:
         s.stop()
@@ -106,13 +119,17 @@ def test_tls(models_dir: Path, pki: dict[str, Path]) -> None:
         ca = pki["ca"].read_bytes()
         assert _info(port, grpc.ssl_channel_credentials(ca)) == grpc.StatusCode.OK
         assert _info(port, None) == grpc.StatusCode.UNAVAILABLE  # plaintext is refused
-        assert recsvc_main(["info", "--target", f"localhost:{port}", "--tls-ca", str(pki["ca"])]) == 0
+        assert (
+            recsvc_main(["info", "--target", f"localhost:{port}", "--tls-ca", str(pki["ca"])]) == 0
+        )
     finally:
         s.stop()
 
 
 def test_mutual_tls(models_dir: Path, pki: dict[str, Path]) -> None:
-    settings = settings_for(models_dir, tls_cert=pki["cert"], tls_key=pki["key"], tls_client_ca=pki["ca"])
+    settings = settings_for(
+        models_dir, tls_cert=pki["cert"], tls_key=pki["key"], tls_client_ca=pki["ca"]
+    )
     s = ServerThread(settings, load=False)
     try:
         s.call(s.running.refresh())
@@ -123,16 +140,30 @@ def test_mutual_tls(models_dir: Path, pki: dict[str, Path]) -> None:
         )
         assert _info(port, with_cert) == grpc.StatusCode.OK
         assert _info(port, grpc.ssl_channel_credentials(ca)) == grpc.StatusCode.UNAVAILABLE
-        assert recsvc_main([
-            "info", "--target", f"localhost:{port}", "--tls-ca", str(pki["ca"]),
-            "--tls-cert", str(pki["client_cert"]), "--tls-key", str(pki["client_key"]),
-        ]) == 0
+        assert (
+            recsvc_main(
+                [
+                    "info",
+                    "--target",
+                    f"localhost:{port}",
+                    "--tls-ca",
+                    str(pki["ca"]),
+                    "--tls-cert",
+                    str(pki["client_cert"]),
+                    "--tls-key",
+                    str(pki["client_key"]),
+                ]
+            )
+            == 0
+        )
     finally:
         s.stop()
 
 
 def test_logs_carry_pseudonyms_never_raw_customer_ids(
-    models_dir: Path, recommender, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+    models_dir: Path,
+    recommender,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
 ) -> None:
     users = recommender.bundle.users.ids[:50]
     s = ServerThread(settings_for(models_dir))
@@ -152,9 +183,16 @@ def test_logs_carry_pseudonyms_never_raw_customer_ids(
 
 
 def test_no_pickle_anywhere_in_the_project() -> None:
-    pattern = re.compile(r"^\s*(import pickle|from pickle|import cPickle)|allow_pickle\s*=\s*True|pickle\.loads?\(", re.M)
+    pattern = re.compile(
+        r"^\s*(import pickle|from pickle|import cPickle)|allow_pickle\s*=\s*True|pickle\.loads?\(",
+        re.M,
+    )
     offenders = []
-    for path in [*ROOT.glob("recsvc/**/*.py"), *ROOT.glob("training/**/*.py"), *ROOT.glob("bench/**/*.py")]:
+    for path in [
+        *ROOT.glob("recsvc/**/*.py"),
+        *ROOT.glob("training/**/*.py"),
+        *ROOT.glob("bench/**/*.py"),
+    ]:
         if "/v1/" in str(path) and path.name.endswith("_pb2.py"):
             continue
         if pattern.search(path.read_text()):

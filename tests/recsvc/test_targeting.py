@@ -121,51 +121,20 @@ def test_rpc_cli_and_offline_agree(
     _check(oracle, items, 7000, False, users, scores)
 
     target = f"localhost:{server.running.port}"
-    cli_out = tmp_path / "cli.parquet"
-    assert (
-        recsvc_main(
-            [
-                "target",
-                "--target",
-                target,
-                "--item",
-                items[0],
-                "--item",
-                items[1],
-                "--size",
-                "7000",
-                "--out",
-                str(cli_out),
-            ]
-        )
-        == 0
-    )
-    off_out = tmp_path / "offline.parquet"
-    assert (
-        train_main(
-            [
-                "-q",
-                "audience",
-                "--models",
-                str(models_dir),
-                "--item",
-                items[0],
-                "--item",
-                items[1],
-                "--size",
-                "7000",
-                "--out",
-                str(off_out),
-            ]
-        )
-        == 0
-    )
+    cli_out, off_out = tmp_path / "cli.parquet", tmp_path / "offline.parquet"
+    request = ["--item", items[0], "--item", items[1], "--size", "7000"]
+    assert recsvc_main(["target", "--target", target, *request, "--out", str(cli_out)]) == 0
+    offline = ["-q", "audience", "--models", str(models_dir), *request, "--out", str(off_out)]
+    assert train_main(offline) == 0
     cli, off = pq.read_table(cli_out), pq.read_table(off_out)
     assert cli.column("user_id").to_pylist() == users == off.column("user_id").to_pylist()
     side = json.loads((tmp_path / "offline.parquet.json").read_text())
     assert side["model_version"] == targeter.bundle.version
     assert side["excluded"]["no_consent"] == msgs[-1].excluded.no_consent
-    assert json.loads((tmp_path / "cli.parquet.json").read_text())["rows"] == len(users)
+    cli_side = json.loads((tmp_path / "cli.parquet.json").read_text())
+    assert cli_side["rows"] == len(users)
+    for key in ("model_version", "request", "eligible_users", "excluded"):
+        assert cli_side[key] == side[key], key
 
 
 def test_rpc_errors(server: ServerThread) -> None:

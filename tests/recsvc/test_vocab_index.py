@@ -51,6 +51,19 @@ def test_topk_orders_by_score_then_position() -> None:
     assert topk(s, 0).tolist() == []
 
 
+def test_topk_breaks_ties_at_the_cut_by_position() -> None:
+    # Many equal scores straddle the k-th place: the earliest positions win, every time.
+    s = np.zeros(1000)
+    s[[700, 5]] = 1.0
+    assert topk(s, 5).tolist() == [5, 700, 0, 1, 2]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s = rng.integers(0, 4, size=200).astype(float)
+        k = int(rng.integers(1, 200))
+        expected = sorted(range(200), key=lambda i: (-s[i], i))[:k]
+        assert topk(s, k).tolist() == expected
+
+
 def _vectors(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
 
