@@ -85,9 +85,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def read_latest(models: Path) -> str | None:
     """The version named by ``models/LATEST``, or None if there is none."""
     try:
-        text = (models / LATEST).read_text(encoding="utf-8").strip()
+        # Undecodable bytes come through as U+FFFD: no version name matches them.
+        text = (models / LATEST).read_text(encoding="utf-8", errors="replace").strip()
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a folder, no permission, an I/O error
+        raise BundleError(f"{LATEST} cannot be read ({exc.strerror or exc})") from exc
     return text or None
 
 
@@ -111,6 +114,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise BundleError(f"{folder.name}: no {MANIFEST}") from exc
+    except OSError as exc:
+        raise BundleError(f"{folder.name}: {MANIFEST} cannot be read ({exc.strerror})") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{folder.name}: {MANIFEST} is not valid JSON") from exc
     if not isinstance(manifest, dict):
@@ -155,7 +160,11 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
                 f"{folder.name}: {name} is {size} bytes, manifest says {entry['size']}"
             )
     for name, entry in manifest["files"].items():
-        if sha256_file(folder / name) != entry["sha256"]:
+        try:
+            digest = sha256_file(folder / name)
+        except OSError as exc:
+            raise BundleError(f"{folder.name}: {name} cannot be read ({exc.strerror})") from exc
+        if digest != entry["sha256"]:
             raise BundleError(f"{folder.name}: {name} fails its sha256 check")
 
 

@@ -67,8 +67,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
     )
-    serve_forever(settings)
-    return 0
+    return serve_forever(settings)
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:

@@ -134,8 +134,7 @@ async def serve(settings: ServerSettings, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight RPCs and stop."""
     running = await create_server(settings, reuse_port)
     log.info("listening", extra={"address": f"{settings.host}:{running.port}"})
-    await running.refresh()
-    running.start_polling()
+    running.start_polling()  # its first look at LATEST is now, guarded like every later one
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,24 +149,31 @@ def _worker(settings: ServerSettings) -> None:
     asyncio.run(serve(settings, reuse_port=True))
 
 
-def serve_forever(settings: ServerSettings) -> None:
-    """``recsvc serve``: one process, or ``workers`` processes sharing the port."""
+def serve_forever(settings: ServerSettings) -> int:
+    """``recsvc serve``: one process, or ``workers`` processes sharing the port.
+
+    Returns the exit status: 0, or 1 when a worker exited with an error.
+    """
     if settings.workers == 1:
         asyncio.run(serve(settings))
-        return
+        return 0
     # gRPC must not be started before fork: use spawn, as gRPC's multiprocessing example warns.
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(settings,)) for _ in range(settings.workers)]
     for p in procs:
         p.start()
 
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
+    def forward(_signum: int, _frame: object) -> None:
+        for p in procs:  # each worker drains on SIGTERM
             if p.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    p.terminate() if signum == signal.SIGTERM else p.kill()
+                    p.terminate()
 
     signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, lambda *_: forward(signal.SIGTERM, None))
+    signal.signal(signal.SIGINT, forward)
     for p in procs:
         p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        log.error("worker exited with an error", extra={"exit_codes": failed})
+    return 1 if failed else 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recsvc.bundle import (
+    LATEST,
     VERSION_RE,
     list_versions,
     load_bundle,
@@ -123,12 +124,9 @@ class ModelStore:
             if self._trials is not None:
                 self._trials.trial(folder)
             model = load_served_model(folder, self.consent_required, verify=False)
-        except BundleError as exc:
-            self._rejected.add(version)
-            self.stats.rejected += 1
-            self.stats.rejected_versions.append(version)
-            self.stats.last_error = str(exc)
-            log.error("rejected model version", extra={"version": version, "reason": str(exc)})
+        except Exception as exc:  # whatever the cause, this version is not served
+            reason = str(exc) if isinstance(exc, BundleError) else f"{type(exc).__name__}: {exc}"
+            self._reject(version, reason)
             return False
         self._model = model
         self.stats.loaded += 1
@@ -138,13 +136,29 @@ class ModelStore:
         )
         return True
 
+    def _reject(self, key: str, reason: str) -> None:
+        """Count and log a rejection once; ``key`` is never tried again."""
+        self._rejected.add(key)
+        self.stats.rejected += 1
+        self.stats.rejected_versions.append(key)
+        self.stats.last_error = reason
+        log.error("rejected model version", extra={"version": key, "reason": reason})
+
+    def _latest(self) -> str | None:
+        try:
+            return read_latest(self.models)
+        except BundleError as exc:  # LATEST unreadable: as if absent, reported once
+            if f"{LATEST}: {exc}" not in self._rejected:
+                self._reject(f"{LATEST}: {exc}", str(exc))
+            return None
+
     def refresh(self) -> bool:
         """Load the version LATEST names if it is new and valid. Returns True on a swap.
 
         Before anything is served, falls back to the newest valid older version.
         """
         with self._lock:
-            latest = read_latest(self.models)
+            latest = self._latest()
             if latest is not None and latest == self.version:
                 return False
             if latest is not None and self._try(latest):
