@@ -46,3 +46,30 @@ class Oracle:
 
     def n_allowed(self, user_id: str, exclude: set[str] = frozenset()) -> int:  # type: ignore[assignment]
         return sum(self.allowed(user_id, i, exclude) for i in self.risk)
+
+    def check_recommended(
+        self, user_id: str, k: int, exclude: set[str], ids: list[str], scores: list[float]
+    ) -> None:
+        """Every rule holds, and k items come back whenever k are allowed, best first."""
+        assert all(self.allowed(user_id, i, exclude) for i in ids), user_id
+        assert len(ids) == min(k, self.n_allowed(user_id, exclude)) == len(set(ids)), user_id
+        assert scores == sorted(scores, reverse=True), user_id
+
+    def audience_eligible(self, items: list[str], include_holders: bool) -> set[str]:
+        risk = max(self.risk[i] for i in items)
+        return {
+            u
+            for u in self.tolerance
+            if self.consent[u]
+            and self.tol(u) >= risk
+            and (include_holders or not (self.held.get(u, set()) & set(items)))
+        }
+
+    def check_audience(
+        self, items: list[str], size: int, include: bool, users: list[str], scores: list[float]
+    ) -> None:
+        """Consent, suitability and holders hold; exactly ``size`` when enough are eligible."""
+        eligible = self.audience_eligible(items, include)
+        assert set(users) <= eligible
+        assert len(users) == min(size, len(eligible)) == len(set(users))
+        assert scores == sorted(scores, reverse=True)

@@ -36,12 +36,8 @@ def test_rules_hold_for_every_customer(recommender: Recommender, oracle: Oracle)
         got = recommender.recommend(
             RecommendQuery(user_id=user_id, k=25, exclude_item_ids=tuple(exclude))
         )
-        ids = [it.item_id for it in got.items]
-        assert all(oracle.allowed(user_id, i, exclude) for i in ids), user_id
-        assert len(ids) == min(25, oracle.n_allowed(user_id, exclude)), user_id
-        assert len(set(ids)) == len(ids)
-        scores = [it.score for it in got.items]
-        assert scores == sorted(scores, reverse=True)
+        ids, scores = [it.item_id for it in got.items], [it.score for it in got.items]
+        oracle.check_recommended(user_id, 25, exclude, ids, scores)
 
 
 def test_unknown_customer_gets_popular_low_risk_products(

@@ -36,31 +36,6 @@ def targeter(bundle_path: Path) -> Targeter:
     return Targeter(load_bundle(bundle_path))
 
 
-def _eligible(oracle: Oracle, items: list[str], include_holders: bool) -> set[str]:
-    risk = max(oracle.risk[i] for i in items)
-    return {
-        u
-        for u in oracle.tolerance
-        if oracle.consent[u]
-        and oracle.tol(u) >= risk
-        and (include_holders or not (oracle.held.get(u, set()) & set(items)))
-    }
-
-
-def _check(
-    oracle: Oracle,
-    items: list[str],
-    size: int,
-    include: bool,
-    users: list[str],
-    scores: list[float],
-) -> None:
-    eligible = _eligible(oracle, items, include)
-    assert set(users) <= eligible
-    assert len(users) == min(size, len(eligible)) == len(set(users))
-    assert scores == sorted(scores, reverse=True)
-
-
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -76,7 +51,7 @@ def test_audience_rules_hold_for_any_campaign(
         TargetQuery(item_ids=tuple(items), audience_size=size, include_holders=include)
     )
     users = [targeter.bundle.users.ids[r] for r in a.rows]
-    _check(oracle, items, size, include, users, a.scores.tolist())
+    oracle.check_audience(items, size, include, users, a.scores.tolist())
 
 
 def test_holders_are_left_out_unless_asked(targeter: Targeter, oracle: Oracle) -> None:
@@ -118,7 +93,7 @@ def test_rpc_cli_and_offline_agree(
     scores = [u.score for m in msgs for u in m.users]
     assert msgs[0].model_version == targeter.bundle.version
     assert msgs[-1].HasField("excluded") and msgs[-1].excluded.no_consent > 0
-    _check(oracle, items, 7000, False, users, scores)
+    oracle.check_audience(items, 7000, False, users, scores)
 
     target = f"localhost:{server.running.port}"
     cli_out, off_out = tmp_path / "cli.parquet", tmp_path / "offline.parquet"
