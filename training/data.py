@@ -316,11 +316,11 @@ def load_training_data(
     aligned_items = (
         item_table if item_table is not None else pa.table({"item_id": item_vocab.arrow()})
     )
-    has_risk = (
-        item_table is not None
-        and "risk_level" in item_table.column_names
-        and bool(pc.count(item_table.column("risk_level")).as_py())
-    )
+    # The column decides, not its values: a risk_level column of nulls only (a broken
+    # upstream join, say) keeps suitability on with every product at risk 5, failing safe.
+    has_risk = item_table is not None and "risk_level" in item_table.column_names
+    if has_risk and item_table is not None and pc.count(item_table["risk_level"]).as_py() == 0:
+        log.warning("every risk_level is null: all products count as risk 5")
     data = TrainingData(
         users=user_vocab,
         items=item_vocab,

@@ -99,6 +99,14 @@ def test_null_ids_and_unknown_items_are_dropped_and_counted(tmp_path: Path) -> N
     assert data.has_risk_levels
 
 
+def test_a_risk_column_of_nulls_keeps_suitability_on(tmp_path: Path) -> None:
+    inter = _write(tmp_path / "i.parquet", user_id=["a"], item_id=["x"])
+    items = _write(tmp_path / "items.parquet", item_id=["x"], risk_level=pa.nulls(1, pa.int8()))
+    assert load_training_data(inter, items).has_risk_levels  # every product at risk 5
+    no_column = _write(tmp_path / "bare.parquet", item_id=["x"])
+    assert not load_training_data(inter, no_column).has_risk_levels
+
+
 def test_users_table_rows_come_first_and_extra_users_are_padded(tmp_path: Path) -> None:
     inter = _write(tmp_path / "i.parquet", user_id=["z", "a"], item_id=["x", "x"])
     users = _write(
