@@ -99,7 +99,7 @@ def profile_recommend(models: Path, pool: int, calls: int, seed: int = 0) -> dic
 
     requests = [pb.RecommendRequest.FromString(p) for p in payloads]
     queries = [RecommendQuery(user_id=u, k=10) for u in users]
-    resolved = [rec._resolve_user(u, ()) for u in users]
+    resolved = [rec.resolve_user(u, ()) for u in users]
     allowed = [rec.item_rules.allowed(u.tolerance) for u in resolved]
     personal = [i for i, u in enumerate(resolved) if u.vector is not None]
     results = [rec.recommend(q) for q in queries]
@@ -122,7 +122,7 @@ def profile_recommend(models: Path, pool: int, calls: int, seed: int = 0) -> dic
         "validation (RecommendQuery)": lambda i: RecommendQuery(
             user_id=requests[i % n].user_id, k=requests[i % n].k
         ),
-        "user lookup (vocabulary, tolerance, history)": lambda i: rec._resolve_user(
+        "user lookup (vocabulary, tolerance, history)": lambda i: rec.resolve_user(
             users[i % n], ()
         ),
         "rules (shared allowed set)": lambda i: rec.item_rules.allowed(resolved[i % n].tolerance),

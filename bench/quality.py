@@ -115,7 +115,7 @@ def index_quality(
         for kind in kinds:
             index, build_s = _index(b, kind, cache, key, log)
             for s in allowed:
-                s._faiss.clear()  # each index builds its own parameters, outside the timing
+                s.search_cache.clear()  # each index builds its own parameters, outside the timing
             index.search(queries[0], K, allowed[0], history[0])
             hits = np.empty(len(users))
             lat = np.empty(len(users))

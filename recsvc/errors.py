@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BundleError",
     "DataError",
+    "DeadlineExpired",
     "InvalidArgument",
     "ModelUnavailable",
     "NotFound",
@@ -39,6 +40,10 @@ class PreconditionFailed(RecsvcError):
 
 class ModelUnavailable(RecsvcError):
     """No model is loaded yet."""
+
+
+class DeadlineExpired(RecsvcError):
+    """The client's deadline passed before work started: do none."""
 
 
 class BundleError(RecsvcError):

@@ -68,10 +68,6 @@ class AllowedSet:
         mask = np.asarray(mask, dtype=bool)
         return cls(np.packbits(mask, bitorder="little"), len(mask), int(mask.sum()))
 
-    @classmethod
-    def all(cls, n: int) -> AllowedSet:
-        return cls.from_mask(np.ones(n, dtype=bool))
-
     @cached_property
     def _bytes(self) -> bytes:
         return self.bits.tobytes()
@@ -123,16 +119,16 @@ class AllowedSet:
         return np.flatnonzero(self.mask())
 
     @cached_property
-    def _faiss(self) -> dict[Any, Any]:
-        """FAISS objects built over ``bits`` (selectors, search parameters), kept with them."""
+    def search_cache(self) -> dict[Any, Any]:
+        """FAISS objects built over ``bits`` (its selector, each index's search parameters)."""
         return {}
 
     def selector(self) -> faiss.IDSelectorBitmap:
         """A FAISS selector over ``bits``; it lives as long as this set."""
-        sel = self._faiss.get("sel")
-        if sel is None:
-            sel = self._faiss["sel"] = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(self.bits))
-        return sel
+        cache = self.search_cache
+        if "sel" not in cache:
+            cache["sel"] = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(self.bits))
+        return cache["sel"]
 
 
 @dataclass(frozen=True)
@@ -313,7 +309,7 @@ class VectorIndex:
             boost = min(_EF_BOOST_MAX, max(1.0, (self.n / max(1, allowed.count)) ** 0.5))
             ef = max(fetch, int(self.spec.params["efSearch"] * boost))
         key = (id(self), ef)
-        cached = allowed._faiss.get(key)
+        cached = allowed.search_cache.get(key)
         if cached is not None:
             return cached[1]
         sel: Any = allowed.selector()
@@ -330,7 +326,7 @@ class VectorIndex:
         else:
             params = lib.SearchParameters(sel=sel)
         # Keeping self and sel referenced keeps id(self) unique and the selector alive.
-        allowed._faiss[key] = (self, params, sel)
+        allowed.search_cache[key] = (self, params, sel)
         return params
 
     def exact(self, query: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from recsvc.index import AllowedSet, IndexSpec, VectorIndex
 from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.rules import MIN_LEVEL, ItemRules, item_active, item_risk, user_tolerance
 
-__all__ = ["Ranked", "Recommender", "ScoredItem", "Source"]
+__all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source"]
 
 _EXPLAIN_TOP = 3
 _NO_ROWS = np.empty(0, dtype=np.int64)
@@ -49,7 +49,7 @@ class Ranked:
 
 
 @dataclass(frozen=True)
-class _User:
+class ResolvedUser:
     """Who is asking: their embedding (if any), history rows and rules."""
 
     vector: np.ndarray | None
@@ -108,7 +108,6 @@ class Recommender:
             "factors": int(m["params"].get("factors", m["dim"])),
             "suitability": self.suitability,
             "active_only": bool(m["rules"].get("active_flag")),
-            "users_table": bool(m["rules"].get("users_table")),
             "item_index": m["indexes"]["items"]["type"],
             "user_index": m["indexes"]["users"]["type"],
         }
@@ -136,7 +135,8 @@ class Recommender:
     def _fold_in_rhs(self, rows: np.ndarray, confidence: np.ndarray) -> np.ndarray:
         return (self.alpha * confidence.astype(np.float64)) @ self._y[rows].astype(np.float64)
 
-    def _resolve_user(self, user_id: str, recent_item_ids: tuple[str, ...]) -> _User:
+    def resolve_user(self, user_id: str, recent_item_ids: tuple[str, ...]) -> ResolvedUser:
+        """The customer's vector (own, folded in from recent items, or none), rules, history."""
         b = self.bundle
         row = b.users.index(user_id) if user_id else None
         tolerance = int(self.tolerance[row]) if row is not None else MIN_LEVEL
@@ -150,11 +150,11 @@ class Recommender:
             rows, inverse = np.unique(rows, return_inverse=True)
             confs = np.bincount(inverse, weights=confs).astype(np.float32)
             vector = self.fold_in(rows, confs)
-            return _User(vector, Source.FOLD_IN, tolerance, rows, rows, confs)
+            return ResolvedUser(vector, Source.FOLD_IN, tolerance, rows, rows, confs)
         if row is not None and history.size:
             vector = b.user_index.vectors[row]
-            return _User(vector, Source.PERSONALIZED, tolerance, history, history, conf)
-        return _User(None, Source.POPULAR, tolerance, history, history, conf)
+            return ResolvedUser(vector, Source.PERSONALIZED, tolerance, history, history, conf)
+        return ResolvedUser(None, Source.POPULAR, tolerance, history, history, conf)
 
     # --- queries ---------------------------------------------------------------
 
@@ -163,7 +163,7 @@ class Recommender:
         ids, score = self.bundle.items.ids, self.popularity_score
         return [ScoredItem(ids[r], float(score[r])) for r in chosen]
 
-    def _explain(self, user: _User, rows: np.ndarray) -> list[tuple[tuple[str, float], ...]]:
+    def _explain(self, user: ResolvedUser, rows: np.ndarray) -> list[tuple[tuple[str, float], ...]]:
         """Per recommended row, the customer's items that contributed most (implicit's explain)."""
         if user.confidence_rows.size == 0:
             return [() for _ in rows]
@@ -181,7 +181,7 @@ class Recommender:
         return out
 
     def recommend(self, q: RecommendQuery) -> Ranked:
-        user = self._resolve_user(q.user_id, q.recent_item_ids)
+        user = self.resolve_user(q.user_id, q.recent_item_ids)
         exclude = _NO_ROWS if q.include_interacted else user.history
         if q.exclude_item_ids:
             exclude = np.concatenate([self.bundle.items.indices(q.exclude_item_ids), exclude])
@@ -226,7 +226,7 @@ class Recommender:
 
     def rank_items(self, q: RankQuery) -> Ranked:
         b = self.bundle
-        user = self._resolve_user(q.user_id, q.recent_item_ids)
+        user = self.resolve_user(q.user_id, q.recent_item_ids)
         candidate_ids = list(dict.fromkeys(q.item_ids))  # first occurrence wins
         rows = b.items.indices(candidate_ids)
         unknown = tuple(i for i, r in zip(candidate_ids, rows, strict=True) if r < 0)

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from recsvc import ranking
 from recsvc.errors import (
     BundleError,
+    DeadlineExpired,
     InvalidArgument,
     ModelUnavailable,
     NotFound,
@@ -41,6 +42,7 @@ _STATUS: tuple[tuple[type[RecsvcError], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (BundleError, grpc.StatusCode.INTERNAL),
 )
 _AUDIENCE_BATCH = 5000
@@ -56,16 +58,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
-    if isinstance(exc, DeadlineExpired):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before any work was done"
     for kind, code in _STATUS:
         if isinstance(exc, kind):
             return code, "internal error" if kind is BundleError else str(exc)
     return grpc.StatusCode.INTERNAL, "internal error"
-
-
-class DeadlineExpired(RecsvcError):
-    """The client's deadline passed before work started: do none."""
 
 
 async def _abort(
@@ -81,7 +77,7 @@ async def _abort(
 def _check_deadline(context: Context) -> None:
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
-        raise DeadlineExpired()
+        raise DeadlineExpired("deadline expired before any work was done")
 
 
 def _edge(
@@ -202,7 +198,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             factors=info["factors"],
             rules=_pb.ActiveRules(
                 suitability=info["suitability"],
-                active_only=True,
+                active_only=info["active_only"],
                 exclude_interacted=True,
                 marketing_consent=model.targeter.consent_rule,
             ),

@@ -168,7 +168,6 @@ def _test_pairs_last(
 
 
 def _cutoff(text: str, secs: np.ndarray) -> float:
-    known = secs
     try:
         q = float(text) if text else 0.8
     except ValueError:
@@ -183,7 +182,7 @@ def _cutoff(text: str, secs: np.ndarray) -> float:
         return when.timestamp()
     if not 0.0 < q < 1.0:
         raise DataError(f"split time: fraction must be between 0 and 1, got {q}")
-    return float(np.quantile(known, q, method="higher"))
+    return float(np.quantile(secs, q, method="higher"))
 
 
 def _pair_table(table: pa.Table, rows: np.ndarray) -> pa.Table:
