@@ -387,8 +387,9 @@ def _targeting(plan: Plan, root: Path, models: Path | None, results: dict[str, A
             "targeting",
             f"{t['size']:,}-customer audience, 1 product, {base}",
             f"{small:.3f} s (slowest of {len(t['small_s'])} products)",
-            f"user {t['user_index']} index; overlap with the exact audience "
-            f"{min(t['small_overlap']):.2f}-{max(t['small_overlap']):.2f}",
+            f"served {t['small_path']}; through the user {t['user_index']} index "
+            f"{max(t['small_index_s']):.3f} s, holding "
+            f"{min(t['small_overlap']):.2f}-{max(t['small_overlap']):.2f} of the exact audience",
             "",
             f"< 1 s: {met(small < 1)}" if big else "",
         ),

@@ -1,10 +1,11 @@
 """Targeting: audience time for one product, server-side (``Targeter.target``).
 
-Runs in its own process over a bundle: a 10,000-customer audience (the user
-index with the rules inside the search) and the full ranked audience over every
-eligible customer (blocked matrix products), for a few active products of
-different risk levels. Also the overlap of the indexed audience with the exact
-one, since the index is approximate.
+Runs in its own process over a bundle, for a few active products of different
+risk levels: a 10,000-customer audience as served (exact blocked matrix products
+below ``recsvc.targeting.EXACT_MAX_BASE`` eligible customers, the user index
+above), the same through the user index (rules inside the search) with its
+overlap with the exact audience, and the full ranked audience over every eligible
+customer.
 
 ``python -m bench.targeting --models DIR`` prints one JSON object.
 """
@@ -38,6 +39,7 @@ def measure(models: Path, size: int, products: int, full_products: int) -> dict[
     bundle = load_bundle(models / version)
     load_s = time.perf_counter() - t0
     targeter = Targeter(bundle)
+    indexed = Targeter(bundle, exact_max_base=0)  # the user index for small audiences
     # Products of every risk level the catalogue has, most popular first within each.
     active = np.flatnonzero(targeter.item_active)
     popularity = np.bincount(bundle.indices, minlength=len(bundle.items))
@@ -48,20 +50,24 @@ def measure(models: Path, size: int, products: int, full_products: int) -> dict[
     picks = picks[:products]
     ids = [bundle.items.ids[r] for r in picks]
 
-    def timed(item_id: str, n: int) -> tuple[float, Any]:
+    def timed(item_id: str, n: int, by: Targeter = targeter) -> tuple[float, Any]:
         start = time.perf_counter()
-        audience = targeter.target(TargetQuery(item_ids=(item_id,), audience_size=n))
+        audience = by.target(TargetQuery(item_ids=(item_id,), audience_size=n))
         return time.perf_counter() - start, audience
 
-    timed(ids[0], size)  # first call: page in the index and vectors
-    small = []
-    overlap = []
+    timed(ids[0], size)  # first calls: page in the vectors and the index
+    timed(ids[0], size, indexed)
+    small, small_index, overlap = [], [], []
+    served_indexed = False
     for item_id in ids:
         seconds, audience = timed(item_id, size)
         small.append(seconds)
+        served_indexed |= audience.indexed
+        seconds, approx = timed(item_id, size, indexed)
+        small_index.append(seconds)
         _, full = timed(item_id, MAX_AUDIENCE)
-        exact = set(full.rows[: len(audience.rows)].tolist())
-        overlap.append(len(exact & set(audience.rows.tolist())) / max(1, len(audience.rows)))
+        exact = set(full.rows[: len(approx.rows)].tolist())
+        overlap.append(len(exact & set(approx.rows.tolist())) / max(1, len(approx.rows)))
     whole = [timed(item_id, MAX_AUDIENCE) for item_id in ids[:full_products]]
     return {
         "version": version,
@@ -72,6 +78,8 @@ def measure(models: Path, size: int, products: int, full_products: int) -> dict[
         "size": size,
         "products": ids,
         "small_s": [round(s, 4) for s in small],
+        "small_path": "user index" if served_indexed else "exact",
+        "small_index_s": [round(s, 4) for s in small_index],
         "small_overlap": [round(o, 4) for o in overlap],
         "full_s": [round(s, 3) for s, _ in whole],
         "full_rows": [len(a.rows) for _, a in whole],

@@ -106,7 +106,7 @@ def test_similar_and_rank_items_apply_the_rules(recommender: Recommender, oracle
 def test_audiences_through_the_user_index(
     recommender: Recommender, oracle: Oracle, data: st.DataObject
 ) -> None:
-    targeter = Targeter(recommender.bundle)
+    targeter = Targeter(recommender.bundle, exact_max_base=0)  # small audiences: the index
     active = [i for i in targeter.bundle.items.ids if oracle.active[i]]
     items = data.draw(st.lists(st.sampled_from(active), min_size=1, max_size=3, unique=True))
     size = data.draw(st.integers(1, 2000))
@@ -114,5 +114,6 @@ def test_audiences_through_the_user_index(
     a = targeter.target(
         TargetQuery(item_ids=tuple(items), audience_size=size, include_holders=include)
     )
+    assert a.indexed
     users = [targeter.bundle.users.ids[r] for r in a.rows]
     oracle.check_audience(items, size, include, users, a.scores.tolist())
