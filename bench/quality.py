@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from recsvc.bundle import Bundle, load_bundle, read_latest
 from recsvc.index import VectorIndex, build_index, choose_index_spec, read_index
-from recsvc.rules import ItemRules, item_active, item_risk, user_tolerance
+from recsvc.rules import ItemRules, user_tolerance
 
 __all__ = ["QualityRow", "index_quality"]
 
@@ -84,10 +84,7 @@ def index_quality(
 ) -> list[QualityRow]:
     """Recall@10 and per-query latency of each index kind over one bundle's items."""
     b = _load(models)
-    suitability = bool(b.manifest["rules"].get("risk_levels"))
-    rules = ItemRules.build(
-        item_risk(b.item_table, suitability), item_active(b.item_table), suitability
-    )
+    rules = ItemRules.from_table(b.item_table, b.suitability)
     tolerance = user_tolerance(b.user_table)
     rng = np.random.default_rng(seed)
     has_history = np.flatnonzero(np.diff(b.indptr) > 0)

@@ -56,7 +56,7 @@ class NaiveService(_pb_grpc.RecommenderServicer):
         from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
-        from recsvc.rules import ItemRules, item_active, item_risk, user_tolerance
+        from recsvc.rules import ItemRules, user_tolerance
 
         version = read_latest(models)
         if version is None:
@@ -65,10 +65,7 @@ class NaiveService(_pb_grpc.RecommenderServicer):
         self.version = b.version
         self.user_index = b.users.index
         self.item_ids = b.items.ids
-        suitability = bool(b.manifest["rules"].get("risk_levels"))
-        rules = ItemRules.build(
-            item_risk(b.item_table, suitability), item_active(b.item_table), suitability
-        )
+        rules = ItemRules.from_table(b.item_table, b.suitability)
         # Everything a customer of tolerance t may not see, as implicit's filter_items.
         self.filter_by_tolerance = [np.flatnonzero(~s.mask()) for s in rules.by_tolerance]
         self.tolerance = user_tolerance(b.user_table)

@@ -219,6 +219,11 @@ class Bundle:
     def created_at(self) -> datetime:
         return datetime.fromisoformat(self.manifest["created_at"])
 
+    @property
+    def suitability(self) -> bool:
+        """Whether the catalogue carries risk levels, so the suitability rule applies."""
+        return bool(self.manifest["rules"].get("risk_levels"))
+
     def user_item_rows(self, user: int) -> np.ndarray:
         return self.indices[self.indptr[user] : self.indptr[user + 1]]
 

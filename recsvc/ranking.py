@@ -19,7 +19,7 @@ from recsvc.bundle import Bundle
 from recsvc.errors import NotFound
 from recsvc.index import AllowedSet, IndexSpec, VectorIndex
 from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery
-from recsvc.rules import MIN_LEVEL, ItemRules, item_active, item_risk, user_tolerance
+from recsvc.rules import MIN_LEVEL, ItemRules, user_tolerance
 
 __all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source"]
 
@@ -66,13 +66,8 @@ class Recommender:
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
         manifest = bundle.manifest
-        rules = manifest["rules"]
-        self.suitability = bool(rules.get("risk_levels"))
-        self.item_rules = ItemRules.build(
-            item_risk(bundle.item_table, self.suitability),
-            item_active(bundle.item_table),
-            self.suitability,
-        )
+        self.suitability = bundle.suitability
+        self.item_rules = ItemRules.from_table(bundle.item_table, self.suitability)
         self.tolerance = user_tolerance(bundle.user_table)
         params = manifest["params"]
         self.algorithm = str(manifest["algorithm"])

@@ -77,6 +77,11 @@ class ItemRules:
     by_tolerance: tuple[AllowedSet, ...]  # index t-1 for tolerance t
 
     @classmethod
+    def from_table(cls, items: pa.Table, suitability: bool) -> ItemRules:
+        """The rules of a catalogue table (see ``item_risk`` and ``item_active``)."""
+        return cls.build(item_risk(items, suitability), item_active(items), suitability)
+
+    @classmethod
     def build(cls, risk: np.ndarray, active: np.ndarray, suitability: bool) -> ItemRules:
         sets = tuple(
             AllowedSet.from_mask(active & (risk <= t)) for t in range(MIN_LEVEL, MAX_LEVEL + 1)

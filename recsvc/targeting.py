@@ -20,7 +20,7 @@ from recsvc.bundle import Bundle
 from recsvc.errors import NotFound, PreconditionFailed
 from recsvc.index import AllowedSet, topk
 from recsvc.requests import TargetQuery
-from recsvc.rules import consent_mask, item_active, item_risk, suitable_users, user_tolerance
+from recsvc.rules import ItemRules, consent_mask, suitable_users, user_tolerance
 
 __all__ = ["EXACT_MAX_BASE", "Audience", "ExclusionCounts", "Targeter"]
 
@@ -76,9 +76,8 @@ class Targeter:
             consent_mask(bundle.user_table) if has_users else np.ones(len(bundle.users), dtype=bool)
         )
         self.tolerance = user_tolerance(bundle.user_table)
-        suitability = bool(bundle.manifest["rules"].get("risk_levels"))
-        self.item_risk = item_risk(bundle.item_table, suitability)
-        self.item_active = item_active(bundle.item_table)
+        rules = ItemRules.from_table(bundle.item_table, bundle.suitability)
+        self.item_risk, self.item_active = rules.risk, rules.active
         # Holders per item: CSR of held pairs transposed, built once.
         held_users = np.repeat(np.arange(len(bundle.users)), np.diff(bundle.indptr))[bundle.held]
         held_items = bundle.indices[bundle.held]

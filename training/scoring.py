@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from recsvc.rules import MIN_LEVEL, ItemRules, item_active, item_risk, user_tolerance
+from recsvc.rules import MIN_LEVEL, ItemRules, user_tolerance
 from training.data import TrainingData
 
 __all__ = ["Eligibility", "batches", "top_k_rows"]
@@ -47,11 +47,7 @@ class Eligibility:
     @classmethod
     def from_data(cls, data: TrainingData, history: sp.csr_matrix | None = None) -> Eligibility:
         """Rules from ``data``'s tables; history from ``history`` (default: its matrix)."""
-        rules = ItemRules.build(
-            item_risk(data.item_table, data.has_risk_levels),
-            item_active(data.item_table),
-            data.has_risk_levels,
-        )
+        rules = ItemRules.from_table(data.item_table, data.has_risk_levels)
         history = (data.user_items if history is None else history).tocsr()
         popularity = np.bincount(history.indices, minlength=len(data.items))
         return cls(rules, user_tolerance(data.user_table), history, popularity)
