@@ -5,8 +5,10 @@ crash the process that parses it. The server therefore verifies checksums, then
 lets a throwaway process parse and warm the bundle; only if that exits cleanly
 does the server load the bundle itself.
 
-A child pays ~1 s of imports before it can parse anything, so :class:`TrialRunner`
-keeps one child started ahead of time, waiting on stdin for a folder to try.
+A child pays ~1 s of imports before it can parse anything, so after each trial
+:class:`TrialRunner` starts the next child ahead of time, waiting on stdin for a folder
+to try (the first trial, at server start, pays the start-up; call ``prestart`` to
+overlap it with other work).
 Each child tries one folder and exits: a process that parsed bad input is not reused.
 """
 
