@@ -383,16 +383,19 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The index's answer less exclusions, rescored if quantized; Python lists."""
         skip = set(ex)
+        if self._rescore:
+            rows = [r for r in labels.tolist() if r >= 0 and r not in skip]
+            scores = (self.vectors[rows] @ q).tolist() if rows else []
+            best = sorted(range(len(rows)), key=lambda i: (-scores[i], rows[i]))[:k]
+            return (
+                np.array([scores[i] for i in best], dtype=np.float32),
+                np.array([rows[i] for i in best], dtype=np.int64),
+            )
         found = [
             (d, r)
             for d, r in zip(dist.tolist(), labels.tolist(), strict=True)
             if r >= 0 and r not in skip
-        ]
-        if self._rescore and found:
-            got = np.fromiter((r for _, r in found), dtype=np.int64, count=len(found))
-            exact = (self.vectors[got] @ q).tolist()
-            found = sorted(zip(exact, got.tolist(), strict=True), key=lambda t: (-t[0], t[1]))
-        found = found[:k]
+        ][:k]
         return (
             np.array([d for d, _ in found], dtype=np.float32),
             np.array([r for _, r in found], dtype=np.int64),
