@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from hypothesis import strategies as st
 
+from recsvc.requests import TargetQuery
+from recsvc.targeting import Audience, Targeter
 from training.data import load_training_data
 
 
@@ -73,3 +76,15 @@ class Oracle:
         assert set(users) <= eligible
         assert len(users) == min(size, len(eligible)) == len(set(users))
         assert scores == sorted(scores, reverse=True)
+
+    def check_drawn_campaign(self, targeter: Targeter, data: st.DataObject) -> Audience:
+        """Draw a campaign (1-3 active products, a size, holders or not), target, check."""
+        active = [i for i in targeter.bundle.items.ids if self.active[i]]
+        items = data.draw(st.lists(st.sampled_from(active), min_size=1, max_size=3, unique=True))
+        size = data.draw(st.integers(1, 2000))
+        include = data.draw(st.booleans())
+        query = TargetQuery(item_ids=tuple(items), audience_size=size, include_holders=include)
+        audience = targeter.target(query)
+        users = [targeter.bundle.users.ids[r] for r in audience.rows]
+        self.check_audience(items, size, include, users, audience.scores.tolist())
+        return audience

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import recsvc.index
 from recsvc.bundle import load_bundle, read_latest
 from recsvc.ranking import Recommender, Source
-from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery, TargetQuery
+from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.targeting import Targeter
 from tests.conftest import PARAMS
 from tests.recsvc.rules_oracle import Oracle
@@ -107,13 +107,4 @@ def test_audiences_through_the_user_index(
     recommender: Recommender, oracle: Oracle, data: st.DataObject
 ) -> None:
     targeter = Targeter(recommender.bundle, exact_max_base=0)  # small audiences: the index
-    active = [i for i in targeter.bundle.items.ids if oracle.active[i]]
-    items = data.draw(st.lists(st.sampled_from(active), min_size=1, max_size=3, unique=True))
-    size = data.draw(st.integers(1, 2000))
-    include = data.draw(st.booleans())
-    a = targeter.target(
-        TargetQuery(item_ids=tuple(items), audience_size=size, include_holders=include)
-    )
-    assert a.indexed
-    users = [targeter.bundle.users.ids[r] for r in a.rows]
-    oracle.check_audience(items, size, include, users, a.scores.tolist())
+    assert oracle.check_drawn_campaign(targeter, data).indexed

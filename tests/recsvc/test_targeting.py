@@ -43,15 +43,7 @@ def targeter(bundle_path: Path) -> Targeter:
 def test_audience_rules_hold_for_any_campaign(
     targeter: Targeter, oracle: Oracle, data: st.DataObject
 ) -> None:
-    active = [i for i in targeter.bundle.items.ids if oracle.active[i]]
-    items = data.draw(st.lists(st.sampled_from(active), min_size=1, max_size=3, unique=True))
-    size = data.draw(st.integers(1, 2000))
-    include = data.draw(st.booleans())
-    a = targeter.target(
-        TargetQuery(item_ids=tuple(items), audience_size=size, include_holders=include)
-    )
-    users = [targeter.bundle.users.ids[r] for r in a.rows]
-    oracle.check_audience(items, size, include, users, a.scores.tolist())
+    oracle.check_drawn_campaign(targeter, data)
 
 
 def test_holders_are_left_out_unless_asked(targeter: Targeter, oracle: Oracle) -> None:
