@@ -33,6 +33,8 @@ __all__ = ["EXACT_MAX_BASE", "Audience", "ExclusionCounts", "Targeter"]
 EXACT_MAX_BASE = 5_000_000
 _INDEX_MAX_AUDIENCE = 50_000
 _BLOCK = 1 << 18
+# Products scored together by target_each: a (block x eligible customers) float32 matrix.
+_EACH_BLOCK = 32
 
 
 @dataclass
@@ -99,12 +101,15 @@ class Targeter:
                 raise PreconditionFailed(f"item_id {item_id!r} is not an active product")
         return np.unique(rows)
 
-    def target(self, q: TargetQuery) -> Audience:
+    def _check_answerable(self) -> None:
         if not self.answerable:
             raise PreconditionFailed(
                 "the model has no users table, so marketing consent is unknown; start the "
                 "server with --no-consent-data if this data set carries no consent requirement"
             )
+
+    def target(self, q: TargetQuery) -> Audience:
+        self._check_answerable()
         items = self._item_rows(q.item_ids)
         excluded = ExclusionCounts()
         eligible = self.consent.copy()
@@ -149,3 +154,50 @@ class Targeter:
             candidates, scores = candidates[keep], scores[keep]
         best = topk(scores, size)
         return candidates[best], scores[best]
+
+    def target_each(
+        self, size: int, include_holders: bool = False, block: int = _EACH_BLOCK
+    ) -> Iterator[tuple[int, Audience]]:
+        """``(item row, audience)`` for every active product: its top ``size`` customers.
+
+        The audience ``target`` gives for that product alone (exact, same rules, same
+        counts), found in one matrix product per block of products of one risk level
+        rather than one pass over every customer per product.
+        """
+        self._check_answerable()
+        vectors, item_vectors = self.bundle.user_index.vectors, self.bundle.item_index.vectors
+        active = np.flatnonzero(self.item_active)
+        no_consent = int(len(self.consent) - self.consent.sum())
+        for risk in np.unique(self.item_risk[active]):
+            suitable = suitable_users(self.tolerance, int(risk))
+            unsuitable = int((self.consent & ~suitable).sum())
+            candidates = np.flatnonzero(self.consent & suitable)
+            base = vectors[candidates]  # one copy per risk level, reused by every block
+            group = active[self.item_risk[active] == risk]
+            for start in range(0, len(group), block):
+                products = group[start : start + block]
+                scores = item_vectors[products] @ base.T  # (products, candidates)
+                for row, product_scores in zip(products.tolist(), scores, strict=True):
+                    excluded = ExclusionCounts(no_consent=no_consent, unsuitable=unsuitable)
+                    keep = None
+                    if not include_holders:
+                        held = self.holders(row)  # eligible ones leave the candidates
+                        at = np.searchsorted(candidates, held)
+                        inside = at < len(candidates)
+                        at = at[inside][candidates[at[inside]] == held[inside]]
+                        excluded.holders = len(at)
+                        keep = np.ones(len(candidates), dtype=bool)
+                        keep[at] = False
+                    rows = candidates if keep is None else candidates[keep]
+                    product_scores = product_scores if keep is None else product_scores[keep]
+                    best = topk(product_scores, size)
+                    yield (
+                        row,
+                        Audience(
+                            rows[best],
+                            product_scores[best],
+                            self.bundle.version,
+                            len(rows),
+                            excluded,
+                        ),
+                    )
