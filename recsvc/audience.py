@@ -15,7 +15,16 @@ import pyarrow.parquet as pq
 from recsvc.requests import TargetQuery
 from recsvc.targeting import ExclusionCounts
 
-__all__ = ["audience_meta", "write_audience"]
+__all__ = ["audience_meta", "fsync_path", "write_audience"]
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk (before a rename publishes it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def audience_meta(
@@ -35,8 +44,9 @@ def audience_meta(
 def write_audience(out: Path, table: pa.Table, meta: dict[str, Any]) -> Path:
     """Write ``out`` and ``out.json`` (model version, time, request, exclusions).
 
-    Both are written beside their final names and renamed into place, so a reader
-    never sees half a file. Returns the sidecar path.
+    Both are written beside their final names, flushed to disk and renamed into
+    place, data first: a reader never sees half a file, nor (after a power loss) a
+    sidecar vouching for an empty one. Returns the sidecar path.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     sidecar = out.with_name(out.name + ".json")
@@ -44,6 +54,9 @@ def write_audience(out: Path, table: pa.Table, meta: dict[str, Any]) -> Path:
     tmp_meta = sidecar.with_name(f".{sidecar.name}.tmp")
     pq.write_table(table, tmp_data)
     tmp_meta.write_text(json.dumps({**meta, "rows": table.num_rows}, indent=2, default=str))
+    fsync_path(tmp_data)
+    fsync_path(tmp_meta)
     os.replace(tmp_data, out)
     os.replace(tmp_meta, sidecar)
+    fsync_path(out.parent)  # the renames themselves
     return sidecar

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from recsvc.audience import audience_meta, write_audience
+from recsvc.audience import audience_meta, fsync_path, write_audience
 from recsvc.bundle import load_bundle, read_latest
-from recsvc.errors import BundleError
+from recsvc.errors import BundleError, RecsvcError
 from recsvc.requests import TargetQuery
 from recsvc.targeting import Audience, Targeter
 
 __all__ = ["audience_table", "export_all_items", "export_audience", "open_targeter"]
 
 _CHUNK = 100_000
+_VERSION_FILE = "_version"  # marks a folder as an all-items export (readers skip "_" names)
 
 
 def open_targeter(models: Path, consent_required: bool = True) -> Targeter:
@@ -51,8 +55,43 @@ def export_audience(
 def export_all_items(
     targeter: Targeter, size: int, out: Path, include_holders: bool = False, progress: bool = True
 ) -> int:
-    """Top-``size`` audience of every active product into one dataset partitioned by item_id."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Top-``size`` audience of every active product into one dataset partitioned by item_id.
+
+    The dataset is built in a hidden sibling folder and swapped in whole, so ``out``
+    never mixes two runs (a product since retired, customers who since withdrew
+    consent would otherwise stay in it, looking current). Partition folders are
+    ``item_id=<percent-encoded id>``: any id stays inside ``out``, and pyarrow's hive
+    partitioning (``segment_encoding="uri"``, its default) reads the id back.
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        RecsvcError: ``out`` exists and is neither empty nor an earlier export.
+    """
+    out = out.resolve()
+    if out.exists() and not _replaceable(out):
+        raise RecsvcError(f"{out} is not an earlier --all-items export; refusing to replace it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed run that had our pid
+    tmp.mkdir(parents=True)
+    try:
+        rows = _write_partitions(targeter, size, tmp, include_holders, progress)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return rows
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty folder, or one an earlier export wrote: never a user's other files."""
+    return out.is_dir() and ((out / _VERSION_FILE).is_file() or next(out.iterdir(), None) is None)
+
+
+def _write_partitions(
+    targeter: Targeter, size: int, folder: Path, include_holders: bool, progress: bool
+) -> int:
     b = targeter.bundle
     rows_written = 0
     active = np.flatnonzero(targeter.item_active)
@@ -64,9 +103,36 @@ def export_all_items(
         audience = targeter.target(query)
         table = audience_table(targeter, audience)
         table = table.append_column("rank", pa.array(np.arange(1, table.num_rows + 1), pa.int32()))
-        part = out / f"item_id={item_id}"
-        part.mkdir(exist_ok=True)
+        # Every character but letters, digits and "_.-~" is escaped, "/" and "%" too, so
+        # the name is one path segment and distinct ids get distinct folders.
+        part = folder / f"item_id={quote(item_id, safe='')}"
+        part.mkdir()
         pq.write_table(table, part / "part-0.parquet")
+        fsync_path(part / "part-0.parquet")
+        fsync_path(part)
         rows_written += table.num_rows
-    (out / "_version").write_text(b.version + "\n")
+    (folder / _VERSION_FILE).write_text(b.version + "\n")
+    fsync_path(folder / _VERSION_FILE)
+    fsync_path(folder)
     return rows_written
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put folder ``new`` at ``out`` by renames, removing what was there.
+
+    Between the two renames ``out`` is briefly absent, never half written.
+    """
+    if not out.exists():
+        os.rename(new, out)
+        fsync_path(out.parent)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    fsync_path(out.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,8 +1,9 @@
 """Publishing a model bundle atomically, and keeping the newest N.
 
-Everything is written into a hidden temporary folder, the manifest last; the
-folder is renamed into place; then ``LATEST`` is replaced by an atomic rename.
-A crash at any point leaves ``LATEST`` naming a complete bundle.
+Everything is written into a hidden temporary folder and flushed to disk, the
+manifest last; the folder is renamed into place; then ``LATEST`` is replaced by an
+atomic rename. A crash, or a power loss, at any point leaves ``LATEST`` naming a
+complete bundle.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def new_version(now: datetime | None = None) -> str:
     return now.strftime("v%Y%m%d-%H%M%S-%f")
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -57,7 +59,7 @@ def write_latest(models: Path, version: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, models / LATEST)
-    _fsync_dir(models)
+    _fsync(models)
 
 
 def _popularity(data: TrainingData) -> np.ndarray:
@@ -113,10 +115,12 @@ def publish(
         faiss.write_index(
             build_index(model.user_factors, user_spec, model.params.seed), str(tmp / "users.faiss")
         )
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(tmp.iterdir())
-        }
+        files: dict[str, dict[str, Any]] = {}
+        for p in sorted(tmp.iterdir()):
+            # On disk before the manifest that vouches for it: after a power loss,
+            # LATEST must never name a bundle whose files came back empty.
+            _fsync(p)
+            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "version": version,
@@ -147,10 +151,10 @@ def publish(
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        _fsync(tmp)
         final = models / version
         os.rename(tmp, final)
-        _fsync_dir(models)
+        _fsync(models)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

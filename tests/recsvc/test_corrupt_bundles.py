@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsvc.bundle import LATEST, read_latest, sha256_file
+from recsvc.ranking import Source
+from recsvc.requests import RecommendQuery
 from recsvc.store import ModelStore
 from training.publish import write_latest
 
@@ -170,6 +172,14 @@ def test_every_corrupt_version_is_rejected_and_the_old_one_keeps_serving(
     assert good is not None
     store = ModelStore(models_copy)
     assert store.refresh() and store.version == good
+    recommender = store.current().recommender
+    query = next(
+        q
+        for q in (RecommendQuery(user_id=u, k=5) for u in recommender.bundle.users.ids)
+        if recommender.recommend(q).source == Source.PERSONALIZED
+    )
+    expected = recommender.recommend(query)
+    assert len(expected.items) == 5
     rejected = 0
     with caplog.at_level(logging.ERROR, logger="recsvc.store"):
         for n, (kind, corrupt) in enumerate(CASES.items()):
@@ -180,7 +190,8 @@ def test_every_corrupt_version_is_rejected_and_the_old_one_keeps_serving(
             rejected += 1
             assert store.version == good, kind
             assert store.stats.rejected == rejected, kind
-            assert store.current().recommender.recommend  # still answering
+            # Still answering, the same as before, from the good version.
+            assert store.current().recommender.recommend(query) == expected, kind
             assert any(folder.name == getattr(r, "version", None) for r in caplog.records), kind
             assert not store.refresh()  # a rejected version is not retried every poll
     for latest in ("v-missing-folder", "../../etc", "", "\x00bad"):

@@ -19,6 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.bundle import read_latest
+from recsvc.ranking import Ranked
+from recsvc.requests import RecommendQuery
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc
 from tests.conftest import ServerThread, settings_for
@@ -132,10 +134,40 @@ def test_overload_is_refused_fast(models_dir: Path) -> None:
         s.stop()
 
 
-def test_no_work_for_an_expired_deadline(models_dir: Path) -> None:
+class _Ranked:
+    """Counts the rankings the served model does."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, s: ServerThread) -> None:
+        self.calls = 0
+        recommender = s.running.store.current().recommender
+        real = recommender.recommend
+
+        def counted(query: RecommendQuery) -> Ranked:
+            self.calls += 1
+            return real(query)
+
+        monkeypatch.setattr(recommender, "recommend", counted)
+
+
+class _ExpiredContext:
+    """What a handler sees when its call waited past the client's deadline."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+
+    def time_remaining(self) -> float:
+        return -0.05
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        raise grpc.aio.AbortError(details)
+
+
+def test_no_work_for_an_expired_deadline(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = ServerThread(settings_for(models_dir))
     try:
         stats = s.running.service.stats
+        ranked = _Ranked(monkeypatch, s)
 
         async def busy() -> None:
             time.sleep(0.5)  # blocks the server's event loop, as a burst of work would
@@ -146,12 +178,26 @@ def test_no_work_for_an_expired_deadline(models_dir: Path) -> None:
                 s.stub.Recommend(pb.RecommendRequest(user_id="C00000001"), timeout=0.1)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(0.6)
-        # gRPC drops a call whose deadline passed while it queued; one that reaches our
-        # handler late is refused before any ranking. Either way: no work was done.
-        assert stats["Recommend", "OK"] == 0
+        # gRPC itself drops these (in practice all of them): the deadline passes before
+        # the request is read, so our handler never starts. Either way, no work was done.
+        assert ranked.calls == 0 and stats["Recommend", "OK"] == 0
         assert set(stats) <= {("Recommend", "DEADLINE_EXCEEDED")}
+        refused = stats["Recommend", "DEADLINE_EXCEEDED"]
+
+        # A call that does reach the handler late is refused before any ranking.
+        expired = 3
+        for _ in range(expired):
+            context = _ExpiredContext()
+            with pytest.raises(grpc.aio.AbortError):
+                s.call(
+                    s.running.service.Recommend(pb.RecommendRequest(user_id="C00000001"), context)
+                )
+            assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert stats["Recommend", "DEADLINE_EXCEEDED"] == refused + expired
+        assert ranked.calls == 0 and stats["Recommend", "OK"] == 0
+
         assert s.stub.Recommend(pb.RecommendRequest(user_id="C00000001"), timeout=5).items
-        assert stats["Recommend", "OK"] == 1
+        assert ranked.calls == 1 and stats["Recommend", "OK"] == 1  # the counter sees work
     finally:
         s.stop()
 

@@ -156,7 +156,6 @@ def test_no_model_is_unavailable_then_serving_after_publish(
         assert s.stub.Recommend(pb.RecommendRequest(user_id="u"), timeout=5).source == pb.POPULAR
     finally:
         s.stop()
-    # Graceful shutdown flips health first.
 
 
 def _wait_version(s: ServerThread, version: str, seconds: float = 20) -> bool:
@@ -169,7 +168,7 @@ def _wait_version(s: ServerThread, version: str, seconds: float = 20) -> bool:
 
 
 def test_hot_reload_and_corrupt_versions_are_never_served(
-    models_copy: Path, training_data: TrainingData
+    models_copy: Path, training_data: TrainingData, tmp_path: Path
 ) -> None:
     first = read_latest(models_copy)
     s = ServerThread(settings_for(models_copy))
@@ -180,13 +179,18 @@ def test_hot_reload_and_corrupt_versions_are_never_served(
             models_copy, training_data, fit_model(training_data.user_items, PARAMS, progress=False)
         )
         assert _wait_version(s, second.name)
-        third = publish(
-            models_copy, training_data, fit_model(training_data.user_items, PARAMS, progress=False)
+        # Publish the third elsewhere and corrupt it there, so it is already bad when
+        # LATEST first names it: the poller can never catch it intact.
+        staged = publish(
+            tmp_path / "staging",
+            training_data,
+            fit_model(training_data.user_items, PARAMS, progress=False),
         )
-        # Corrupt it after publishing; LATEST already names it.
-        p = third / "item_factors.npy"
+        p = staged / "item_factors.npy"
         p.write_bytes(p.read_bytes()[:-8] + b"\x00" * 8)
-        deadline = time.time() + 2
+        third = staged.rename(models_copy / staged.name)
+        write_latest(models_copy, third.name)
+        deadline = time.time() + 20
         while s.running.store.stats.rejected == 0 and time.time() < deadline:
             time.sleep(0.05)
         assert s.running.store.stats.rejected == 1
@@ -215,9 +219,20 @@ def test_start_falls_back_to_newest_valid_version(
         s.stop()
 
 
-def test_graceful_stop_reports_not_serving(models_dir: Path) -> None:
+def test_graceful_stop_reports_not_serving_before_the_server_goes(models_dir: Path) -> None:
     s = ServerThread(settings_for(models_dir))
-    assert _health(s.channel) == health_pb2.HealthCheckResponse.SERVING
-    s.call(s.running.health.enter_graceful_shutdown())
-    assert _health(s.channel) == health_pb2.HealthCheckResponse.NOT_SERVING
-    s.stop()
+    s.start_polling()
+    watcher = grpc.insecure_channel(f"localhost:{s.running.port}")
+    try:
+        # A Watch stream is an RPC in flight: it sees what health says while stop() drains.
+        watch = health_pb2_grpc.HealthStub(watcher).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        s.call(s.running.stop(grace=0.5))  # the path `recsvc serve` takes on SIGTERM
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError):  # the server cut the stream when the grace ran out
+            next(watch)
+        code = _code(s.stub.GetModelInfo, pb.GetModelInfoRequest())
+        assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        watcher.close()
+        s.stop()

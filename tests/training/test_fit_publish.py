@@ -99,6 +99,36 @@ def test_publish_keeps_the_newest_versions(training_data: TrainingData, tmp_path
     assert prune(tmp_path, keep=1) == [published[-2]]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds via /proc")
+def test_every_bundle_file_is_on_disk_before_the_manifest_and_the_renames(
+    training_data: TrainingData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a power loss LATEST must not name a bundle whose files came back empty."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    models = Path(os.path.realpath(tmp_path))
+    folder = publish(
+        models, training_data, fit_model(training_data.user_items, PARAMS, progress=False)
+    )
+    tmp = models / f".tmp-{folder.name}"
+    data = sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
+    assert len(data) >= 10
+    assert synced == [
+        *(str(tmp / name) for name in data),  # each file once, before the manifest
+        str(tmp / "manifest.json"),
+        str(tmp),
+        str(models),  # the bundle's rename
+        str(models / f".tmp-{LATEST}-{os.getpid()}"),
+        str(models),  # LATEST's rename
+    ]
+
+
 def test_killed_publish_leaves_latest_intact(models_copy: Path, sample_dir: Path) -> None:
     """A trainer killed mid-publish (SIGKILL-like os._exit) never moves LATEST."""
     before = read_latest(models_copy)
