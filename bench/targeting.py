@@ -13,6 +13,7 @@ customer.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["main", "measure"]
+
+_EACH_PRODUCTS = 256
 
 
 def measure(models: Path, size: int, products: int, full_products: int) -> dict[str, Any]:
@@ -69,6 +72,11 @@ def measure(models: Path, size: int, products: int, full_products: int) -> dict[
         exact = set(full.rows[: len(approx.rows)].tolist())
         overlap.append(len(exact & set(approx.rows.tolist())) / max(1, len(approx.rows)))
     whole = [timed(item_id, MAX_AUDIENCE) for item_id in ids[:full_products]]
+    # Every product's audience (recsvc-train audience --all-items), the first few blocks.
+    start = time.perf_counter()
+    each = sum(1 for _ in itertools.islice(targeter.target_each(1000), _EACH_PRODUCTS))
+    each_s = time.perf_counter() - start
+    one = [timed(item_id, 1000)[0] for item_id in ids]
     return {
         "version": version,
         "users": len(bundle.users),
@@ -83,6 +91,9 @@ def measure(models: Path, size: int, products: int, full_products: int) -> dict[
         "small_overlap": [round(o, 4) for o in overlap],
         "full_s": [round(s, 3) for s, _ in whole],
         "full_rows": [len(a.rows) for _, a in whole],
+        "each_products": each,
+        "each_ms": round(each_s / max(1, each) * 1000, 2),
+        "one_ms": round(float(np.mean(one)) * 1000, 2),
     }
 
 
