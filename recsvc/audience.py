@@ -12,19 +12,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsvc.files import fsync_path
 from recsvc.requests import TargetQuery
 from recsvc.targeting import ExclusionCounts
 
-__all__ = ["audience_meta", "fsync_path", "write_audience"]
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to disk (before a rename publishes it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["audience_meta", "write_audience"]
 
 
 def audience_meta(

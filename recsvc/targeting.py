@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from recsvc.bundle import Bundle
-from recsvc.errors import NotFound, PreconditionFailed
+from recsvc.errors import InvalidArgument, NotFound, PreconditionFailed
 from recsvc.index import AllowedSet, topk
-from recsvc.requests import TargetQuery
+from recsvc.requests import MAX_AUDIENCE, TargetQuery
 from recsvc.rules import ItemRules, consent_mask, suitable_users, user_tolerance
 
 __all__ = ["EXACT_MAX_BASE", "Audience", "ExclusionCounts", "Targeter"]
@@ -165,6 +165,10 @@ class Targeter:
         rather than one pass over every customer per product.
         """
         self._check_answerable()
+        if not 1 <= size <= MAX_AUDIENCE:
+            raise InvalidArgument(
+                "audience_size", f"must be between 1 and {MAX_AUDIENCE:,}, got {size}"
+            )
         vectors, item_vectors = self.bundle.user_index.vectors, self.bundle.item_index.vectors
         active = np.flatnonzero(self.item_active)
         no_consent = int(len(self.consent) - self.consent.sum())

@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from recsvc.audience import audience_meta, fsync_path, write_audience
+from recsvc.audience import audience_meta, write_audience
 from recsvc.bundle import load_bundle, read_latest
 from recsvc.errors import BundleError, RecsvcError
+from recsvc.files import fsync_path
 from recsvc.requests import TargetQuery
 from recsvc.targeting import Audience, Targeter
 
@@ -94,13 +95,12 @@ def _write_partitions(
 ) -> int:
     b = targeter.bundle
     rows_written = 0
-    active = np.flatnonzero(targeter.item_active)
-    for row in tqdm(active, desc="products", unit="item", disable=not progress):
+    audiences = targeter.target_each(size, include_holders)  # blocks of products at a time
+    total = int(targeter.item_active.sum())
+    for row, audience in tqdm(
+        audiences, total=total, desc="products", unit="item", disable=not progress
+    ):
         item_id = b.items.ids[row]
-        query = TargetQuery(
-            item_ids=(item_id,), audience_size=size, include_holders=include_holders
-        )
-        audience = targeter.target(query)
         table = audience_table(targeter, audience)
         table = table.append_column("rank", pa.array(np.arange(1, table.num_rows + 1), pa.int32()))
         # Every character but letters, digits and "_.-~" is escaped, "/" and "%" too, so

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from recsvc.bundle import LATEST, MANIFEST, SCHEMA_VERSION, list_versions, read_latest, sha256_file
+from recsvc.files import fsync_path
 from recsvc.index import build_index, choose_index_spec
 from training.data import TrainingData
 from training.fit import FittedModel
@@ -38,15 +39,6 @@ def new_version(now: datetime | None = None) -> str:
     return now.strftime("v%Y%m%d-%H%M%S-%f")
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_npy(folder: Path, name: str, array: np.ndarray) -> None:
     np.save(folder / name, np.ascontiguousarray(array), allow_pickle=False)
 
@@ -59,7 +51,7 @@ def write_latest(models: Path, version: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, models / LATEST)
-    _fsync(models)
+    fsync_path(models)
 
 
 def _popularity(data: TrainingData) -> np.ndarray:
@@ -119,7 +111,7 @@ def publish(
         for p in sorted(tmp.iterdir()):
             # On disk before the manifest that vouches for it: after a power loss,
             # LATEST must never name a bundle whose files came back empty.
-            _fsync(p)
+            fsync_path(p)
             files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -151,10 +143,10 @@ def publish(
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         final = models / version
         os.rename(tmp, final)
-        _fsync(models)
+        fsync_path(models)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

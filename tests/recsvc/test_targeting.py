@@ -197,3 +197,5 @@ def test_target_each_gives_every_product_its_own_audience(
         )
         seen += 1
     assert seen == int(targeter.item_active.sum())
+    with pytest.raises(InvalidArgument, match="audience_size"):
+        next(targeter.target_each(0))
