@@ -102,6 +102,8 @@ class ServerThread:
             self.call(self.running.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()  # its self-pipe sockets too (ResourceWarning otherwise)
 
 
 def settings_for(models: Path, **kw: object) -> ServerSettings:
