@@ -77,6 +77,18 @@ def models_copy(tmp_path: Path, models_dir: Path) -> Path:
     return dst
 
 
+# The classic hostile pickle (calls os.system("true") when unpickled), as raw bytes.
+_HOSTILE_PICKLE = b"cos\nsystem\n(S'true'\ntR."
+
+
+def write_pickled_npy(path: Path) -> None:
+    """An .npy file whose object array holds a pickle, written without pickling anything."""
+    with path.open("wb") as f:
+        header = {"descr": "|O", "fortran_order": False, "shape": (1,)}
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(_HOSTILE_PICKLE)
+
+
 class ServerThread:
     """A real server in a background event loop, for synchronous tests."""
 

@@ -6,11 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from recsvc.bundle import load_bundle, read_latest
 from recsvc.errors import BundleError
+from tests.conftest import write_pickled_npy
 
 
 def _version(models: Path) -> Path:
@@ -44,7 +44,7 @@ def _truncate(folder: Path) -> None:
 
 def _pickle_npy(folder: Path) -> None:
     p = folder / "popularity.npy"
-    np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    write_pickled_npy(p)
     _rewrite_manifest(
         folder,
         lambda m: m["files"]["popularity.npy"].update(

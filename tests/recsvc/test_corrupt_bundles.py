@@ -18,6 +18,7 @@ from recsvc.bundle import LATEST, read_latest, sha256_file
 from recsvc.ranking import Source
 from recsvc.requests import RecommendQuery
 from recsvc.store import ModelStore
+from tests.conftest import write_pickled_npy
 from training.publish import write_latest
 
 Corruption = Callable[[Path], None]
@@ -73,10 +74,6 @@ def _restamped(name: str, write: Callable[[Path], None]) -> Corruption:
         _restamp(folder, name)
 
     return f
-
-
-def _pickled(p: Path) -> None:
-    np.save(p, np.array([{"evil": True}], dtype=object), allow_pickle=True)
 
 
 def _short_users(p: Path) -> None:
@@ -142,7 +139,7 @@ CASES: dict[str, Corruption] = {
     "faiss-not-an-index": _restamped("users.faiss", lambda p: p.write_bytes(b"\x00" * 4096)),
     "faiss-wrong-dimension": _restamped("items.faiss", _wrong_dim_index),
     "faiss-wrong-metric": _restamped("items.faiss", _l2_index),
-    "npy-holds-pickle": _restamped("popularity.npy", _pickled),
+    "npy-holds-pickle": _restamped("popularity.npy", write_pickled_npy),
     "npy-wrong-dtype": _restamped("item_factors.npy", _float64_factors),
     "npy-nan": _restamped("user_factors.npy", _nan_factors),
     "csr-out-of-range": _restamped("user_items_indices.npy", _indices_out_of_range),
