@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsvc.errors import BundleError
+from recsvc.errors import BundleError, BundleUnreadable
 from recsvc.index import IndexSpec, VectorIndex, read_index
 from recsvc.vocab import Vocabulary
 
@@ -90,7 +90,7 @@ def read_latest(models: Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:  # a folder, no permission, an I/O error
-        raise BundleError(f"{LATEST} cannot be read ({exc.strerror or exc})") from exc
+        raise BundleUnreadable(f"{LATEST} cannot be read ({exc.strerror or exc})") from exc
     return text or None
 
 
@@ -115,7 +115,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise BundleError(f"{folder.name}: no {MANIFEST}") from exc
     except OSError as exc:
-        raise BundleError(f"{folder.name}: {MANIFEST} cannot be read ({exc.strerror})") from exc
+        message = f"{folder.name}: {MANIFEST} cannot be read ({exc.strerror})"
+        raise BundleUnreadable(message) from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{folder.name}: {MANIFEST} is not valid JSON") from exc
     if not isinstance(manifest, dict):
@@ -163,7 +164,8 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
         try:
             digest = sha256_file(folder / name)
         except OSError as exc:
-            raise BundleError(f"{folder.name}: {name} cannot be read ({exc.strerror})") from exc
+            message = f"{folder.name}: {name} cannot be read ({exc.strerror})"
+            raise BundleUnreadable(message) from exc
         if digest != entry["sha256"]:
             raise BundleError(f"{folder.name}: {name} fails its sha256 check")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "BundleError",
+    "BundleUnreadable",
     "DataError",
     "DeadlineExpired",
     "InvalidArgument",
@@ -48,6 +49,10 @@ class DeadlineExpired(RecsvcError):
 
 class BundleError(RecsvcError):
     """A model bundle is missing, corrupt or does not match its manifest."""
+
+
+class BundleUnreadable(BundleError):
+    """A bundle file (or LATEST) could not be read at all: an I/O error, maybe passing."""
 
 
 class DataError(RecsvcError):

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import signal
 from dataclasses import dataclass
 
@@ -163,17 +164,35 @@ def serve_forever(settings: ServerSettings) -> int:
     for p in procs:
         p.start()
 
-    def forward(_signum: int, _frame: object) -> None:
+    stopping = False
+
+    def stop_all() -> None:
         for p in procs:  # each worker drains on SIGTERM
-            if p.pid is not None:
+            if p.pid is not None and p.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.terminate()
 
+    def forward(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        stop_all()
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for p in procs:
-        p.join()
-    failed = [p.exitcode for p in procs if p.exitcode]
-    if failed:
-        log.error("worker exited with an error", extra={"exit_codes": failed})
+    failed: list[int] = []
+    running = list(procs)
+    while running:
+        # The first worker to exit wakes us: a crash is seen at once, not after the others.
+        done = set(multiprocessing.connection.wait([p.sentinel for p in running]))
+        for p in [p for p in running if p.sentinel in done]:
+            p.join()
+            running.remove(p)
+            # SIGTERM from us (a worker still importing has no handler yet) is a clean stop.
+            clean = p.exitcode == 0 or (stopping and p.exitcode == -signal.SIGTERM)
+            if not clean:
+                failed.append(int(p.exitcode or 0))
+                if not stopping:
+                    log.error("worker exited; stopping the others", extra={"exit_code": p.exitcode})
+                    stopping = True
+                    stop_all()
     return 1 if failed else 0

@@ -84,14 +84,22 @@ class ServerSettings:
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, got {self.port}")
+            raise ValueError(f"--port must be 0..65535, got {self.port}")
         if self.poll_interval <= 0:
-            raise ValueError("poll interval must be positive")
+            raise ValueError("--poll-interval must be positive")
         if self.workers < 1:
-            raise ValueError("workers must be at least 1")
+            raise ValueError("--workers must be at least 1")
         if self.workers > 1 and self.port == 0:
-            raise ValueError("several workers need a fixed port to share")
+            raise ValueError("--workers above 1 need a fixed --port to share")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        for flag, path in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+            ("--auth-token-file", self.auth_token_file),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {path}: no such file")

@@ -21,7 +21,7 @@ from recsvc.bundle import (
     read_manifest,
     verify_files,
 )
-from recsvc.errors import BundleError, ModelUnavailable
+from recsvc.errors import BundleError, BundleUnreadable, ModelUnavailable
 from recsvc.ranking import Recommender
 from recsvc.requests import RecommendQuery, SimilarQuery
 from recsvc.targeting import Targeter
@@ -76,6 +76,7 @@ class ReloadStats:
     loaded: int = 0
     rejected: int = 0
     rejected_versions: list[str] = field(default_factory=list)
+    unreadable: int = 0  # read failures (I/O), retried every poll, counted once per error
     last_error: str = ""
 
 
@@ -89,7 +90,8 @@ class ModelStore:
         self.consent_required = consent_required
         self._trials = TrialRunner(consent_required) if trial_in_child else None
         self._model: ServedModel | None = None
-        self._rejected: set[str] = set()
+        self._rejected: set[str] = set()  # defective versions: never tried again
+        self._unreadable: dict[str, str] = {}  # what could not be read, and why: retried
         self._lock = threading.Lock()  # one load at a time; reads need no lock
         self.stats = ReloadStats()
 
@@ -124,10 +126,14 @@ class ModelStore:
             if self._trials is not None:
                 self._trials.trial(folder)
             model = load_served_model(folder, self.consent_required, verify=False)
-        except Exception as exc:  # whatever the cause, this version is not served
+        except BundleUnreadable as exc:  # an I/O error may pass (a volume not mounted yet)
+            self._note_unreadable(version, str(exc))
+            return False
+        except Exception as exc:  # any other failure: this version is never served
             reason = str(exc) if isinstance(exc, BundleError) else f"{type(exc).__name__}: {exc}"
             self._reject(version, reason)
             return False
+        self._unreadable.pop(version, None)
         self._model = model
         self.stats.loaded += 1
         log.info(
@@ -144,13 +150,22 @@ class ModelStore:
         self.stats.last_error = reason
         log.error("rejected model version", extra={"version": key, "reason": reason})
 
+    def _note_unreadable(self, key: str, reason: str) -> None:
+        """Count and log a read failure once per distinct error; ``key`` is retried."""
+        if self._unreadable.get(key) != reason:
+            self._unreadable[key] = reason
+            self.stats.unreadable += 1
+            self.stats.last_error = reason
+            log.error("cannot read model version", extra={"version": key, "reason": reason})
+
     def _latest(self) -> str | None:
         try:
-            return read_latest(self.models)
-        except BundleError as exc:  # LATEST unreadable: as if absent, reported once
-            if f"{LATEST}: {exc}" not in self._rejected:
-                self._reject(f"{LATEST}: {exc}", str(exc))
+            latest = read_latest(self.models)
+        except BundleUnreadable as exc:  # as if absent until it can be read again
+            self._note_unreadable(LATEST, str(exc))
             return None
+        self._unreadable.pop(LATEST, None)
+        return latest
 
     def refresh(self) -> bool:
         """Load the version LATEST names if it is new and valid. Returns True on a swap.

@@ -47,7 +47,24 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.delenv("RECSVC_MODELS")
     with pytest.raises(ValueError, match="no model folder"):
         ServerSettings.from_env()
-    with pytest.raises(ValueError, match="fixed port"):
+    with pytest.raises(ValueError, match="fixed --port"):
         ServerSettings.from_env(models=tmp_path, workers=2, port=0)
     with pytest.raises(ValueError, match="go together"):
         ServerSettings.from_env(models=tmp_path, tls_cert=tmp_path / "c")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--tls-cert", "/no/cert.pem", "--tls-key", "/no/key.pem"],
+        ["--auth-token-file", "/no/token"],
+        ["--workers", "0", "--port", "7000"],
+        ["--workers", "2", "--port", "0"],
+    ],
+)
+def test_serve_refuses_bad_settings_before_starting(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--models", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recsvc: error: ") and flags[0] in err

@@ -299,3 +299,12 @@ def test_workers_share_one_port(models_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_serve_exits_1_when_a_worker_cannot_start(models_dir: Path) -> None:
+    with socket.socket() as taken:  # held without SO_REUSEPORT: no worker can bind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = _serve_process(models_dir, taken.getsockname()[1], "--workers", "2")
+        assert proc.wait(timeout=60) == 1
