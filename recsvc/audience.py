@@ -20,7 +20,12 @@ __all__ = ["audience_meta", "write_audience"]
 
 
 def audience_meta(
-    version: str, query: TargetQuery, eligible: int, excluded: ExclusionCounts, source: str
+    version: str,
+    query: TargetQuery,
+    eligible: int,
+    excluded: ExclusionCounts,
+    approximate: bool,
+    source: str,
 ) -> dict[str, Any]:
     """The sidecar of an audience: model version, time, request, customers left out by rule."""
     return {
@@ -29,6 +34,7 @@ def audience_meta(
         "request": {**dataclasses.asdict(query), "item_ids": list(query.item_ids)},
         "eligible_users": eligible,
         "excluded": dataclasses.asdict(excluded),
+        "approximate": approximate,
         "source": source,
     }
 

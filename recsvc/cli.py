@@ -161,7 +161,7 @@ def _cmd_target(args: argparse.Namespace) -> int:
         request.min_score = query.min_score
     ids: list[str] = []
     scores: list[float] = []
-    version, excluded, eligible = "", ExclusionCounts(), 0
+    version, excluded, eligible, approximate = "", ExclusionCounts(), 0, False
     for msg in _stub(args).TargetUsers(request, metadata=_metadata(args), timeout=args.timeout):
         ids.extend(u.user_id for u in msg.users)
         scores.extend(u.score for u in msg.users)
@@ -169,11 +169,11 @@ def _cmd_target(args: argparse.Namespace) -> int:
         if msg.HasField("excluded"):
             counts = {f.name: getattr(msg.excluded, f.name) for f in fields(ExclusionCounts)}
             excluded = ExclusionCounts(**counts)
-            eligible = msg.eligible_users
+            eligible, approximate = msg.eligible_users, msg.approximate
     table = pa.table(
         {"user_id": pa.array(ids, pa.string()), "score": pa.array(scores, pa.float32())}
     )
-    meta = audience_meta(version, query, eligible, excluded, f"rpc {args.target}")
+    meta = audience_meta(version, query, eligible, excluded, approximate, f"rpc {args.target}")
     sidecar = write_audience(Path(args.out), table, meta)
     print(f"wrote {len(ids):,} customers to {args.out} (model {version}); sidecar {sidecar}")
     print(json.dumps(meta["excluded"]))

@@ -252,3 +252,4 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             )
         )
         msg.eligible_users = audience.eligible
+        msg.approximate = audience.indexed

@@ -33,8 +33,9 @@ __all__ = ["EXACT_MAX_BASE", "Audience", "ExclusionCounts", "Targeter"]
 EXACT_MAX_BASE = 5_000_000
 _INDEX_MAX_AUDIENCE = 50_000
 _BLOCK = 1 << 18
-# Products scored together by target_each: a (block x eligible customers) float32 matrix.
+# Products scored together by target_each, and the most bytes their score matrix takes.
 _EACH_BLOCK = 32
+_EACH_BYTES = 128 << 20
 
 
 @dataclass
@@ -160,9 +161,11 @@ class Targeter:
     ) -> Iterator[tuple[int, Audience]]:
         """``(item row, audience)`` for every active product: its top ``size`` customers.
 
-        The audience ``target`` gives for that product alone (exact, same rules, same
-        counts), found in one matrix product per block of products of one risk level
-        rather than one pass over every customer per product.
+        The same rules and counts as ``target`` for that product alone, found in one
+        matrix product per block of products of one risk level rather than one pass over
+        every customer per product. Exact, like ``target`` below ``exact_max_base``; a
+        block's matrix product may round the last bit of a score differently from
+        ``target``'s, so customers within about 1e-6 of each other can swap places.
         """
         self._check_answerable()
         if not 1 <= size <= MAX_AUDIENCE:
@@ -176,32 +179,26 @@ class Targeter:
             suitable = suitable_users(self.tolerance, int(risk))
             unsuitable = int((self.consent & ~suitable).sum())
             candidates = np.flatnonzero(self.consent & suitable)
-            base = vectors[candidates]  # one copy per risk level, reused by every block
+            base = vectors[candidates].T.copy()  # (dim, candidates), reused by every block
+            # Score matrices of about _EACH_BYTES: a block of 32 products at 1M customers.
+            step = max(1, min(block, _EACH_BYTES // (4 * max(1, len(candidates)))))
             group = active[self.item_risk[active] == risk]
-            for start in range(0, len(group), block):
-                products = group[start : start + block]
-                scores = item_vectors[products] @ base.T  # (products, candidates)
+            for start in range(0, len(group), step):
+                products = group[start : start + step]
+                scores = item_vectors[products] @ base  # (products, candidates)
                 for row, product_scores in zip(products.tolist(), scores, strict=True):
-                    excluded = ExclusionCounts(no_consent=no_consent, unsuitable=unsuitable)
-                    keep = None
-                    if not include_holders:
-                        held = self.holders(row)  # eligible ones leave the candidates
-                        at = np.searchsorted(candidates, held)
+                    held = 0
+                    if not include_holders:  # eligible holders drop out, in place
+                        holders = self.holders(row)
+                        at = np.searchsorted(candidates, holders)
                         inside = at < len(candidates)
-                        at = at[inside][candidates[at[inside]] == held[inside]]
-                        excluded.holders = len(at)
-                        keep = np.ones(len(candidates), dtype=bool)
-                        keep[at] = False
-                    rows = candidates if keep is None else candidates[keep]
-                    product_scores = product_scores if keep is None else product_scores[keep]
-                    best = topk(product_scores, size)
-                    yield (
-                        row,
-                        Audience(
-                            rows[best],
-                            product_scores[best],
-                            self.bundle.version,
-                            len(rows),
-                            excluded,
-                        ),
-                    )
+                        at = np.unique(at[inside][candidates[at[inside]] == holders[inside]])
+                        product_scores[at] = -np.inf
+                        held = len(at)
+                    eligible = len(candidates) - held
+                    best = topk(product_scores, min(size, eligible))
+                    excluded = ExclusionCounts(no_consent, unsuitable, held)
+                    version = self.bundle.version
+                    rows, top = candidates[best], product_scores[best]
+                    yield row, Audience(rows, top, version, eligible, excluded)
+            del base, scores  # before the next risk level's copy

@@ -49,7 +49,8 @@ def export_audience(
 ) -> tuple[Audience, Path]:
     audience = targeter.target(query)
     table = audience_table(targeter, audience, progress)
-    meta = audience_meta(audience.version, query, audience.eligible, audience.excluded, "offline")
+    a = audience
+    meta = audience_meta(a.version, query, a.eligible, a.excluded, a.indexed, "offline")
     return audience, write_audience(out, table, meta)
 
 

@@ -101,7 +101,8 @@ def test_rpc_cli_and_offline_agree(
     assert side["excluded"]["no_consent"] == msgs[-1].excluded.no_consent
     cli_side = json.loads((tmp_path / "cli.parquet.json").read_text())
     assert cli_side["rows"] == len(users)
-    for key in ("model_version", "request", "eligible_users", "excluded"):
+    assert side["approximate"] is False and msgs[-1].approximate is False
+    for key in ("model_version", "request", "eligible_users", "excluded", "approximate"):
         assert cli_side[key] == side[key], key
 
 
