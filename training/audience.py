@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from recsvc.targeting import Audience, Targeter
 
 __all__ = ["audience_table", "export_all_items", "export_audience", "open_targeter"]
 
+log = logging.getLogger(__name__)
 _CHUNK = 100_000
 _VERSION_FILE = "_version"  # marks a folder as an all-items export (readers skip "_" names)
 
@@ -72,6 +74,7 @@ def export_all_items(
         RecsvcError: ``out`` exists and is neither empty nor an earlier export.
     """
     out = out.resolve()
+    _recover(out)
     if out.exists() and not _replaceable(out):
         raise RecsvcError(f"{out} is not an earlier --all-items export; refusing to replace it")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -84,6 +87,37 @@ def export_all_items(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return rows
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(out: Path) -> None:
+    """Tidy up after exports that died: their folders, and an export left renamed away.
+
+    A run that crashed between its two renames left ``out`` missing and the previous
+    export at ``.{name}.old-<pid>``: that one is put back. Folders of runs whose process
+    is gone are removed; those of a run still going are left to it.
+    """
+    if not out.parent.is_dir():
+        return
+    for kind in ("old", "tmp"):
+        for path in sorted(out.parent.glob(f".{out.name}.{kind}-*")):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                os.rename(path, out)
+                log.warning("restored the export a crashed run left aside", extra={"out": str(out)})
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _replaceable(out: Path) -> bool:

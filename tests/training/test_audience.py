@@ -4,6 +4,8 @@ hold any item id safely, and every file is on disk before it is renamed into pla
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsvc.bundle import load_bundle
-from recsvc.errors import RecsvcError
+from recsvc.errors import InvalidArgument, RecsvcError
 from recsvc.requests import TargetQuery
 from recsvc.targeting import Targeter
 from training.audience import audience_table, export_all_items, export_audience
@@ -72,6 +74,26 @@ def test_refuses_to_replace_a_folder_it_did_not_write(targeter: Targeter, tmp_pa
         export_all_items(targeter, 5, out, progress=False)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["reports"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # exited and reaped: no such process now
+
+
+def test_a_crash_between_the_renames_is_repaired(targeter: Targeter, tmp_path: Path) -> None:
+    out = tmp_path / "all"
+    export_all_items(targeter, 5, out, progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    dead = _dead_pid()
+    out.rename(tmp_path / f".all.old-{dead}")  # the crashed run had moved it aside
+    (tmp_path / f".all.tmp-{dead}").mkdir()  # and left its half-built dataset
+    (tmp_path / ".all.tmp-x").mkdir()  # no pid: not an export's, left alone
+    with pytest.raises(InvalidArgument):  # this run fails too, after the repair
+        export_all_items(targeter, 0, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before  # the previous export is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".all.tmp-x", "all"]
 
 
 def _renamed(path: Path, column: str, names: dict[str, str], dst: Path) -> Path:
