@@ -23,6 +23,7 @@ __all__ = [
     "RecommendQuery",
     "SimilarQuery",
     "TargetQuery",
+    "check_audience_size",
     "check_id",
     "check_ids",
     "check_k",
@@ -46,6 +47,14 @@ def check_id(value: str, field_name: str, required: bool = True) -> str:
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
         raise InvalidArgument(field_name, "contains control characters")
     return value
+
+
+def check_audience_size(size: int) -> int:
+    """``size`` if it is a valid audience size (1..MAX_AUDIENCE), else InvalidArgument."""
+    if not 1 <= size <= MAX_AUDIENCE:
+        message = f"must be between 1 and {MAX_AUDIENCE:,}, got {size}"
+        raise InvalidArgument("audience_size", message)
+    return size
 
 
 def check_ids(values: Sequence[str], field_name: str, limit: int = MAX_LIST) -> tuple[str, ...]:
@@ -124,9 +133,6 @@ class TargetQuery:
         if not self.item_ids:
             raise InvalidArgument("item_ids", "must not be empty")
         check_ids(self.item_ids, "item_ids")
-        if not 1 <= self.audience_size <= MAX_AUDIENCE:
-            raise InvalidArgument(
-                "audience_size", f"must be between 1 and {MAX_AUDIENCE:,}, got {self.audience_size}"
-            )
+        check_audience_size(self.audience_size)
         if self.min_score is not None and self.min_score != self.min_score:
             raise InvalidArgument("min_score", "must be a number")

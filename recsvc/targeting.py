@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from recsvc.bundle import Bundle
-from recsvc.errors import InvalidArgument, NotFound, PreconditionFailed
+from recsvc.errors import NotFound, PreconditionFailed
 from recsvc.index import AllowedSet, topk
-from recsvc.requests import MAX_AUDIENCE, TargetQuery
+from recsvc.requests import TargetQuery, check_audience_size
 from recsvc.rules import ItemRules, consent_mask, suitable_users, user_tolerance
 
 __all__ = ["EXACT_MAX_BASE", "Audience", "ExclusionCounts", "Targeter"]
@@ -168,10 +168,8 @@ class Targeter:
         ``target``'s, so customers within about 1e-6 of each other can swap places.
         """
         self._check_answerable()
-        if not 1 <= size <= MAX_AUDIENCE:
-            raise InvalidArgument(
-                "audience_size", f"must be between 1 and {MAX_AUDIENCE:,}, got {size}"
-            )
+        check_audience_size(size)
+        version = self.bundle.version
         vectors, item_vectors = self.bundle.user_index.vectors, self.bundle.item_index.vectors
         active = np.flatnonzero(self.item_active)
         no_consent = int(len(self.consent) - self.consent.sum())
@@ -186,19 +184,20 @@ class Targeter:
             for start in range(0, len(group), step):
                 products = group[start : start + step]
                 scores = item_vectors[products] @ base  # (products, candidates)
-                for row, product_scores in zip(products.tolist(), scores, strict=True):
-                    held = 0
-                    if not include_holders:  # eligible holders drop out, in place
-                        holders = self.holders(row)
-                        at = np.searchsorted(candidates, holders)
-                        inside = at < len(candidates)
-                        at = np.unique(at[inside][candidates[at[inside]] == holders[inside]])
-                        product_scores[at] = -np.inf
-                        held = len(at)
+                for row, own in zip(products.tolist(), scores, strict=True):
+                    held = 0 if include_holders else self._drop_holders(row, candidates, own)
                     eligible = len(candidates) - held
-                    best = topk(product_scores, min(size, eligible))
+                    best = topk(own, min(size, eligible))
                     excluded = ExclusionCounts(no_consent, unsuitable, held)
-                    version = self.bundle.version
-                    rows, top = candidates[best], product_scores[best]
+                    rows, top = candidates[best], own[best]
                     yield row, Audience(rows, top, version, eligible, excluded)
             del base, scores  # before the next risk level's copy
+
+    def _drop_holders(self, item_row: int, candidates: np.ndarray, scores: np.ndarray) -> int:
+        """Score the product's holders among ``candidates`` (sorted) out; how many there were."""
+        holders = self.holders(item_row)
+        at = np.searchsorted(candidates, holders)
+        inside = at < len(candidates)
+        at = np.unique(at[inside][candidates[at[inside]] == holders[inside]])
+        scores[at] = -np.inf
+        return len(at)

@@ -51,8 +51,9 @@ def export_audience(
 ) -> tuple[Audience, Path]:
     audience = targeter.target(query)
     table = audience_table(targeter, audience, progress)
-    a = audience
-    meta = audience_meta(a.version, query, a.eligible, a.excluded, a.indexed, "offline")
+    meta = audience_meta(
+        audience.version, query, audience.eligible, audience.excluded, audience.indexed, "offline"
+    )
     return audience, write_audience(out, table, meta)
 
 
