@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peak import MARKER
-from recsvc.bundle import read_latest
+from recsvc.model.bundle import read_latest
 
 __all__ = [
     "BundleSpec",

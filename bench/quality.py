@@ -19,9 +19,9 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from recsvc.bundle import Bundle, load_bundle, read_latest
-from recsvc.index import VectorIndex, build_index, choose_index_spec, read_index
-from recsvc.rules import ItemRules, user_tolerance
+from recsvc.model.bundle import Bundle, load_bundle, read_latest
+from recsvc.model.index import VectorIndex, build_index, choose_index_spec, read_index
+from recsvc.model.rules import ItemRules, user_tolerance
 
 __all__ = ["QualityRow", "index_quality"]
 

@@ -6,7 +6,7 @@
   with the customer's CSR row (``filter_already_liked_items``) and the bank's
   item rules as ``filter_items``: the exact answer under the same rules.
 
-Both are built like ``recsvc.server.create_server``: a ``grpc.aio`` server with
+Both are built like ``recsvc.serving.server.create_server``: a ``grpc.aio`` server with
 the same options, health and reflection, the default event loop; one process, or
 ``--workers N`` spawned processes sharing the port, as ``recsvc serve`` does.
 
@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from recsvc.bundle import load_bundle, read_latest
+from recsvc.model.bundle import load_bundle, read_latest
 from recsvc.settings import ServerSettings
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
@@ -56,7 +56,7 @@ class NaiveService(_pb_grpc.RecommenderServicer):
         from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
-        from recsvc.rules import ItemRules, user_tolerance
+        from recsvc.model.rules import ItemRules, user_tolerance
 
         version = read_latest(models)
         if version is None:
@@ -106,7 +106,7 @@ class NaiveService(_pb_grpc.RecommenderServicer):
 async def serve(
     servicer: _pb_grpc.RecommenderServicer, host: str, port: int, reuse_port: bool = False
 ) -> None:
-    """Serve until SIGTERM, on the stack ``recsvc.server.create_server`` builds."""
+    """Serve until SIGTERM, on the stack ``recsvc.serving.server.create_server`` builds."""
     settings = ServerSettings(models=Path("."), host=host, port=port)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         servicer = EmptyService() if args.kind == "empty" else NaiveService(args.models)
         asyncio.run(serve(servicer, args.host, args.port))
         return 0
-    # As recsvc.server.serve_forever: spawned processes (gRPC must not fork), SO_REUSEPORT.
+    # As recsvc.serving.server.serve_forever: spawned processes (gRPC must not fork), SO_REUSEPORT.
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(target=_worker, args=(args.kind, args.models, args.host, args.port))

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsvc.bundle import read_latest
+from recsvc.model.bundle import read_latest
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
 

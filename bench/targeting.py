@@ -2,7 +2,7 @@
 
 Runs in its own process over a bundle, for a few active products of different
 risk levels: a 10,000-customer audience as served (exact blocked matrix products
-below ``recsvc.targeting.EXACT_MAX_BASE`` eligible customers, the user index
+below ``recsvc.model.targeting.EXACT_MAX_BASE`` eligible customers, the user index
 above), the same through the user index (rules inside the search) with its
 overlap with the exact audience, and the full ranked audience over every eligible
 customer.
@@ -30,9 +30,9 @@ _EACH_PRODUCTS = 256
 def measure(models: Path, size: int, products: int, full_products: int) -> dict[str, Any]:
     import faiss
 
-    from recsvc.bundle import load_bundle, read_latest
-    from recsvc.requests import MAX_AUDIENCE, TargetQuery
-    from recsvc.targeting import Targeter
+    from recsvc.model.bundle import load_bundle, read_latest
+    from recsvc.model.queries import MAX_AUDIENCE, TargetQuery
+    from recsvc.model.targeting import Targeter
 
     version = read_latest(models)
     if version is None:

@@ -52,7 +52,7 @@ def _stub(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from recsvc.server import serve_forever
+    from recsvc.serving.server import serve_forever
 
     settings = ServerSettings.from_env(
         models=Path(args.models) if args.models else None,
@@ -141,9 +141,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_target(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from recsvc.audience import audience_meta, write_audience
-    from recsvc.requests import TargetQuery
-    from recsvc.targeting import ExclusionCounts
+    from recsvc.audience_file import audience_meta, write_audience
+    from recsvc.model.queries import TargetQuery
+    from recsvc.model.targeting import ExclusionCounts
     from recsvc.v1 import recommender_pb2 as pb
 
     query = TargetQuery(  # checked here too, so a typo fails before the call

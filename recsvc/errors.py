@@ -1,6 +1,6 @@
 """The one error tree of recsvc.
 
-Domain code raises these; the gRPC edge (``recsvc.service``) maps each class to a
+Domain code raises these; the gRPC edge (``recsvc.serving.service``) maps each class to a
 status code in one table. Anything else that escapes is a bug and becomes INTERNAL.
 """
 

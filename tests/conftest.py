@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
-from recsvc.bundle import load_bundle, read_latest
-from recsvc.ranking import Recommender
-from recsvc.server import RunningServer, create_server
+from recsvc.model.bundle import load_bundle, read_latest
+from recsvc.model.ranking import Recommender
+from recsvc.serving.server import RunningServer, create_server
 from recsvc.settings import ServerSettings
 from recsvc.v1 import recommender_pb2_grpc
 from training.data import TrainingData, load_training_data

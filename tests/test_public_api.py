@@ -10,12 +10,13 @@ import pytest
 import recsvc
 import training
 
-MODULES = sorted(
+SUBMODULES = sorted(
     m.name
     for pkg in (recsvc, training)
     for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
     if not m.name.startswith("recsvc.v1")
 )
+MODULES = ["recsvc", *SUBMODULES]
 
 
 def _isort_key(name: str) -> tuple[int, str]:

@@ -135,8 +135,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_audience(args: argparse.Namespace) -> int:
-    from recsvc.requests import TargetQuery
-    from training.audience import export_all_items, export_audience, open_targeter
+    from recsvc.model.queries import TargetQuery
+    from training.export import export_all_items, export_audience, open_targeter
 
     targeter = open_targeter(Path(args.models), consent_required=not args.no_consent_data)
     out = Path(args.out)

@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 import scipy.sparse as sp
 
 from recsvc.errors import DataError
-from recsvc.vocab import Vocabulary
+from recsvc.model.vocab import Vocabulary
 
 __all__ = [
     "DEFAULT_EVENT_WEIGHTS",

@@ -1,8 +1,8 @@
 """Offline evaluation through the serving path: split, train, rank as served, measure.
 
 The model is trained on the train part by the project's own trainer, published as a
-bundle, loaded by ``recsvc.bundle.load_bundle`` and asked through
-``recsvc.ranking.Recommender.recommend``, the code behind the ``Recommend`` RPC: the
+bundle, loaded by ``recsvc.model.bundle.load_bundle`` and asked through
+``recsvc.model.ranking.Recommender.recommend``, the code behind the ``Recommend`` RPC: the
 rules, the exclusion of training items and the FAISS index all apply, so the offline
 figure is the online one. ``rank_endpoint`` asks a running server over gRPC instead;
 for the same bundle the two must agree. Baselines are ranked on the same split under
@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from recsvc.bundle import load_bundle, read_latest
 from recsvc.errors import BundleError, DataError, InvalidArgument, RecsvcError
-from recsvc.ranking import Recommender
-from recsvc.requests import MAX_K, RecommendQuery
+from recsvc.model.bundle import load_bundle, read_latest
+from recsvc.model.queries import MAX_K, RecommendQuery
+from recsvc.model.ranking import Recommender
 from training.baselines import rank_baseline
 from training.data import DataConfig, TrainingData, load_training_data
 from training.fit import FitParams, fit_model
@@ -248,7 +248,7 @@ def rank_endpoint(
 def _reference_rules(data: TrainingData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Item risk, item active and user tolerance, read straight from the tables.
 
-    Deliberately not ``recsvc.rules``: the violation counts check that code, so they
+    Deliberately not ``recsvc.model.rules``: the violation counts check that code, so they
     restate the data contract's null semantics (risk 5, tolerance 1, inactive) here.
     """
     n_items, n_users = len(data.items), len(data.users)

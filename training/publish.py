@@ -21,9 +21,16 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from recsvc.bundle import LATEST, MANIFEST, SCHEMA_VERSION, list_versions, read_latest, sha256_file
 from recsvc.files import fsync_path
-from recsvc.index import build_index, choose_index_spec
+from recsvc.model.bundle import (
+    LATEST,
+    MANIFEST,
+    SCHEMA_VERSION,
+    list_versions,
+    read_latest,
+    sha256_file,
+)
+from recsvc.model.index import build_index, choose_index_spec
 from training.data import TrainingData
 from training.fit import FittedModel
 

@@ -1,8 +1,8 @@
 """Offline top-k under the serving rules, for baselines and tuning.
 
-The model itself is evaluated through ``recsvc.ranking.Recommender``; what cannot go
+The model itself is evaluated through ``recsvc.model.ranking.Recommender``; what cannot go
 through it (a baseline's scores, the many candidate models of a tuning run) is ranked
-here under the same rules, built by the same ``recsvc.rules`` functions from the same
+here under the same rules, built by the same ``recsvc.model.rules`` functions from the same
 tables: active and suitable items only, never one the user has in training, and the
 most popular eligible items for a user without training history.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from recsvc.rules import MIN_LEVEL, ItemRules, user_tolerance
+from recsvc.model.rules import MIN_LEVEL, ItemRules, user_tolerance
 from training.data import TrainingData
 
 __all__ = ["Eligibility", "batches", "top_k_rows"]
@@ -113,7 +113,7 @@ def batches(n: int, n_items: int = 1) -> Iterator[slice]:
 def top_k_rows(scores: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
     """Per row, the k best allowed columns, ties by column; -1 past the allowed count.
 
-    Exact on ties, as ``recsvc.index.topk`` and the service's popularity order are: of
+    Exact on ties, as ``recsvc.model.index.topk`` and the service's popularity order are: of
     equal scores the lower column wins, also at the k-th place.
     """
     scores = np.where(allowed, scores, -np.inf)

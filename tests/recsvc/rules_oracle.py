@@ -7,13 +7,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from hypothesis import strategies as st
 
-from recsvc.requests import TargetQuery
-from recsvc.targeting import Audience, Targeter
+from recsvc.model.queries import TargetQuery
+from recsvc.model.targeting import Audience, Targeter
 from training.data import load_training_data
 
 
 class Oracle:
-    """Rules recomputed from the sample's Parquet files, sharing no code with recsvc.rules."""
+    """Rules recomputed from the sample's Parquet files, sharing no code with recsvc.model.rules."""
 
     def __init__(self, sample_dir: Path) -> None:
         items = pq.read_table(sample_dir / "items.parquet").to_pylist()

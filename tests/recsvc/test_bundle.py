@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from recsvc.bundle import load_bundle, read_latest
 from recsvc.errors import BundleError
+from recsvc.model.bundle import load_bundle, read_latest, sha256_file
 from tests.conftest import write_pickled_npy
 
 
@@ -47,9 +47,7 @@ def _pickle_npy(folder: Path) -> None:
     write_pickled_npy(p)
     _rewrite_manifest(
         folder,
-        lambda m: m["files"]["popularity.npy"].update(
-            size=p.stat().st_size, sha256=__import__("recsvc.bundle").bundle.sha256_file(p)
-        ),
+        lambda m: m["files"]["popularity.npy"].update(size=p.stat().st_size, sha256=sha256_file(p)),
     )
 
 

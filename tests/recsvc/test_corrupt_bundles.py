@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from recsvc.bundle import LATEST, read_latest, sha256_file
-from recsvc.ranking import Source
-from recsvc.requests import RecommendQuery
-from recsvc.store import ModelStore
+from recsvc.model.bundle import LATEST, read_latest, sha256_file
+from recsvc.model.queries import RecommendQuery
+from recsvc.model.ranking import Source
+from recsvc.serving.store import ModelStore
 from tests.conftest import write_pickled_npy
 from training.publish import write_latest
 
@@ -178,7 +178,7 @@ def test_every_corrupt_version_is_rejected_and_the_old_one_keeps_serving(
     expected = recommender.recommend(query)
     assert len(expected.items) == 5
     rejected = 0
-    with caplog.at_level(logging.ERROR, logger="recsvc.store"):
+    with caplog.at_level(logging.ERROR, logger="recsvc.serving.store"):
         for n, (kind, corrupt) in enumerate(CASES.items()):
             folder = _publish_copy(models_copy, good, f"v99990101-000000-{n:06d}")
             corrupt(folder)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsvc.errors import BundleError
-from recsvc.index import AllowedSet, VectorIndex, build_index, choose_index_spec, read_index
+from recsvc.model.index import AllowedSet, VectorIndex, build_index, choose_index_spec, read_index
 
 
 def _with_zero_rows(n: int, zero_share: float, d: int = 8, seed: int = 0) -> np.ndarray:

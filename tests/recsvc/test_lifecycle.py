@@ -18,9 +18,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsvc.bundle import read_latest
-from recsvc.ranking import Ranked
-from recsvc.requests import RecommendQuery
+from recsvc.model.bundle import read_latest
+from recsvc.model.queries import RecommendQuery
+from recsvc.model.ranking import Ranked
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc
 from tests.conftest import ServerThread, settings_for

@@ -10,8 +10,8 @@ import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
 from recsvc.errors import InvalidArgument, NotFound
-from recsvc.ranking import Recommender, Source
-from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery
+from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
+from recsvc.model.ranking import Recommender, Source
 from tests.recsvc.rules_oracle import Oracle
 
 

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import recsvc.index
-from recsvc.bundle import load_bundle, read_latest
-from recsvc.ranking import Recommender, Source
-from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery
-from recsvc.targeting import Targeter
+import recsvc.model.index
+from recsvc.model.bundle import load_bundle, read_latest
+from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
+from recsvc.model.ranking import Recommender, Source
+from recsvc.model.targeting import Targeter
 from tests.conftest import PARAMS
 from tests.recsvc.rules_oracle import Oracle
 from training.data import TrainingData
@@ -48,10 +48,10 @@ def hnsw_bundle(tmp_path_factory: pytest.TempPathFactory, training_data: Trainin
 @pytest.fixture(autouse=True)
 def no_exact_shortcut() -> Iterator[None]:
     """Search the index however few rows are allowed (the shortcut is below 4,096)."""
-    saved = recsvc.index._EXACT_SUBSET_MAX
-    recsvc.index._EXACT_SUBSET_MAX = 0
+    saved = recsvc.model.index._EXACT_SUBSET_MAX
+    recsvc.model.index._EXACT_SUBSET_MAX = 0
     yield
-    recsvc.index._EXACT_SUBSET_MAX = saved
+    recsvc.model.index._EXACT_SUBSET_MAX = saved
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.cli import main as recsvc_main
-from recsvc.server import create_server
+from recsvc.serving.server import create_server
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc
 from tests.conftest import ServerThread, settings_for

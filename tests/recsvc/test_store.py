@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import recsvc.bundle
-from recsvc.bundle import LATEST, MANIFEST, read_latest
-from recsvc.requests import RecommendQuery
-from recsvc.store import ModelStore
+import recsvc.model.bundle
+from recsvc.model.bundle import LATEST, MANIFEST, read_latest
+from recsvc.model.queries import RecommendQuery
+from recsvc.serving.store import ModelStore
 from training.publish import write_latest
 
 
@@ -47,7 +47,7 @@ def test_an_unreadable_manifest_is_retried_then_served_once_readable(
     manifest = (new / MANIFEST).read_bytes()
     _manifest_is_a_folder(new)
     write_latest(models_copy, new.name)
-    with caplog.at_level(logging.ERROR, logger="recsvc.store"):
+    with caplog.at_level(logging.ERROR, logger="recsvc.serving.store"):
         assert not store.refresh() and not store.refresh()
     assert store.version == good and _answers(store) == 5
     assert store.stats.unreadable == 1 and store.stats.rejected == 0  # logged once, retried
@@ -69,7 +69,7 @@ def test_an_io_error_on_a_data_file_is_not_a_verdict(
     def eio(path: Path, chunk: int = 0) -> str:
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
 
-    monkeypatch.setattr(recsvc.bundle, "sha256_file", eio)
+    monkeypatch.setattr(recsvc.model.bundle, "sha256_file", eio)
     store = ModelStore(models_copy, trial_in_child=False)
     # At start, the newest version cannot be read, nor can the older one: nothing served yet.
     assert not store.refresh() and store.version is None

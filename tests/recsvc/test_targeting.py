@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recsvc.bundle import load_bundle
 from recsvc.cli import main as recsvc_main
 from recsvc.errors import InvalidArgument, NotFound, PreconditionFailed
-from recsvc.requests import TargetQuery
-from recsvc.targeting import Targeter
+from recsvc.model.bundle import load_bundle
+from recsvc.model.queries import TargetQuery
+from recsvc.model.targeting import Targeter
 from recsvc.v1 import recommender_pb2 as pb
 from tests.conftest import PARAMS, ServerThread, settings_for
 from tests.recsvc.rules_oracle import Oracle

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recsvc.index import AllowedSet, VectorIndex, build_index, choose_index_spec, topk
-from recsvc.vocab import Vocabulary
+from recsvc.model.index import AllowedSet, VectorIndex, build_index, choose_index_spec, topk
+from recsvc.model.vocab import Vocabulary
 
 ids = st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=50)
 

@@ -15,12 +15,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from recsvc.bundle import load_bundle
 from recsvc.errors import InvalidArgument, RecsvcError
-from recsvc.requests import TargetQuery
-from recsvc.targeting import Targeter
-from training.audience import audience_table, export_all_items, export_audience
+from recsvc.model.bundle import load_bundle
+from recsvc.model.queries import TargetQuery
+from recsvc.model.targeting import Targeter
 from training.data import load_training_data
+from training.export import audience_table, export_all_items, export_audience
 from training.fit import FitParams, fit_model
 from training.publish import publish
 

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recsvc.bundle import load_bundle, read_latest
 from recsvc.errors import BundleError, DataError, RecsvcError
-from recsvc.ranking import Recommender
-from recsvc.requests import RecommendQuery
+from recsvc.model.bundle import load_bundle, read_latest
+from recsvc.model.queries import RecommendQuery
+from recsvc.model.ranking import Recommender
 from tests.conftest import PARAMS, ServerThread, settings_for
 from training.data import load_training_data
 from training.evaluate import EvalOptions, evaluate, holdout, rank_endpoint, rank_in_process

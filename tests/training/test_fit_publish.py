@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from implicit.cpu.als import AlternatingLeastSquares
 
-from recsvc.bundle import (
+from recsvc.model.bundle import (
     LATEST,
     list_versions,
     load_bundle,

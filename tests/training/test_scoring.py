@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsvc.ranking import Recommender, Source
-from recsvc.requests import RecommendQuery
+from recsvc.model.queries import RecommendQuery
+from recsvc.model.ranking import Recommender, Source
 from training.data import TrainingData
 from training.scoring import Eligibility, batches, top_k_rows
 

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsvc.files import fsync_path
-from recsvc.requests import TargetQuery
-from recsvc.targeting import ExclusionCounts
+from recsvc.model.queries import TargetQuery
+from recsvc.model.targeting import ExclusionCounts
 
 __all__ = ["audience_meta", "write_audience"]
 

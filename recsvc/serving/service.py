@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from recsvc import ranking
 from recsvc.errors import (
     BundleError,
     DeadlineExpired,
@@ -28,8 +27,9 @@ from recsvc.errors import (
     RecsvcError,
 )
 from recsvc.logs import Pseudonymizer
-from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery, TargetQuery
-from recsvc.store import ModelStore
+from recsvc.model import ranking
+from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery, TargetQuery
+from recsvc.serving.store import ModelStore
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
 
@@ -117,7 +117,7 @@ def _answer(response: Answer, result: ranking.Ranked) -> Answer:
 
 
 class RecommenderService(_pb_grpc.RecommenderServicer):
-    """Thin servicer over :class:`recsvc.ranking.Recommender` and :class:`Targeter`."""
+    """Thin servicer over :class:`recsvc.model.ranking.Recommender` and :class:`Targeter`."""
 
     def __init__(self, store: ModelStore, pseudonym: Pseudonymizer) -> None:
         self._store = store

@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recsvc.bundle import (
+from recsvc.errors import BundleError, BundleUnreadable, ModelUnavailable
+from recsvc.model.bundle import (
     LATEST,
     VERSION_RE,
     list_versions,
@@ -21,11 +22,10 @@ from recsvc.bundle import (
     read_manifest,
     verify_files,
 )
-from recsvc.errors import BundleError, BundleUnreadable, ModelUnavailable
-from recsvc.ranking import Recommender
-from recsvc.requests import RecommendQuery, SimilarQuery
-from recsvc.targeting import Targeter
-from recsvc.trial import TrialRunner
+from recsvc.model.queries import RecommendQuery, SimilarQuery
+from recsvc.model.ranking import Recommender
+from recsvc.model.targeting import Targeter
+from recsvc.serving.trial import TrialRunner
 
 __all__ = ["ModelStore", "ServedModel", "load_served_model"]
 

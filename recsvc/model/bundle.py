@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsvc.errors import BundleError, BundleUnreadable
-from recsvc.index import IndexSpec, VectorIndex, read_index
-from recsvc.vocab import Vocabulary
+from recsvc.model.index import IndexSpec, VectorIndex, read_index
+from recsvc.model.vocab import Vocabulary
 
 __all__ = [
     "BUNDLE_FILES",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from recsvc.index import AllowedSet
+from recsvc.model.index import AllowedSet
 
 __all__ = [
     "MAX_LEVEL",

@@ -31,7 +31,7 @@ class TrialRunner:
     """Runs trial loads in pre-started child processes."""
 
     def __init__(self, consent_required: bool = True, timeout: float = 600.0) -> None:
-        self._cmd = [sys.executable, "-m", "recsvc.trial"]
+        self._cmd = [sys.executable, "-m", "recsvc.serving.trial"]
         if not consent_required:
             self._cmd.append("--no-consent-data")
         self._timeout = timeout
@@ -83,7 +83,9 @@ class TrialRunner:
 
 
 def _main(argv: list[str]) -> int:
-    from recsvc.store import load_served_model  # the imports are the slow part: do them first
+    from recsvc.serving.store import (
+        load_served_model,  # the imports are the slow part: do them first
+    )
 
     line = sys.stdin.readline().strip()
     if not line:

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from recsvc.audience import audience_meta, write_audience
-from recsvc.bundle import load_bundle, read_latest
+from recsvc.audience_file import audience_meta, write_audience
 from recsvc.errors import BundleError, RecsvcError
 from recsvc.files import fsync_path
-from recsvc.requests import TargetQuery
-from recsvc.targeting import Audience, Targeter
+from recsvc.model.bundle import load_bundle, read_latest
+from recsvc.model.queries import TargetQuery
+from recsvc.model.targeting import Audience, Targeter
 
 __all__ = ["audience_table", "export_all_items", "export_audience", "open_targeter"]
 

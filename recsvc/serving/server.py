@@ -19,11 +19,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from recsvc.auth import BearerTokenInterceptor, read_token
 from recsvc.logs import Pseudonymizer, configure_logging
-from recsvc.service import RecommenderService
+from recsvc.serving.auth import BearerTokenInterceptor, read_token
+from recsvc.serving.service import RecommenderService
+from recsvc.serving.store import ModelStore
 from recsvc.settings import ServerSettings
-from recsvc.store import ModelStore
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
 

@@ -2,7 +2,7 @@
 
 Knows nothing of gRPC. Scores are inner products of the trained embeddings, as
 implicit's own ``recommend`` computes them; rules are allowed sets handed to the
-index search (``recsvc.rules``, ``recsvc.index``).
+index search (``recsvc.model.rules``, ``recsvc.model.index``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import faiss
 import numpy as np
 import scipy.linalg
 
-from recsvc.bundle import Bundle
 from recsvc.errors import NotFound
-from recsvc.index import AllowedSet, IndexSpec, VectorIndex
-from recsvc.requests import RankQuery, RecommendQuery, SimilarQuery
-from recsvc.rules import MIN_LEVEL, ItemRules, user_tolerance
+from recsvc.model.bundle import Bundle
+from recsvc.model.index import AllowedSet, IndexSpec, VectorIndex
+from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
+from recsvc.model.rules import MIN_LEVEL, ItemRules, user_tolerance
 
 __all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source"]
 

@@ -1,0 +1,41 @@
+"""Serving: the gRPC edge over the model, the server process, and which version serves.
+
+``service`` (protobuf <-> domain, errors -> status codes), ``server`` (process,
+health, reflection, reload loop, shutdown, workers), ``auth`` (bearer tokens),
+``store`` (the served version: verify, trial, load, swap) and ``trial`` (the
+throwaway child that parses an untrusted version first).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from recsvc._exports import lazy_exports
+
+if TYPE_CHECKING:
+    from recsvc.serving.server import RunningServer, create_server, serve, serve_forever
+    from recsvc.serving.service import RecommenderService
+    from recsvc.serving.store import ModelStore, ServedModel
+
+__all__ = [
+    "ModelStore",
+    "RecommenderService",
+    "RunningServer",
+    "ServedModel",
+    "create_server",
+    "serve",
+    "serve_forever",
+]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "ModelStore": "store",
+        "RecommenderService": "service",
+        "RunningServer": "server",
+        "ServedModel": "store",
+        "create_server": "server",
+        "serve": "server",
+        "serve_forever": "server",
+    },
+)
