@@ -1,7 +1,18 @@
 """The one error tree of recsvc.
 
-Domain code raises these; the gRPC edge (``recsvc.serving.service``) maps each class to a
-status code in one table. Anything else that escapes is a bug and becomes INTERNAL.
+Domain code raises these; the gRPC edge (``recsvc.serving.service``) maps each class
+to a status code in one table (``status_for``). Anything else that escapes is a bug
+and becomes INTERNAL with a generic message.
+
+    RecsvcError
+    ├── InvalidArgument        INVALID_ARGUMENT: a malformed request field (``field``)
+    ├── NotFound               NOT_FOUND: an item the served model does not have
+    ├── PreconditionFailed     FAILED_PRECONDITION: valid, but the data cannot answer safely
+    ├── ModelUnavailable       UNAVAILABLE: no model loaded yet
+    ├── DeadlineExpired        DEADLINE_EXCEEDED: the deadline passed before any work
+    ├── BundleError            INTERNAL: a version missing, corrupt or inconsistent
+    │   └── BundleUnreadable   (an I/O error: retried, not a verdict)
+    └── DataError              training input breaks the data contract (the trainer's)
 """
 
 from __future__ import annotations

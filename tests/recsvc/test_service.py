@@ -10,7 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from recsvc import errors
 from recsvc.model.bundle import read_latest
+from recsvc.serving.service import status_for
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc
 from tests.conftest import PARAMS, ServerThread, settings_for
@@ -236,3 +238,47 @@ def test_graceful_stop_reports_not_serving_before_the_server_goes(models_dir: Pa
     finally:
         watcher.close()
         s.stop()
+
+
+# The expected code of every class in the error tree, written out here rather than read
+# from the service's table: a class added without a decision here fails the test below.
+_EXPECTED_STATUS = {
+    errors.RecsvcError: grpc.StatusCode.INTERNAL,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.BundleError: grpc.StatusCode.INTERNAL,
+    errors.BundleUnreadable: grpc.StatusCode.INTERNAL,
+    errors.DataError: grpc.StatusCode.INTERNAL,
+}
+# Internal failures say nothing about themselves to the client.
+_GENERIC = {grpc.StatusCode.INTERNAL}
+
+
+def _error_tree(root: type[errors.RecsvcError]) -> list[type[errors.RecsvcError]]:
+    return [root, *(c for sub in root.__subclasses__() for c in _error_tree(sub))]
+
+
+def test_every_error_class_has_an_expected_status() -> None:
+    assert set(_error_tree(errors.RecsvcError)) == set(_EXPECTED_STATUS)
+
+
+def _instance(kind: type[BaseException]) -> BaseException:
+    if kind is errors.InvalidArgument:
+        return errors.InvalidArgument("k", "must be positive")
+    return kind("some detail")
+
+
+@pytest.mark.parametrize(
+    "kind", [*_EXPECTED_STATUS, Exception, ValueError, KeyError], ids=lambda k: k.__name__
+)
+def test_status_for_every_error(kind: type[BaseException]) -> None:
+    code, message = status_for(_instance(kind))
+    expected = _EXPECTED_STATUS.get(kind, grpc.StatusCode.INTERNAL)  # type: ignore[call-overload]
+    assert code == expected
+    if expected in _GENERIC:
+        assert message == "internal error"
+    else:
+        assert message == str(_instance(kind))
