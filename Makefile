@@ -5,8 +5,8 @@ PY     := $(VENV)/bin/python
 MODELS ?= var/models
 DATA   ?= var/sample
 ML100K ?= ../shared/datasets/ml-100k
-PROTO_SRC := proto/recsvc/v1/recommender.proto
-PROTO_OUT := recsvc/v1/recommender_pb2.py
+PROTO_SRC := proto/recsvc/v1/recommender.proto proto/recsvc/v1/updates.proto
+PROTO_OUT := recsvc/v1/recommender_pb2.py recsvc/v1/updates_pb2.py
 
 .PHONY: install proto run test lint bench bench-quick sample model reproduce-ml100k clean
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed proto
 
-$(PROTO_OUT): $(PROTO_SRC) $(VENV)/.installed
+$(PROTO_OUT) &: $(PROTO_SRC) $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iproto --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
 		--python_out=. --grpc_python_out=. --mypy_out=. $(PROTO_SRC)
 
