@@ -136,6 +136,13 @@ def _require(table: pa.Table, what: str, path: object, column: str) -> None:
         raise DataError(f"{what} {path}: column {column!r} is missing")
 
 
+def _mistyped(
+    what: str, path: object, column: str, actual: pa.DataType, expected: str
+) -> DataError:
+    """The error for a column of another type than the contract's."""
+    return DataError(f"{what} {path}: column {column!r} has type {actual}, expected {expected}")
+
+
 def _id_column(table: pa.Table, what: str, path: object, column: str) -> pa.ChunkedArray:
     _require(table, what, path, column)
     col = table.column(column)
@@ -143,7 +150,7 @@ def _id_column(table: pa.Table, what: str, path: object, column: str) -> pa.Chun
         return col.cast(pa.string())
     if pa.types.is_large_string(col.type) or pa.types.is_string(col.type):
         return col.cast(pa.string())
-    raise DataError(f"{what} {path}: column {column!r} has type {col.type}, expected string")
+    raise _mistyped(what, path, column, col.type, "string")
 
 
 def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.ChunkedArray | None:
@@ -151,7 +158,7 @@ def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.Ch
         return None
     col = table.column(column)
     if not pa.types.is_integer(col.type):
-        raise DataError(f"{what} {path}: column {column!r} has type {col.type}, expected integer")
+        raise _mistyped(what, path, column, col.type, "integer")
     lo, hi = pc.min(col).as_py(), pc.max(col).as_py()
     if lo is not None and (lo < 1 or hi > 5):
         raise DataError(f"{what} {path}: column {column!r} holds values outside 1..5")
@@ -160,9 +167,7 @@ def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.Ch
 
 def _check_bool(table: pa.Table, what: str, path: object, column: str) -> None:
     if column in table.column_names and not pa.types.is_boolean(table.column(column).type):
-        raise DataError(
-            f"{what} {path}: column {column!r} has type {table.column(column).type}, expected bool"
-        )
+        raise _mistyped(what, path, column, table.column(column).type, "bool")
 
 
 def _read_table(
@@ -211,9 +216,7 @@ def _event_codes(table: pa.Table, path: object) -> tuple[list[str], np.ndarray] 
         return None
     event = table.column("event")
     if not (pa.types.is_string(event.type) or pa.types.is_large_string(event.type)):
-        raise DataError(
-            f"interactions {path}: column 'event' has type {event.type}, expected string"
-        )
+        raise _mistyped("interactions", path, "event", event.type, "string")
     codes = event.combine_chunks().dictionary_encode()
     return codes.dictionary.to_pylist(), codes.indices.fill_null(-1).to_numpy(zero_copy_only=False)
 
@@ -222,9 +225,7 @@ def _weight_column(table: pa.Table, path: object) -> np.ndarray:
     """The ``weight`` column as floats, a null weight counting 1."""
     wcol = table.column("weight")
     if not (pa.types.is_floating(wcol.type) or pa.types.is_integer(wcol.type)):
-        raise DataError(
-            f"interactions {path}: column 'weight' has type {wcol.type}, expected float"
-        )
+        raise _mistyped("interactions", path, "weight", wcol.type, "float")
     return np.asarray(wcol.cast(pa.float64()).fill_null(1.0).to_numpy())
 
 
@@ -242,7 +243,7 @@ def _decay(table: pa.Table, path: object, half_life_days: float) -> np.ndarray:
     """Each row's decay factor by its age relative to the newest event."""
     ts = table.column("ts")
     if not pa.types.is_timestamp(ts.type):
-        raise DataError(f"interactions {path}: column 'ts' has type {ts.type}, expected timestamp")
+        raise _mistyped("interactions", path, "ts", ts.type, "timestamp")
     secs = ts.cast(pa.timestamp("s")).cast(pa.int64())
     newest = pc.max(secs).as_py()
     # An event without a time is taken as current: decay never inflates strength.
