@@ -28,6 +28,7 @@ __all__ = [
     "ensure_bundle",
     "ensure_sample",
     "fit_command",
+    "latest_bundle",
     "run_measured",
 ]
 
@@ -86,6 +87,14 @@ class Measured:
     max_rss_bytes: int
     stdout: str
     stderr: str
+
+
+def latest_bundle(models: Path) -> Path:
+    """The folder of the version ``models/LATEST`` names; exits naming ``models`` without one."""
+    version = read_latest(models)
+    if version is None:
+        raise SystemExit(f"no LATEST under {models}")
+    return models / version
 
 
 def run_measured(cmd: list[str]) -> Measured:

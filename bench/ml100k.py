@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.serving import free_port
 from training import cli as train_cli
 from training import evaluate_cli
 from training.report import HEADLINE, machine
@@ -53,16 +53,10 @@ _K = 10
 _TITLES = {"map": "MAP", "ndcg": "nDCG@10", "precision": "Precision@10", "recall": "Recall@10"}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serving(models: Path, timeout: float = 60.0) -> Iterator[str]:
     """``recsvc serve`` on ``models`` in its own process; yields host:port once SERVING."""
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("recsvc")
     command = [str(exe), "serve", "--models", str(models), "--host", "127.0.0.1"]
     proc = subprocess.Popen(

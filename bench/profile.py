@@ -65,18 +65,15 @@ def profile_recommend(models: Path, pool: int, calls: int, seed: int = 0) -> dic
     """CPU microseconds per call for the whole handler and for each stage."""
     import faiss
 
+    from bench.bundles import latest_bundle
     from recsvc.logs import Pseudonymizer
-    from recsvc.model.bundle import read_latest
     from recsvc.model.queries import RecommendQuery
     from recsvc.serving.service import RecommenderService
     from recsvc.serving.store import load_served_model
     from recsvc.v1 import recommender_pb2 as pb
 
     faiss.omp_set_num_threads(1)  # as the server runs it
-    version = read_latest(models)
-    if version is None:
-        raise SystemExit(f"no LATEST under {models}")
-    model = load_served_model(models / version)
+    model = load_served_model(latest_bundle(models))
     rec = model.recommender
     b = rec.bundle
     rng = np.random.default_rng(seed)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from dataclasses import dataclass
 from importlib.metadata import version
+
+from training.report import cpu_model, memory_gib
 
 __all__ = ["Row", "machine", "met", "render"]
 
@@ -43,35 +46,15 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _memory_gib() -> float:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
-
-
 def machine() -> str:
     """One line: CPU, cores, memory, load, and the versions that shape the figures."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     libs = ", ".join(
         f"{name} {version(name)}" for name in ("grpcio", "faiss-cpu", "implicit", "numpy")
     )
+    cpu = cpu_model() or platform.processor() or "unknown CPU"
+    memory = memory_gib()
     return (
-        f"{_cpu_model()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB, "
+        f"{cpu}, {os.cpu_count()} cores, {math.nan if memory is None else memory:.0f} GiB, "
         f"load average {load} at start; Python {platform.python_version()}, {libs}"
     )

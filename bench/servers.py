@@ -30,7 +30,8 @@ import scipy.sparse as sp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from recsvc.model.bundle import load_bundle, read_latest
+from bench.bundles import latest_bundle
+from recsvc.model.bundle import load_bundle
 from recsvc.settings import ServerSettings
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
@@ -58,10 +59,7 @@ class NaiveService(_pb_grpc.RecommenderServicer):
 
         from recsvc.model.rules import ItemRules, user_tolerance
 
-        version = read_latest(models)
-        if version is None:
-            raise SystemExit(f"no LATEST under {models}")
-        b = load_bundle(models / version)
+        b = load_bundle(latest_bundle(models))
         self.version = b.version
         self.user_index = b.users.index
         self.item_ids = b.items.ids

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsvc.model.bundle import read_latest
+from bench.bundles import latest_bundle
+from bench.servers import READY_LINE
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
 
@@ -43,10 +44,11 @@ __all__ = [
 ]
 
 # What each worker logs once it serves: recsvc's store, or bench.servers.
-_READY_LINES = ("serving model version", "bench server ready")
+_READY_LINES = ("serving model version", READY_LINE)
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -159,9 +161,8 @@ def overlap(served: list[list[str]], exact: list[list[str]]) -> float:
 
 def write_users(models: Path, out: Path, n: int, seed: int = 0) -> list[str]:
     """A seeded sample of the bundle's customers, one id a line, for the load client."""
-    version = read_latest(models)
-    assert version is not None
-    ids = pq.read_table(models / version / "users.parquet", columns=["user_id"]).column(0)
+    users_table = latest_bundle(models) / "users.parquet"
+    ids = pq.read_table(users_table, columns=["user_id"]).column(0)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(ids), size=min(n, len(ids)), replace=False)
     users = [str(u) for u in ids.take(pick).to_pylist()]

@@ -30,16 +30,15 @@ _EACH_PRODUCTS = 256
 def measure(models: Path, size: int, products: int, full_products: int) -> dict[str, Any]:
     import faiss
 
-    from recsvc.model.bundle import load_bundle, read_latest
+    from bench.bundles import latest_bundle
+    from recsvc.model.bundle import load_bundle
     from recsvc.model.queries import MAX_AUDIENCE, TargetQuery
     from recsvc.model.targeting import Targeter
 
-    version = read_latest(models)
-    if version is None:
-        raise SystemExit(f"no LATEST under {models}")
+    folder = latest_bundle(models)
     faiss.omp_set_num_threads(1)  # as the server runs it
     t0 = time.perf_counter()
-    bundle = load_bundle(models / version)
+    bundle = load_bundle(folder)
     load_s = time.perf_counter() - t0
     targeter = Targeter(bundle)
     indexed = Targeter(bundle, exact_max_base=0)  # the user index for small audiences
@@ -78,7 +77,7 @@ def measure(models: Path, size: int, products: int, full_products: int) -> dict[
     each_s = time.perf_counter() - start
     one = [timed(item_id, 1000)[0] for item_id in ids]
     return {
-        "version": version,
+        "version": folder.name,
         "users": len(bundle.users),
         "items": len(bundle.items),
         "user_index": bundle.manifest["indexes"]["users"]["type"],

@@ -136,6 +136,13 @@ def _require(table: pa.Table, what: str, path: object, column: str) -> None:
         raise DataError(f"{what} {path}: column {column!r} is missing")
 
 
+def _mistyped(
+    what: str, path: object, column: str, actual: pa.DataType, expected: str
+) -> DataError:
+    """The error for a column of another type than the contract's."""
+    return DataError(f"{what} {path}: column {column!r} has type {actual}, expected {expected}")
+
+
 def _id_column(table: pa.Table, what: str, path: object, column: str) -> pa.ChunkedArray:
     _require(table, what, path, column)
     col = table.column(column)
@@ -143,7 +150,7 @@ def _id_column(table: pa.Table, what: str, path: object, column: str) -> pa.Chun
         return col.cast(pa.string())
     if pa.types.is_large_string(col.type) or pa.types.is_string(col.type):
         return col.cast(pa.string())
-    raise DataError(f"{what} {path}: column {column!r} has type {col.type}, expected string")
+    raise _mistyped(what, path, column, col.type, "string")
 
 
 def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.ChunkedArray | None:
@@ -151,7 +158,7 @@ def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.Ch
         return None
     col = table.column(column)
     if not pa.types.is_integer(col.type):
-        raise DataError(f"{what} {path}: column {column!r} has type {col.type}, expected integer")
+        raise _mistyped(what, path, column, col.type, "integer")
     lo, hi = pc.min(col).as_py(), pc.max(col).as_py()
     if lo is not None and (lo < 1 or hi > 5):
         raise DataError(f"{what} {path}: column {column!r} holds values outside 1..5")
@@ -160,9 +167,7 @@ def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.Ch
 
 def _check_bool(table: pa.Table, what: str, path: object, column: str) -> None:
     if column in table.column_names and not pa.types.is_boolean(table.column(column).type):
-        raise DataError(
-            f"{what} {path}: column {column!r} has type {table.column(column).type}, expected bool"
-        )
+        raise _mistyped(what, path, column, table.column(column).type, "bool")
 
 
 def _read_table(
@@ -187,47 +192,63 @@ def _row_strength(
     table: pa.Table, path: object, config: DataConfig, report: DropReport
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row strength and held flag."""
-    n = table.num_rows
-    held = np.zeros(n, dtype=bool)
-    if "event" in table.column_names:
-        event = table.column("event")
-        if not (pa.types.is_string(event.type) or pa.types.is_large_string(event.type)):
-            raise DataError(
-                f"interactions {path}: column 'event' has type {event.type}, expected string"
-            )
-        codes = event.combine_chunks().dictionary_encode()
-        names = codes.dictionary.to_pylist()
-        idx = codes.indices.fill_null(-1).to_numpy(zero_copy_only=False)
-        held_lut = np.array([name in config.held_events for name in names] + [False])
-        held = held_lut[idx]
+    events = _event_codes(table, path)
+    held = np.zeros(table.num_rows, dtype=bool)
+    if events is not None:
+        names, idx = events
+        held = np.array([name in config.held_events for name in names] + [False])[idx]
     if "weight" in table.column_names:
-        wcol = table.column("weight")
-        if not (pa.types.is_floating(wcol.type) or pa.types.is_integer(wcol.type)):
-            raise DataError(
-                f"interactions {path}: column 'weight' has type {wcol.type}, expected float"
-            )
-        weight = wcol.cast(pa.float64()).fill_null(1.0).to_numpy()
-    elif "event" in table.column_names:
-        known = [name in config.event_weights for name in names]
-        lut = np.array([config.event_weights.get(name, 1.0) for name in names] + [1.0])
-        weight = lut[idx]
-        report.unknown_events = int((~np.array([*known, True]))[idx].sum())
+        weight = _weight_column(table, path)
+    elif events is not None:
+        weight = _event_weights(*events, config, report)
     else:
-        weight = np.ones(n)
+        weight = np.ones(table.num_rows)
     if config.half_life_days and "ts" in table.column_names:
-        ts = table.column("ts")
-        if not pa.types.is_timestamp(ts.type):
-            raise DataError(
-                f"interactions {path}: column 'ts' has type {ts.type}, expected timestamp"
-            )
-        secs = ts.cast(pa.timestamp("s")).cast(pa.int64())
-        newest = pc.max(secs).as_py()
-        # An event without a time is taken as current: decay never inflates strength.
-        age_days = (newest - secs.fill_null(newest).to_numpy()) / 86400.0
-        weight = weight * np.power(0.5, age_days / config.half_life_days)
+        weight = weight * _decay(table, path, config.half_life_days)
     if np.any(weight < 0) or not np.all(np.isfinite(weight)):
         raise DataError(f"interactions {path}: column 'weight' holds negative or non-finite values")
     return weight, held
+
+
+def _event_codes(table: pa.Table, path: object) -> tuple[list[str], np.ndarray] | None:
+    """The event names, and each row's position among them (-1 for a null event)."""
+    if "event" not in table.column_names:
+        return None
+    event = table.column("event")
+    if not (pa.types.is_string(event.type) or pa.types.is_large_string(event.type)):
+        raise _mistyped("interactions", path, "event", event.type, "string")
+    codes = event.combine_chunks().dictionary_encode()
+    return codes.dictionary.to_pylist(), codes.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+
+
+def _weight_column(table: pa.Table, path: object) -> np.ndarray:
+    """The ``weight`` column as floats, a null weight counting 1."""
+    wcol = table.column("weight")
+    if not (pa.types.is_floating(wcol.type) or pa.types.is_integer(wcol.type)):
+        raise _mistyped("interactions", path, "weight", wcol.type, "float")
+    return np.asarray(wcol.cast(pa.float64()).fill_null(1.0).to_numpy())
+
+
+def _event_weights(
+    names: list[str], idx: np.ndarray, config: DataConfig, report: DropReport
+) -> np.ndarray:
+    """Each row's strength by its event; an unknown or null event counts 1 (and is counted)."""
+    known = [name in config.event_weights for name in names]
+    lut = np.array([config.event_weights.get(name, 1.0) for name in names] + [1.0])
+    report.unknown_events = int((~np.array([*known, True]))[idx].sum())
+    return np.asarray(lut[idx])
+
+
+def _decay(table: pa.Table, path: object, half_life_days: float) -> np.ndarray:
+    """Each row's decay factor by its age relative to the newest event."""
+    ts = table.column("ts")
+    if not pa.types.is_timestamp(ts.type):
+        raise _mistyped("interactions", path, "ts", ts.type, "timestamp")
+    secs = ts.cast(pa.timestamp("s")).cast(pa.int64())
+    newest = pc.max(secs).as_py()
+    # An event without a time is taken as current: decay never inflates strength.
+    age_days = (newest - secs.fill_null(newest).to_numpy()) / 86400.0
+    return np.asarray(np.power(0.5, age_days / half_life_days))
 
 
 def _aligned_user_table(users: Vocabulary, table: pa.Table | None) -> pa.Table:
@@ -247,6 +268,104 @@ def _aligned_user_table(users: Vocabulary, table: pa.Table | None) -> pa.Table:
     return pa.concat_tables([table, pa.table(pad).select(table.column_names)])
 
 
+@dataclass(frozen=True)
+class _Events:
+    """The interaction rows with both ids present: the ids, strength and held flag of each."""
+
+    users: pa.ChunkedArray
+    items: pa.ChunkedArray
+    weight: np.ndarray
+    held: np.ndarray
+
+
+def _read_events(path: str | Path, config: DataConfig, report: DropReport) -> _Events:
+    """Read the interactions; rows with a null id are dropped and counted."""
+    table = read_parquet(path, "interactions", ["user_id", "item_id", "event", "weight", "ts"])
+    report.rows_read = table.num_rows
+    u_col = _id_column(table, "interactions", path, "user_id")
+    i_col = _id_column(table, "interactions", path, "item_id")
+    valid = pc.and_(pc.is_valid(u_col), pc.is_valid(i_col))
+    report.null_ids = table.num_rows - pc.sum(valid.cast(pa.int64())).as_py()
+    if report.null_ids:
+        table, u_col, i_col = table.filter(valid), u_col.filter(valid), i_col.filter(valid)
+    weight, held = _row_strength(table, path, config, report)
+    return _Events(u_col, i_col, weight, held)
+
+
+def _item_vocabulary(table: pa.Table | None, item_ids: pa.ChunkedArray) -> Vocabulary:
+    """The catalogue's items in its order; without a catalogue, the items events name, sorted."""
+    if table is not None:
+        return Vocabulary(table.column("item_id").combine_chunks())
+    return Vocabulary(pc.unique(item_ids).sort())
+
+
+def _user_vocabulary(table: pa.Table | None, user_ids: pa.ChunkedArray) -> Vocabulary:
+    """The customer table's users in its order, then the users only events name, sorted."""
+    interaction_users = pc.unique(user_ids)
+    if table is None:
+        return Vocabulary(interaction_users.sort())
+    known = table.column("user_id").combine_chunks()
+    extra = pc.filter(interaction_users, pc.invert(pc.is_in(interaction_users, known)))
+    return Vocabulary(pa.concat_arrays([known, extra.sort()]))
+
+
+def _pair_keys(
+    events: _Events, users: Vocabulary, items: Vocabulary, path: object, report: DropReport
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each event's pair as ``user row * len(items) + item row``, its weight and held flag.
+
+    Events naming an item outside the catalogue are dropped and counted.
+    """
+    item_rows = items.indices_arrow(events.items)
+    user_rows = users.indices_arrow(events.users)
+    keep = item_rows >= 0
+    report.unknown_items = int((~keep).sum())
+    if not keep.any():
+        raise DataError(f"interactions {path}: no interaction names a known item")
+    keys = user_rows[keep] * len(items) + item_rows[keep]
+    return keys, events.weight[keep], events.held[keep]
+
+
+def _merge_pairs(
+    keys: np.ndarray,
+    weight: np.ndarray,
+    held: np.ndarray,
+    n_users: int,
+    n_items: int,
+    report: DropReport,
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The users x items matrix of summed strengths, and whether each pair is held."""
+    pairs, inverse = np.unique(keys, return_inverse=True)
+    report.duplicates_merged = int(len(keys) - len(pairs))
+    strength = np.bincount(inverse, weights=weight, minlength=len(pairs)).astype(np.float32)
+    pair_held = np.bincount(inverse, weights=held, minlength=len(pairs)) > 0
+    rows = pairs // n_items
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_users))])
+    matrix = sp.csr_matrix(
+        (strength, (pairs % n_items).astype(np.int32), indptr.astype(np.int64)),
+        shape=(n_users, n_items),
+    )
+    return matrix, pair_held
+
+
+def _aligned_item_table(items: Vocabulary, table: pa.Table | None) -> pa.Table:
+    """One row per item in vocabulary order: the catalogue, or the bare ids without one."""
+    return table if table is not None else pa.table({"item_id": items.arrow()})
+
+
+def _has_risk_levels(table: pa.Table | None) -> bool:
+    """Whether suitability applies: the catalogue has a ``risk_level`` column.
+
+    The column decides, not its values: a risk_level column of nulls only (a broken
+    upstream join, say) keeps suitability on with every product at risk 5, failing safe.
+    """
+    if table is None or "risk_level" not in table.column_names:
+        return False
+    if pc.count(table["risk_level"]).as_py() == 0:
+        log.warning("every risk_level is null: all products count as risk 5")
+    return True
+
+
 def load_training_data(
     interactions: str | Path,
     items: str | Path | None = None,
@@ -258,78 +377,27 @@ def load_training_data(
     Raises:
         DataError: a missing or mistyped column, an unreadable or empty input.
     """
-    config = config or DataConfig()
     report = DropReport()
-    cols = ["user_id", "item_id", "event", "weight", "ts"]
-    table = read_parquet(interactions, "interactions", cols)
-    report.rows_read = table.num_rows
-    u_col = _id_column(table, "interactions", interactions, "user_id")
-    i_col = _id_column(table, "interactions", interactions, "item_id")
-    valid = pc.and_(pc.is_valid(u_col), pc.is_valid(i_col))
-    report.null_ids = table.num_rows - pc.sum(valid.cast(pa.int64())).as_py()
-    if report.null_ids:
-        table, u_col, i_col = table.filter(valid), u_col.filter(valid), i_col.filter(valid)
-    weight, held = _row_strength(table, interactions, config, report)
-
-    item_table = (
-        _read_table(items, "items", "item_id", "risk_level", "active")
-        if items is not None
-        else None
-    )
-    user_table = (
-        _read_table(users, "users", "user_id", "risk_tolerance", "marketing_consent")
-        if users is not None
-        else None
-    )
-    if item_table is not None:
-        item_vocab = Vocabulary(item_table.column("item_id").combine_chunks())
-    else:
-        item_vocab = Vocabulary(pc.unique(i_col).sort())
-    interaction_users = pc.unique(u_col)
-    if user_table is not None:
-        known = user_table.column("user_id").combine_chunks()
-        extra = pc.filter(interaction_users, pc.invert(pc.is_in(interaction_users, known)))
-        user_vocab = Vocabulary(pa.concat_arrays([known, extra.sort()]))
-    else:
-        user_vocab = Vocabulary(interaction_users.sort())
-
-    item_rows = item_vocab.indices_arrow(i_col)
-    user_rows = user_vocab.indices_arrow(u_col)
-    keep = item_rows >= 0
-    report.unknown_items = int((~keep).sum())
-    if not keep.any():
-        raise DataError(f"interactions {interactions}: no interaction names a known item")
-    item_rows, user_rows, weight, held = item_rows[keep], user_rows[keep], weight[keep], held[keep]
-
-    n_users, n_items = len(user_vocab), len(item_vocab)
-    keys = user_rows * n_items + item_rows
-    pairs, inverse = np.unique(keys, return_inverse=True)
-    report.duplicates_merged = int(len(keys) - len(pairs))
-    strength = np.bincount(inverse, weights=weight, minlength=len(pairs)).astype(np.float32)
-    pair_held = np.bincount(inverse, weights=held, minlength=len(pairs)) > 0
-    rows = pairs // n_items
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_users))])
-    matrix = sp.csr_matrix(
-        (strength, (pairs % n_items).astype(np.int32), indptr.astype(np.int64)),
-        shape=(n_users, n_items),
-    )
-    aligned_items = (
-        item_table if item_table is not None else pa.table({"item_id": item_vocab.arrow()})
-    )
-    # The column decides, not its values: a risk_level column of nulls only (a broken
-    # upstream join, say) keeps suitability on with every product at risk 5, failing safe.
-    has_risk = item_table is not None and "risk_level" in item_table.column_names
-    if has_risk and item_table is not None and pc.count(item_table["risk_level"]).as_py() == 0:
-        log.warning("every risk_level is null: all products count as risk 5")
+    events = _read_events(interactions, config or DataConfig(), report)
+    item_table: pa.Table | None = None
+    if items is not None:
+        item_table = _read_table(items, "items", "item_id", "risk_level", "active")
+    user_table: pa.Table | None = None
+    if users is not None:
+        user_table = _read_table(users, "users", "user_id", "risk_tolerance", "marketing_consent")
+    item_vocab = _item_vocabulary(item_table, events.items)
+    user_vocab = _user_vocabulary(user_table, events.users)
+    keys, weight, held = _pair_keys(events, user_vocab, item_vocab, interactions, report)
+    matrix, pair_held = _merge_pairs(keys, weight, held, len(user_vocab), len(item_vocab), report)
     data = TrainingData(
         users=user_vocab,
         items=item_vocab,
         user_items=matrix,
         held=pair_held,
-        item_table=aligned_items,
+        item_table=_aligned_item_table(item_vocab, item_table),
         user_table=_aligned_user_table(user_vocab, user_table),
         report=report,
-        has_risk_levels=has_risk,
+        has_risk_levels=_has_risk_levels(item_table),
         has_active=item_table is not None and "active" in item_table.column_names,
         has_users_table=user_table is not None,
     )

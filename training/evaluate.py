@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from recsvc.errors import BundleError, DataError, InvalidArgument, RecsvcError
-from recsvc.model.bundle import load_bundle, read_latest
+from recsvc.model.bundle import Bundle, load_bundle, read_latest
 from recsvc.model.queries import MAX_K, RecommendQuery
 from recsvc.model.ranking import Recommender
 from training.baselines import rank_baseline
@@ -176,6 +177,11 @@ def rank_in_process(
     return Lists(rows, time.perf_counter() - start, dict(sources), errors, ids)
 
 
+def _rpc_failure(endpoint: str, exc: Any) -> RecsvcError:
+    """The error for a call to ``endpoint`` that failed with ``exc`` (a ``grpc.RpcError``)."""
+    return RecsvcError(f"endpoint {endpoint}: {exc.code().name} ({exc.details()})")
+
+
 def rank_endpoint(
     endpoint: str,
     test: Holdout,
@@ -206,7 +212,7 @@ def rank_endpoint(
         try:
             info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
         except grpc.RpcError as exc:
-            raise RecsvcError(f"endpoint {endpoint}: {exc.code().name} ({exc.details()})") from exc
+            raise _rpc_failure(endpoint, exc) from exc
         if expect_version is not None and info.version != expect_version:
             raise RecsvcError(
                 f"endpoint {endpoint}: serves model {info.version}, not the evaluated "
@@ -222,9 +228,7 @@ def rank_endpoint(
                     reply = future.result()
                 except grpc.RpcError as exc:
                     if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                        raise RecsvcError(
-                            f"endpoint {endpoint}: {exc.code().name} ({exc.details()})"
-                        ) from exc
+                        raise _rpc_failure(endpoint, exc) from exc
                     errors += 1
                     continue
                 if reply.model_version != info.version:
@@ -273,24 +277,32 @@ def score(name: str, lists: Lists, test: Holdout, data: TrainingData, ks: Sequen
     metrics = summarize(
         lists.rows, test.relevant_users, test.relevant_items, ks, item_users, len(data.users)
     )
+    violations = _violations(lists, test, data)
+    return Result(name, metrics, violations, lists.seconds, lists.sources, lists.errors)
+
+
+def _violations(lists: Lists, test: Holdout, data: TrainingData) -> dict[str, int]:
+    """Listed items a user may not be shown: unsuitable, inactive, or held in training."""
     risk, active, tolerance = _reference_rules(data)
     known = test.user_rows >= 0
     user_tol = np.ones(len(test.user_ids), dtype=np.int64)
     user_tol[known] = tolerance[test.user_rows[known]]
     filled = lists.rows >= 0
-    inactive = int((filled & ~active[np.where(filled, lists.rows, 0)]).sum())
+    return {
+        "suitability": suitability_violations(lists.rows, risk, user_tol),
+        "inactive": int((filled & ~active[np.where(filled, lists.rows, 0)]).sum()),
+        "seen_in_training": _seen_in_training(lists.rows, test.user_rows, data),
+    }
+
+
+def _seen_in_training(rows: np.ndarray, user_rows: np.ndarray, data: TrainingData) -> int:
+    """Listed items the user already has in the training data (unknown users have none)."""
     history = data.user_items.tocsr()
     n_items = len(data.items)
     owner = np.repeat(np.arange(history.shape[0], dtype=np.int64), np.diff(history.indptr))
-    user_of_slot = np.where(known, test.user_rows, -1)[:, None]
-    slot_keys = np.where(filled & (user_of_slot >= 0), user_of_slot * n_items + lists.rows, -1)
-    seen = int(np.isin(slot_keys, owner * n_items + history.indices).sum())
-    violations = {
-        "suitability": suitability_violations(lists.rows, risk, user_tol),
-        "inactive": inactive,
-        "seen_in_training": seen,
-    }
-    return Result(name, metrics, violations, lists.seconds, lists.sources, lists.errors)
+    user_of_slot = user_rows[:, None]  # -1 for a user unknown to training
+    slot_keys = np.where((rows >= 0) & (user_of_slot >= 0), user_of_slot * n_items + rows, -1)
+    return int(np.isin(slot_keys, owner * n_items + history.indices).sum())
 
 
 def agreement(a: Lists, b: Lists, ra: Result, rb: Result) -> dict[str, Any]:
@@ -306,14 +318,99 @@ def agreement(a: Lists, b: Lists, ra: Result, rb: Result) -> dict[str, Any]:
     }
 
 
-def _train(
-    data: TrainingData, params: FitParams, models: Path, progress: bool
-) -> tuple[Path, dict[str, float]]:
+def _checked_ks(options: EvalOptions, bundle: Path | None) -> tuple[int, ...]:
+    """The ks, sorted; refuses one out of range, and an endpoint without its bundle."""
+    ks = tuple(sorted(set(options.ks)))
+    if not ks or ks[0] < 1 or ks[-1] > MAX_K:
+        raise DataError(f"k: each k must be between 1 and {MAX_K}, got {list(options.ks)}")
+    if options.endpoint and bundle is None:
+        raise DataError(
+            "--endpoint needs --bundle: the bundle the server serves, so its figure can be "
+            "checked against the split and against the in-process one"
+        )
+    return ks
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Record the block's wall time as ``seconds[name]``."""
     start = time.perf_counter()
-    model = fit_model(data.user_items, params, progress=progress)
-    mid = time.perf_counter()
-    folder = publish(models, data, model, extra={"evaluation": True})
-    return folder, {"fit": mid - start, "publish": time.perf_counter() - mid}
+    yield
+    seconds[name] = time.perf_counter() - start
+
+
+def _write_split_once(split: Split, folder: Path) -> Path:
+    """Write the split to ``folder``, unless it was replayed from there; returns ``folder``."""
+    replayed = split.meta.get("replayed_from")
+    if replayed is None or Path(replayed).resolve() != folder.resolve():
+        write_split(split, folder)
+    return folder
+
+
+def _train(
+    data: TrainingData, params: FitParams, models: Path, progress: bool, seconds: dict[str, float]
+) -> Path:
+    """Fit on the train part and publish the bundle under ``models``; returns its folder."""
+    with _timed(seconds, "fit"):
+        model = fit_model(data.user_items, params, progress=progress)
+    with _timed(seconds, "publish"):
+        folder = publish(models, data, model, extra={"evaluation": True})
+    return folder
+
+
+def _load_trained_on(folder: Path, data: TrainingData) -> Bundle:
+    """Load the bundle in ``folder``, refusing one trained on other data than ``data``."""
+    loaded = load_bundle(folder)
+    if loaded.manifest["data_fingerprint"] != data.fingerprint():
+        raise BundleError(
+            f"{folder}: was not trained on this split's train part (data fingerprint "
+            "differs); evaluating it would count training items as hits"
+        )
+    return loaded
+
+
+def _score_baselines(
+    test: Holdout,
+    data: TrainingData,
+    ks: tuple[int, ...],
+    options: EvalOptions,
+    stage: Callable[[str], None],
+) -> list[Result]:
+    """Rank and score every baseline of ``options`` on the same split, under the same rules."""
+    eligibility = Eligibility.from_data(data)
+    results = []
+    for name in options.baselines:
+        stage(f"baseline {name}")
+        start = time.perf_counter()
+        rows = rank_baseline(name, eligibility, test.user_rows, ks[-1], options.seed)
+        results.append(score(name, Lists(rows, time.perf_counter() - start), test, data, ks))
+    return results
+
+
+def _describe_bundle(folder: Path, loaded: Bundle) -> dict[str, Any]:
+    """The report's ``bundle`` section: where it is, its version, how it was trained."""
+    return {
+        "path": str(folder),
+        "version": loaded.version,
+        "algorithm": loaded.manifest["algorithm"],
+        "params": loaded.manifest["params"],
+    }
+
+
+def _describe_data(data: TrainingData, test: Holdout) -> dict[str, Any]:
+    """The report's ``data`` section: the sizes of both parts and what was dropped."""
+    return {
+        "train_users": len(data.users),
+        "items": len(data.items),
+        "train_pairs": int(data.user_items.nnz),
+        "test_users": len(test.user_ids),
+        # Users left with no relevant pair (all theirs named unknown items) are not averaged.
+        "evaluated_users": int(np.unique(test.relevant_users).size),
+        "test_users_unknown_to_training": int((test.user_rows < 0).sum()),
+        "test_pairs": len(test.relevant_items),
+        "test_pairs_dropped_unknown_item": test.dropped_unknown_items,
+        "report": data.report.as_dict(),
+    }
 
 
 def evaluate(
@@ -337,79 +434,38 @@ def evaluate(
         DataError, BundleError, RecsvcError: bad input, a bundle trained on other
             data, an endpoint that serves another model or disagrees.
     """
-    ks = tuple(sorted(set(options.ks)))
-    if not ks or ks[0] < 1 or ks[-1] > MAX_K:
-        raise DataError(f"k: each k must be between 1 and {MAX_K}, got {list(options.ks)}")
-    if options.endpoint and bundle is None:
-        raise DataError(
-            "--endpoint needs --bundle: the bundle the server serves, so its figure can be "
-            "checked against the split and against the in-process one"
-        )
+    ks = _checked_ks(options, bundle)
     stage = on_stage or (lambda _msg: None)
-    k = ks[-1]
     seconds: dict[str, float] = {}
-    split_dir = report / "split"
-    replayed = split.meta.get("replayed_from")
-    if replayed is None or Path(replayed).resolve() != split_dir.resolve():
-        write_split(split, split_dir)
+    split_dir = _write_split_once(split, report / "split")
     stage(f"split {split.meta.get('spec')}: {split.meta}")
-    t0 = time.perf_counter()
-    data = load_training_data(split_dir / "train.parquet", items, users, data_config)
-    seconds["load"] = time.perf_counter() - t0
+    with _timed(seconds, "load"):
+        data = load_training_data(split_dir / "train.parquet", items, users, data_config)
     test = holdout(split.test, data)
     if bundle is None:
         stage(f"fitting {params.algorithm} on {data.user_items.nnz:,} training pairs")
-        folder, fit_seconds = _train(data, params, report / "models", options.progress)
-        seconds.update(fit_seconds)
+        folder = _train(data, params, report / "models", options.progress, seconds)
     else:
         folder = resolve_bundle(bundle)
-    loaded = load_bundle(folder)
-    if loaded.manifest["data_fingerprint"] != data.fingerprint():
-        raise BundleError(
-            f"{folder}: was not trained on this split's train part (data fingerprint "
-            "differs); evaluating it would count training items as hits"
-        )
-    recommender = Recommender(loaded)
+    loaded = _load_trained_on(folder, data)
     stage(f"ranking {len(test.user_ids):,} test users with bundle {loaded.version}")
-    results: list[Result] = []
-    lists = rank_in_process(recommender, test, data, k, options.progress)
-    results.append(score("model", lists, test, data, ks))
-    checks: dict[str, Any] = {}
+    lists = rank_in_process(Recommender(loaded), test, data, ks[-1], options.progress)
+    results = [score("model", lists, test, data, ks)]
+    checks: dict[str, Any] | None = None
     if options.endpoint:
         stage(f"asking {options.endpoint}")
         remote = rank_endpoint(
-            options.endpoint, test, data, k, loaded.version, progress=options.progress
+            options.endpoint, test, data, ks[-1], loaded.version, progress=options.progress
         )
         results.append(score("model@endpoint", remote, test, data, ks))
         checks = agreement(lists, remote, results[0], results[-1])
-    eligibility = Eligibility.from_data(data)
-    for name in options.baselines:
-        stage(f"baseline {name}")
-        start = time.perf_counter()
-        rows = rank_baseline(name, eligibility, test.user_rows, k, options.seed)
-        results.append(score(name, Lists(rows, time.perf_counter() - start), test, data, ks))
+    results += _score_baselines(test, data, ks, options, stage)
     return {
         "ks": list(ks),
         "split": split.meta,
-        "bundle": {
-            "path": str(folder),
-            "version": loaded.version,
-            "algorithm": loaded.manifest["algorithm"],
-            "params": loaded.manifest["params"],
-        },
-        "data": {
-            "train_users": len(data.users),
-            "items": len(data.items),
-            "train_pairs": int(data.user_items.nnz),
-            "test_users": len(test.user_ids),
-            # Users left with no relevant pair (all theirs named unknown items) are not averaged.
-            "evaluated_users": int(np.unique(test.relevant_users).size),
-            "test_users_unknown_to_training": int((test.user_rows < 0).sum()),
-            "test_pairs": len(test.relevant_items),
-            "test_pairs_dropped_unknown_item": test.dropped_unknown_items,
-            "report": data.report.as_dict(),
-        },
+        "bundle": _describe_bundle(folder, loaded),
+        "data": _describe_data(data, test),
         "results": [r.to_json() for r in results],
-        "endpoint_agreement": checks or None,
-        "seconds": {k_: round(v, 3) for k_, v in seconds.items()},
+        "endpoint_agreement": checks,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }

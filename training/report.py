@@ -16,7 +16,15 @@ from typing import Any
 
 from training.metrics import METRICS
 
-__all__ = ["HEADLINE", "machine", "markdown_table", "plot_metrics", "write_report"]
+__all__ = [
+    "HEADLINE",
+    "cpu_model",
+    "machine",
+    "markdown_table",
+    "memory_gib",
+    "plot_metrics",
+    "write_report",
+]
 
 HEADLINE = ("map", "ndcg", "precision", "recall")
 """The four metrics of the published MovieLens table, in its column order."""
@@ -33,28 +41,40 @@ _TITLES = {
 }
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo``; None where it does not say."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def memory_gib() -> float | None:
+    """Total memory in GiB from ``/proc/meminfo``; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    return int(line.split()[1]) / 2**20
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def machine() -> dict[str, Any]:
     """What ran the evaluation: CPU, cores, memory, Python and library versions."""
     import implicit
     import numpy
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    memory_gib = None
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-            memory_gib = round(kib / 2**20, 1)
-    except (OSError, StopIteration, ValueError):
-        pass
+    memory = memory_gib()
     return {
-        "cpu": cpu,
+        "cpu": cpu_model() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
-        "memory_gib": memory_gib,
+        "memory_gib": None if memory is None else round(memory, 1),
         "os": platform.platform(),
         "python": sys.version.split()[0],
         "implicit": implicit.__version__,

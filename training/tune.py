@@ -114,6 +114,8 @@ class TuneOptions:
 
 @dataclass
 class Trial:
+    """One candidate's validation figures, or why its fit failed."""
+
     number: int
     params: FitParams
     score: float
@@ -139,6 +141,8 @@ class Trial:
 
 @dataclass
 class TuneResult:
+    """The winning trial, every trial, and how the validation part was carved."""
+
     best: Trial
     trials: list[Trial]
     validation: dict[str, Any]
@@ -319,18 +323,20 @@ class _Climber:
 
 
 class _Search:
-    """Random candidates while exploring; then the best explorers' climbers take turns."""
+    """The base parameters, random candidates while exploring, then the best ones' climbers."""
 
-    def __init__(self, options: TuneOptions, explore: int, rng: np.random.Generator) -> None:
+    def __init__(self, options: TuneOptions) -> None:
         self.options = options
-        self.explore = explore
-        self.rng = rng
+        self.explore = max(1, round(options.trials * _EXPLORE_SHARE))
+        self.rng = np.random.default_rng(options.seed)
         self.climbers: list[_Climber] | None = None
         self.turn = 0
 
     def propose(self, trials: list[Trial]) -> tuple[FitParams, int]:
-        """The next candidate and the family it belongs to."""
+        """The next candidate and the family it belongs to; the base parameters come first."""
         number = len(trials)
+        if number == 0:
+            return self.options.base, 0
         seen = {t.params for t in trials}
         if number >= self.explore and self.climbers is None:
             fitted = sorted((t for t in trials if t.error is None), key=lambda t: -t.score)
@@ -354,6 +360,52 @@ class _Search:
         return params, number
 
 
+def _carve_folds(data: TrainingData, options: TuneOptions) -> list[_Fold]:
+    """One validation carve per fold, seeded ``seed``, ``seed + 1``, ...
+
+    Raises:
+        DataError: a carve leaves nothing to fit or nothing to validate on.
+    """
+    folds = [
+        _fold(data, options.validation_fraction, options.seed + i) for i in range(options.folds)
+    ]
+    if any(f.fit.nnz == 0 or len(f.users) == 0 for f in folds):
+        raise DataError(
+            "interactions: too few pairs per user to carve out a validation part and still fit"
+        )
+    return folds
+
+
+def _describe_folds(folds: list[_Fold], data: TrainingData, options: TuneOptions) -> dict[str, Any]:
+    """The result's ``validation`` section: how the folds were carved and their sizes."""
+    return {
+        "fraction": options.validation_fraction,
+        "folds": options.folds,
+        "seed": options.seed,
+        "fit_pairs": [int(f.fit.nnz) for f in folds],
+        "validation_pairs": [len(f.relevant_items) for f in folds],
+        "validation_users": [len(f.users) for f in folds],
+        "data_fingerprint": data.fingerprint(),
+        "metric": f"{options.metric}@{options.k}",
+    }
+
+
+def _run_trial(
+    number: int, params: FitParams, family: int, folds: list[_Fold], options: TuneOptions
+) -> Trial:
+    """Fit and score ``params`` on every fold; the trial's metrics are the folds' mean."""
+    start = time.perf_counter()
+    try:
+        per_fold = [validation_score(params, f, options.k) for f in folds]
+    except (ModelFitError, FloatingPointError, np.linalg.LinAlgError) as exc:
+        # A diverging candidate (BPR at a high learning rate: NaN factors) is a bad
+        # candidate, not a failed search.
+        return Trial(number, params, -math.inf, {}, time.perf_counter() - start, family, str(exc))
+    metrics = {m: float(np.mean([p[m] for p in per_fold])) for m in per_fold[0]}
+    seconds = time.perf_counter() - start
+    return Trial(number, params, metrics[options.metric], metrics, seconds, family)
+
+
 def tune(
     data: TrainingData,
     options: TuneOptions,
@@ -372,27 +424,10 @@ def tune(
         DataError: nothing left to validate on.
     """
     start = time.perf_counter()
-    folds = [
-        _fold(data, options.validation_fraction, options.seed + i) for i in range(options.folds)
-    ]
-    if any(f.fit.nnz == 0 or len(f.users) == 0 for f in folds):
-        raise DataError(
-            "interactions: too few pairs per user to carve out a validation part and still fit"
-        )
-    validation = {
-        "fraction": options.validation_fraction,
-        "folds": options.folds,
-        "seed": options.seed,
-        "fit_pairs": [int(f.fit.nnz) for f in folds],
-        "validation_pairs": [len(f.relevant_items) for f in folds],
-        "validation_users": [len(f.users) for f in folds],
-        "data_fingerprint": data.fingerprint(),
-        "metric": f"{options.metric}@{options.k}",
-    }
-    rng = np.random.default_rng(options.seed)
-    explore = max(1, round(options.trials * _EXPLORE_SHARE))
+    folds = _carve_folds(data, options)
+    validation = _describe_folds(folds, data, options)
     options = replace(options, base=replace(options.base, seed=options.seed))
-    search = _Search(options, explore, rng)
+    search = _Search(options)
     trials: list[Trial] = []
     best: Trial | None = None
     stopped_by = "trials"
@@ -402,18 +437,8 @@ def tune(
         if number and options.time_budget is not None and elapsed > options.time_budget:
             stopped_by = "time_budget"
             break
-        params, family = (options.base, 0) if number == 0 else search.propose(trials)
-        t0 = time.perf_counter()
-        try:
-            per_fold = [validation_score(params, f, options.k) for f in folds]
-        except (ModelFitError, FloatingPointError, np.linalg.LinAlgError) as exc:
-            # A diverging candidate (BPR at a high learning rate: NaN factors) is a bad
-            # candidate, not a failed search.
-            trial = Trial(number, params, -math.inf, {}, time.perf_counter() - t0, family, str(exc))
-        else:
-            metrics = {m: float(np.mean([p[m] for p in per_fold])) for m in per_fold[0]}
-            seconds = time.perf_counter() - t0
-            trial = Trial(number, params, metrics[options.metric], metrics, seconds, family)
+        params, family = search.propose(trials)
+        trial = _run_trial(number, params, family, folds, options)
         trials.append(trial)
         if best is None or trial.score > best.score:
             best = trial
