@@ -138,7 +138,7 @@ def _cmd_audience(args: argparse.Namespace) -> int:
     from recsvc.model.queries import TargetQuery
     from training.export import export_all_items, export_audience, open_targeter
 
-    targeter = open_targeter(Path(args.models), consent_required=not args.no_consent_data)
+    targeter = open_targeter(Path(args.models), no_consent_data=args.no_consent_data)
     out = Path(args.out)
     if args.all_items:
         rows = export_all_items(

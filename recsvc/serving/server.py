@@ -99,7 +99,7 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     faiss.omp_set_num_threads(1)
     store = ModelStore(
         settings.models,
-        consent_required=not settings.no_consent_data,
+        no_consent_data=settings.no_consent_data,
         trial_in_child=settings.trial_in_child,
     )
     options = [

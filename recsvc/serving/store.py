@@ -53,7 +53,7 @@ def _warm_up(model: ServedModel) -> None:
 
 
 def load_served_model(
-    folder: Path, consent_required: bool = True, verify: bool = True
+    folder: Path, no_consent_data: bool = False, verify: bool = True
 ) -> ServedModel:
     """Verify (unless told it is done), load and warm one version.
 
@@ -62,7 +62,7 @@ def load_served_model(
     """
     bundle = load_bundle(folder, verify=verify)
     try:
-        model = ServedModel(Recommender(bundle), Targeter(bundle, consent_required))
+        model = ServedModel(Recommender(bundle), Targeter(bundle, no_consent_data))
         _warm_up(model)
     except BundleError:
         raise
@@ -84,11 +84,11 @@ class ModelStore:
     """Holds the served model and follows ``models/LATEST``."""
 
     def __init__(
-        self, models: Path, consent_required: bool = True, trial_in_child: bool = True
+        self, models: Path, no_consent_data: bool = False, trial_in_child: bool = True
     ) -> None:
         self.models = models
-        self.consent_required = consent_required
-        self._trials = TrialRunner(consent_required) if trial_in_child else None
+        self.no_consent_data = no_consent_data
+        self._trials = TrialRunner(no_consent_data) if trial_in_child else None
         self._model: ServedModel | None = None
         self._rejected: set[str] = set()  # defective versions: never tried again
         self._unreadable: dict[str, str] = {}  # what could not be read, and why: retried
@@ -125,7 +125,7 @@ class ModelStore:
             verify_files(folder, read_manifest(folder))
             if self._trials is not None:
                 self._trials.trial(folder)
-            model = load_served_model(folder, self.consent_required, verify=False)
+            model = load_served_model(folder, self.no_consent_data, verify=False)
         except BundleUnreadable as exc:  # an I/O error may pass (a volume not mounted yet)
             self._note_unreadable(version, str(exc))
             return False

@@ -30,9 +30,9 @@ _REJECTED = 3
 class TrialRunner:
     """Runs trial loads in pre-started child processes."""
 
-    def __init__(self, consent_required: bool = True, timeout: float = 600.0) -> None:
+    def __init__(self, no_consent_data: bool = False, timeout: float = 600.0) -> None:
         self._cmd = [sys.executable, "-m", "recsvc.serving.trial"]
-        if not consent_required:
+        if no_consent_data:
             self._cmd.append("--no-consent-data")
         self._timeout = timeout
         self._lock = threading.Lock()
@@ -91,9 +91,7 @@ def _main(argv: list[str]) -> int:
     if not line:
         return _OK  # the server went away before asking anything
     try:
-        load_served_model(
-            Path(line), consent_required="--no-consent-data" not in argv, verify=False
-        )
+        load_served_model(Path(line), no_consent_data="--no-consent-data" in argv, verify=False)
     except RecsvcError as exc:
         print(str(exc), file=sys.stderr)
         return _REJECTED
