@@ -146,7 +146,7 @@ async def serve(settings: ServerSettings, reuse_port: bool = False) -> None:
 
 
 def _worker(settings: ServerSettings) -> None:
-    configure_logging()
+    configure_logging(settings.log_level)
     asyncio.run(serve(settings, reuse_port=True))
 
 
