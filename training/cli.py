@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(build_parser(), lambda args: int(args.func(args)), argv)
+    return run_main(build_parser(), lambda args: args.func(args), argv)
 
 
 if __name__ == "__main__":
