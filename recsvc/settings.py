@@ -142,7 +142,7 @@ class ServerSettings:
             raise ValueError("--workers must be at least 1")
         if self.workers > 1 and self.port == 0:
             raise ValueError("--workers above 1 need a fixed --port to share")
-        _log_level(self.log_level)
+        _log_level(self.log_level)  # raises for a name given in code rather than parsed
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
