@@ -68,8 +68,8 @@ def profile_recommend(models: Path, pool: int, calls: int, seed: int = 0) -> dic
     from bench.bundles import latest_bundle
     from recsvc.logs import Pseudonymizer
     from recsvc.model.queries import RecommendQuery
+    from recsvc.serving.servable import load_served_model
     from recsvc.serving.service import RecommenderService
-    from recsvc.serving.store import load_served_model
     from recsvc.v1 import recommender_pb2 as pb
 
     faiss.omp_set_num_threads(1)  # as the server runs it

@@ -8,7 +8,8 @@ Layers, each importing only those above it:
   targeting, in plain Python;
 - ``recsvc.serving``: the gRPC edge, the server process and the served version;
 - ``recsvc.audience_file``: an audience on disk (Parquet and its sidecar);
-- ``recsvc.cli``: the ``recsvc`` command.
+- ``recsvc.commands``, ``recsvc.cli``: what every command does around its work (flags,
+  log level, exit status); the ``recsvc`` command.
 
 The names below are imported on first use, so ``import recsvc`` costs nothing.
 """

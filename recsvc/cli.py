@@ -12,8 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from recsvc.errors import RecsvcError
-from recsvc.logs import configure_logging
+from recsvc.commands import run_main
 from recsvc.settings import ServerSettings
 
 __all__ = ["main"]
@@ -54,20 +53,7 @@ def _stub(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _cmd_serve(args: argparse.Namespace) -> int:
     from recsvc.serving.server import serve_forever
 
-    settings = ServerSettings.from_env(
-        models=Path(args.models) if args.models else None,
-        host=args.host,
-        port=args.port,
-        poll_interval=args.poll_interval,
-        workers=args.workers,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        no_consent_data=True if args.no_consent_data else None,
-        auth_token_file=Path(args.auth_token_file) if args.auth_token_file else None,
-        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-        tls_key=Path(args.tls_key) if args.tls_key else None,
-        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
-    )
-    return serve_forever(settings)
+    return serve_forever(ServerSettings.from_args(args))
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
@@ -194,21 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve the newest valid bundle over gRPC")
-    p.add_argument("--models", help="bundle folder (or RECSVC_MODELS)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--poll-interval", type=float, help="seconds between looks at LATEST")
-    p.add_argument("--workers", type=int, help="server processes sharing the port")
-    p.add_argument("--max-concurrent-rpcs", type=int)
-    p.add_argument(
-        "--no-consent-data",
-        action="store_true",
-        help="allow TargetUsers on data without a users table",
-    )
-    p.add_argument("--auth-token-file")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--tls-client-ca")
+    ServerSettings.add_flags(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("recommend", help="suggestions for a customer")
@@ -242,17 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging()
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except grpc.RpcError as exc:
         print(f"recsvc: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except (RecsvcError, ValueError) as exc:
-        print(f"recsvc: error: {exc}", file=sys.stderr)
-        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

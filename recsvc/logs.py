@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import sys
 from datetime import datetime, timezone
 from typing import Any
@@ -38,13 +37,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str | None = None) -> None:
-    """JSON lines on stderr; level from the argument or ``RECSVC_LOG_LEVEL``."""
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr at ``level`` (a name: ``"INFO"``, ``"debug"``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel((level or os.environ.get("RECSVC_LOG_LEVEL", "INFO")).upper())
+    root.setLevel(level.upper())
     # faiss announces each CPU-feature library it tries at INFO; that is noise here.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 

@@ -1,17 +1,47 @@
-"""Typed server settings, parsed once at start-up from flags and ``RECSVC_*``."""
+"""Typed server settings, declared once.
+
+Each :class:`ServerSettings` field declares its help and how text becomes its value;
+its flag and its ``RECSVC_*`` variable follow from its name (``poll_interval``:
+``--poll-interval`` and ``RECSVC_POLL_INTERVAL``). Defaults, then the environment,
+then flags; an empty variable counts as unset.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
-__all__ = ["ServerSettings"]
+__all__ = ["SETTINGS", "ServerSettings", "Setting"]
+
+_PREFIX = "RECSVC_"
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"RECSVC_{name}", default)
+def _switch(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected 1, true, yes, on or 0, false, no, off; got {text!r}")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if not isinstance(logging.getLevelName(level), int):  # a known name maps to its number
+        raise ValueError(f"{text!r} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+    return level
+
+
+def _declare(text: str, parse: Callable[[str], Any] = str) -> dict[str, Any]:
+    """A field's metadata: its help, and how its flag's or variable's text is parsed."""
+    return {"help": text, "parse": parse}
 
 
 @dataclass(frozen=True)
@@ -19,66 +49,87 @@ class ServerSettings:
     """Everything ``recsvc serve`` needs; built once, passed down.
 
     Example:
-        >>> ServerSettings(models=Path("var/models"), port=0, poll_interval=0.2)
+        >>> ServerSettings(models=Path("var/models"), port=0, poll_interval=0.2).port
+        0
     """
 
-    models: Path
-    """Bundle folder: ``<version>/`` subfolders and ``LATEST``."""
-    host: str = "localhost"
-    port: int = 50051
-    """0 picks a free port (tests)."""
-    poll_interval: float = 5.0
-    """Seconds between looks at ``models/LATEST``."""
-    workers: int = 1
-    """Server processes sharing the port (SO_REUSEPORT)."""
-    max_concurrent_rpcs: int = 256
-    """Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED."""
-    max_message_bytes: int = 4 * 1024 * 1024
-    grace_seconds: float = 10.0
-    """How long SIGTERM waits for in-flight RPCs."""
-    pseudonym_key: bytes = b""
-    """HMAC key for customer ids in logs; random per process when unset."""
-    trial_in_child: bool = True
-    """Parse each new bundle in a throwaway child process before loading it here."""
-    no_consent_data: bool = False
-    """Allow TargetUsers on data without a users table (no consent requirement)."""
-    auth_token_file: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
+    models: Path = field(metadata=_declare("bundle folder: <version>/ subfolders and LATEST", Path))
+    host: str = field(default="localhost", metadata=_declare("address to listen on"))
+    port: int = field(default=50051, metadata=_declare("port; 0 picks a free one", int))
+    poll_interval: float = field(
+        default=5.0, metadata=_declare("seconds between looks at MODELS/LATEST", float)
+    )
+    workers: int = field(
+        default=1, metadata=_declare("server processes sharing the port (SO_REUSEPORT)", int)
+    )
+    max_concurrent_rpcs: int = field(
+        default=256,
+        metadata=_declare("RPCs in flight beyond which new ones get RESOURCE_EXHAUSTED", int),
+    )
+    max_message_bytes: int = field(
+        default=4 * 1024 * 1024, metadata=_declare("largest message received or sent", int)
+    )
+    grace_seconds: float = field(
+        default=10.0, metadata=_declare("how long SIGTERM waits for in-flight RPCs", float)
+    )
+    pseudonym_key: bytes = field(
+        default_factory=lambda: secrets.token_bytes(32),
+        repr=False,
+        metadata=_declare(
+            "HMAC key for customer ids in logs, random per process when unset; prefer the "
+            "variable, since a flag shows in process listings",
+            str.encode,
+        ),
+    )
+    trial_in_child: bool = field(
+        default=True,
+        metadata=_declare(
+            "parse each new version in a throwaway child process before loading it here",
+            _switch,
+        ),
+    )
+    no_consent_data: bool = field(
+        default=False,
+        metadata=_declare(
+            "allow TargetUsers on data without a users table (no consent requirement)", _switch
+        ),
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata=_declare("DEBUG, INFO, WARNING, ERROR or CRITICAL", _log_level),
+    )
+    auth_token_file: Path | None = field(
+        default=None, metadata=_declare("bearer token every RPC must carry (a file)", Path)
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=_declare("server certificate: serve TLS (with --tls-key)", Path)
+    )
+    tls_key: Path | None = field(default=None, metadata=_declare("server private key", Path))
+    tls_client_ca: Path | None = field(
+        default=None, metadata=_declare("CA that client certificates must chain to (mTLS)", Path)
+    )
 
     @classmethod
-    def from_env(cls, models: Path | None = None, **overrides: object) -> ServerSettings:
-        """Defaults, then ``RECSVC_*`` variables, then explicit (non-None) overrides."""
-        values: dict[str, object] = {}
-        env_models = _env("MODELS")
-        if env_models:
-            values["models"] = Path(env_models)
-        for name, conv in (
-            ("host", str),
-            ("port", int),
-            ("poll_interval", float),
-            ("workers", int),
-            ("max_concurrent_rpcs", int),
-            ("grace_seconds", float),
-        ):
-            raw = _env(name.upper())
-            if raw is not None:
-                values[name] = conv(raw)
-        for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
-            raw = _env(name.upper())
-            if raw:
-                values[name] = Path(raw)
-        key = _env("PSEUDONYM_KEY")
-        values["pseudonym_key"] = key.encode() if key else secrets.token_bytes(32)
-        if _env("NO_CONSENT_DATA", "") in ("1", "true", "yes"):
-            values["no_consent_data"] = True
-        if models is not None:
-            values["models"] = models
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if "models" not in values:
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """Give ``parser`` every setting's flag; a flag not given parses as None."""
+        for setting in SETTINGS.values():
+            setting.add_flag(parser)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerSettings:
+        """From flags that ``add_flags`` declared, over the environment."""
+        return cls.from_env(**{name: getattr(args, name) for name in SETTINGS})
+
+    @classmethod
+    def from_env(cls, **given: object) -> ServerSettings:
+        """Defaults, then ``RECSVC_*`` variables, then ``given`` values that are not None."""
+        unknown = set(given) - set(SETTINGS)
+        if unknown:
+            raise TypeError(f"no such setting: {', '.join(sorted(unknown))}")
+        values = {name: s.resolve(given.get(name), os.environ) for name, s in SETTINGS.items()}
+        if values["models"] is None:
             raise ValueError("no model folder: pass --models or set RECSVC_MODELS")
-        settings = cls(**values)  # type: ignore[arg-type]
+        settings = cls(**{k: v for k, v in values.items() if v is not None})
         settings.check()
         return settings
 
@@ -91,15 +142,86 @@ class ServerSettings:
             raise ValueError("--workers must be at least 1")
         if self.workers > 1 and self.port == 0:
             raise ValueError("--workers above 1 need a fixed --port to share")
+        _log_level(self.log_level)  # raises for a name given in code rather than parsed
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        for flag, path in (
-            ("--tls-cert", self.tls_cert),
-            ("--tls-key", self.tls_key),
-            ("--tls-client-ca", self.tls_client_ca),
-            ("--auth-token-file", self.auth_token_file),
-        ):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
             if path is not None and not path.is_file():
-                raise ValueError(f"{flag} {path}: no such file")
+                raise ValueError(f"{SETTINGS[name].flag} {path}: no such file")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting as the command line and the environment give it.
+
+    Example:
+        >>> s = SETTINGS["poll_interval"]
+        >>> s.flag, s.variable, s.parse("2.5")
+        ('--poll-interval', 'RECSVC_POLL_INTERVAL', 2.5)
+    """
+
+    name: str
+    help: str
+    parse: Callable[[str], Any]
+    default: Any = None
+    """None where the field has none (or a factory)."""
+
+    @property
+    def is_switch(self) -> bool:
+        return self.parse is _switch
+
+    @property
+    def flag(self) -> str:
+        """``--name``; for a switch on by default, ``--no-name`` (a switch's flag flips it)."""
+        stem = self.name.replace("_", "-")
+        return f"--no-{stem}" if self.is_switch and self.default else f"--{stem}"
+
+    @property
+    def variable(self) -> str:
+        return _PREFIX + self.name.upper()
+
+    def add_flag(self, parser: argparse.ArgumentParser) -> None:
+        if self.is_switch:
+            set_to = not self.default
+            text = f"{'' if set_to else 'turn off: '}{self.help} [{self.variable}={int(set_to)}]"
+            parser.add_argument(
+                self.flag, dest=self.name, action="store_const", const=set_to, help=text
+            )
+        else:
+            text = f"{self.help} [{self.variable}]"
+            parser.add_argument(self.flag, dest=self.name, type=self._parse_flag, help=text)
+
+    def _parse_flag(self, text: str) -> Any:
+        try:
+            return self.parse(text)
+        except ValueError as exc:  # argparse would say only "invalid value"
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    def resolve(self, given: Any, environ: Mapping[str, str]) -> Any:
+        """``given`` (a flag's value) unless None, else the variable's, else the default."""
+        if given is not None:
+            return given
+        text = environ.get(self.variable, "")
+        if not text:
+            return self.default
+        try:
+            return self.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{self.variable}: {exc}") from exc
+
+
+SETTINGS: Mapping[str, Setting] = MappingProxyType(
+    {
+        f.name: Setting(
+            f.name,
+            f.metadata["help"],
+            f.metadata["parse"],
+            None if f.default is MISSING else f.default,
+        )
+        for f in fields(ServerSettings)
+    }
+)
+"""Every setting of :class:`ServerSettings`, by field name."""

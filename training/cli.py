@@ -10,8 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from recsvc.commands import run_main
 from recsvc.errors import RecsvcError
-from recsvc.logs import configure_logging
 from training.data import DataConfig, load_training_data
 from training.fit import FitParams, fit_model
 from training.publish import publish
@@ -138,7 +138,7 @@ def _cmd_audience(args: argparse.Namespace) -> int:
     from recsvc.model.queries import TargetQuery
     from training.export import export_all_items, export_audience, open_targeter
 
-    targeter = open_targeter(Path(args.models), consent_required=not args.no_consent_data)
+    targeter = open_targeter(Path(args.models), no_consent_data=args.no_consent_data)
     out = Path(args.out)
     if args.all_items:
         rows = export_all_items(
@@ -294,13 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging()
-    try:
-        return int(args.func(args))
-    except (RecsvcError, ValueError) as exc:
-        print(f"recsvc-train: error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(build_parser(), lambda args: args.func(args), argv)
 
 
 if __name__ == "__main__":

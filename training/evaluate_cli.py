@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from recsvc.commands import run_main
 from recsvc.errors import RecsvcError
-from recsvc.logs import configure_logging
 from training.baselines import BASELINES
 from training.cli import add_data_args, add_fit_args, data_config_from_args, fit_params_from_args
 from training.evaluate import EvalOptions, evaluate
@@ -97,46 +97,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    configure_logging()
+def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     quiet = args.quiet
 
     def stage(message: str) -> None:
         if not quiet:
             print(f"recsvc-eval: {message}", file=sys.stderr)
 
-    try:
-        seed = args.seed if args.seed is not None else 0
-        params = fit_params_from_args(args)
-        options = EvalOptions(
-            ks=parse_ks(args.k),
-            baselines=_baselines(args.baselines),
-            seed=seed,
-            endpoint=args.endpoint,
-            progress=not quiet,
-        )
-        start = time.perf_counter()
-        split = make_split(args.interactions, SplitSpec.parse(args.split), seed)
-        if args.split_only:
-            paths = write_split(split, args.report / "split")
-            print(f"wrote {paths['train']} and {paths['test']}: {split.meta}")
-            return 0
-        report = evaluate(
-            split,
-            args.report,
-            params,
-            options,
-            items=args.items,
-            users=args.users,
-            data_config=data_config_from_args(args),
-            bundle=args.bundle,
-            on_stage=stage,
-        )
-    except (RecsvcError, ValueError, OSError) as exc:
-        print(f"recsvc-eval: error: {exc}", file=sys.stderr)
-        return 2
+    seed = args.seed if args.seed is not None else 0
+    params = fit_params_from_args(args)
+    options = EvalOptions(
+        ks=parse_ks(args.k),
+        baselines=_baselines(args.baselines),
+        seed=seed,
+        endpoint=args.endpoint,
+        progress=not quiet,
+    )
+    start = time.perf_counter()
+    split = make_split(args.interactions, SplitSpec.parse(args.split), seed)
+    if args.split_only:
+        paths = write_split(split, args.report / "split")
+        print(f"wrote {paths['train']} and {paths['test']}: {split.meta}")
+        return 0
+    report = evaluate(
+        split,
+        args.report,
+        params,
+        options,
+        items=args.items,
+        users=args.users,
+        data_config=data_config_from_args(args),
+        bundle=args.bundle,
+        on_stage=stage,
+    )
     report["command"] = shlex.join(["recsvc-eval", *argv])
     report["created_at"] = datetime.now(timezone.utc).isoformat()
     report["machine"] = machine()
@@ -160,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not agreement["agree"]:
             status = 1
     return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    errors = (RecsvcError, ValueError, OSError)  # bad input, unreadable or unwritable files
+    return run_main(build_parser(), lambda args: _evaluate(args, argv), argv, errors)
 
 
 if __name__ == "__main__":

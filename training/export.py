@@ -27,11 +27,11 @@ _CHUNK = 100_000
 _VERSION_FILE = "_version"  # marks a folder as an all-items export (readers skip "_" names)
 
 
-def open_targeter(models: Path, consent_required: bool = True) -> Targeter:
+def open_targeter(models: Path, no_consent_data: bool = False) -> Targeter:
     version = read_latest(models)
     if version is None:
         raise BundleError(f"{models}: no LATEST; publish a model first")
-    return Targeter(load_bundle(models / version), consent_required)
+    return Targeter(load_bundle(models / version), no_consent_data)
 
 
 def audience_table(targeter: Targeter, audience: Audience, progress: bool = False) -> pa.Table:

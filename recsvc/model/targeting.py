@@ -67,14 +67,15 @@ class Targeter:
     """Audiences from one immutable bundle."""
 
     def __init__(
-        self, bundle: Bundle, consent_required: bool = True, exact_max_base: int = EXACT_MAX_BASE
+        self, bundle: Bundle, no_consent_data: bool = False, exact_max_base: int = EXACT_MAX_BASE
     ) -> None:
         self.bundle = bundle
         self.exact_max_base = exact_max_base
         has_users = bool(bundle.manifest["rules"].get("users_table"))
-        # Without a users table, consent is unknowable: refuse unless explicitly waived.
-        self.consent_rule = has_users or consent_required
-        self.answerable = has_users or not consent_required
+        # Without a users table consent is unknowable: refused, unless the data is declared
+        # to carry no consent requirement. A users table's consent always applies.
+        self.no_consent_data = no_consent_data and not has_users
+        self._consent_unknown = not has_users and not no_consent_data
         self.consent = (
             consent_mask(bundle.user_table) if has_users else np.ones(len(bundle.users), dtype=bool)
         )
@@ -103,7 +104,7 @@ class Targeter:
         return np.unique(rows)
 
     def _check_answerable(self) -> None:
-        if not self.answerable:
+        if self._consent_unknown:
             raise PreconditionFailed(
                 "the model has no users table, so marketing consent is unknown; start the "
                 "server with --no-consent-data if this data set carries no consent requirement"

@@ -2,8 +2,9 @@
 
 ``service`` (protobuf <-> domain, errors -> status codes), ``server`` (process,
 health, reflection, reload loop, shutdown, workers), ``auth`` (bearer tokens),
-``store`` (the served version: verify, trial, load, swap) and ``trial`` (the
-throwaway child that parses an untrusted version first).
+``servable`` (what a served version is: loaded and warmed), ``store`` (which
+version serves: verify, trial, load, swap) and ``trial`` (the throwaway child that
+parses an untrusted version first).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import TYPE_CHECKING
 from recsvc._exports import lazy_exports
 
 if TYPE_CHECKING:
+    from recsvc.serving.servable import ServedModel
     from recsvc.serving.server import RunningServer, create_server, serve, serve_forever
     from recsvc.serving.service import RecommenderService
-    from recsvc.serving.store import ModelStore, ServedModel
+    from recsvc.serving.store import ModelStore
 
 __all__ = [
     "ModelStore",
@@ -33,7 +35,7 @@ __getattr__ = lazy_exports(
         "ModelStore": "store",
         "RecommenderService": "service",
         "RunningServer": "server",
-        "ServedModel": "store",
+        "ServedModel": "servable",
         "create_server": "server",
         "serve": "server",
         "serve_forever": "server",

@@ -99,7 +99,7 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     faiss.omp_set_num_threads(1)
     store = ModelStore(
         settings.models,
-        consent_required=not settings.no_consent_data,
+        no_consent_data=settings.no_consent_data,
         trial_in_child=settings.trial_in_child,
     )
     options = [
@@ -146,7 +146,7 @@ async def serve(settings: ServerSettings, reuse_port: bool = False) -> None:
 
 
 def _worker(settings: ServerSettings) -> None:
-    configure_logging()
+    configure_logging(settings.log_level)
     asyncio.run(serve(settings, reuse_port=True))
 
 

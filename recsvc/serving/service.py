@@ -194,7 +194,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
                 suitability=info["suitability"],
                 active_only=info["active_only"],
                 exclude_interacted=True,
-                marketing_consent=model.targeter.consent_rule,
+                marketing_consent=not model.targeter.no_consent_data,
             ),
             item_index=info["item_index"],
             user_index=info["user_index"],

@@ -1,7 +1,9 @@
-"""Which model is served: load, verify and warm a version, then swap it in.
+"""Which version is served: follow LATEST, verify and trial a version, then swap it in.
 
-Plain Python, no gRPC. A request takes ``store.current()`` once and uses that
-object to the end, so a swap never changes a model under a request in flight.
+Plain Python, no gRPC. What a served version is, and how one is loaded, is
+``servable``; the throwaway child that parses it first, ``trial``. A request takes
+``store.current()`` once and uses that object to the end, so a swap never changes a
+model under a request in flight.
 """
 
 from __future__ import annotations
@@ -17,58 +19,16 @@ from recsvc.model.bundle import (
     LATEST,
     VERSION_RE,
     list_versions,
-    load_bundle,
     read_latest,
     read_manifest,
     verify_files,
 )
-from recsvc.model.queries import RecommendQuery, SimilarQuery
-from recsvc.model.ranking import Recommender
-from recsvc.model.targeting import Targeter
+from recsvc.serving.servable import ServedModel, load_served_model
 from recsvc.serving.trial import TrialRunner
 
-__all__ = ["ModelStore", "ServedModel", "load_served_model"]
+__all__ = ["ModelStore"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    recommender: Recommender
-    targeter: Targeter
-
-    @property
-    def version(self) -> str:
-        return self.recommender.version
-
-
-def _warm_up(model: ServedModel) -> None:
-    """Touch every path once so the first real request pays no first-use costs."""
-    b = model.recommender.bundle
-    if len(b.users):
-        model.recommender.recommend(RecommendQuery(user_id=b.users.ids[0], k=10, explain=True))
-    if len(b.items):
-        model.recommender.recommend(RecommendQuery(recent_item_ids=(b.items.ids[0],), k=10))
-        model.recommender.similar_items(SimilarQuery(item_id=b.items.ids[0], k=10))
-
-
-def load_served_model(
-    folder: Path, consent_required: bool = True, verify: bool = True
-) -> ServedModel:
-    """Verify (unless told it is done), load and warm one version.
-
-    Raises:
-        BundleError: on any defect.
-    """
-    bundle = load_bundle(folder, verify=verify)
-    try:
-        model = ServedModel(Recommender(bundle), Targeter(bundle, consent_required))
-        _warm_up(model)
-    except BundleError:
-        raise
-    except Exception as exc:  # a bundle that verifies but cannot serve is still a bad bundle
-        raise BundleError(f"{folder.name}: failed warm-up ({type(exc).__name__}: {exc})") from exc
-    return model
 
 
 @dataclass
@@ -84,11 +44,11 @@ class ModelStore:
     """Holds the served model and follows ``models/LATEST``."""
 
     def __init__(
-        self, models: Path, consent_required: bool = True, trial_in_child: bool = True
+        self, models: Path, no_consent_data: bool = False, trial_in_child: bool = True
     ) -> None:
         self.models = models
-        self.consent_required = consent_required
-        self._trials = TrialRunner(consent_required) if trial_in_child else None
+        self.no_consent_data = no_consent_data
+        self._trials = TrialRunner(no_consent_data) if trial_in_child else None
         self._model: ServedModel | None = None
         self._rejected: set[str] = set()  # defective versions: never tried again
         self._unreadable: dict[str, str] = {}  # what could not be read, and why: retried
@@ -125,7 +85,7 @@ class ModelStore:
             verify_files(folder, read_manifest(folder))
             if self._trials is not None:
                 self._trials.trial(folder)
-            model = load_served_model(folder, self.consent_required, verify=False)
+            model = load_served_model(folder, self.no_consent_data, verify=False)
         except BundleUnreadable as exc:  # an I/O error may pass (a volume not mounted yet)
             self._note_unreadable(version, str(exc))
             return False

@@ -5,6 +5,10 @@ crash the process that parses it. The server therefore verifies checksums, then
 lets a throwaway process parse and warm the bundle; only if that exits cleanly
 does the server load the bundle itself.
 
+The server asks with one JSON line on the child's stdin (a :class:`TrialRequest`);
+the child answers with its exit status, and on rejection the reason as the last
+line of its stderr.
+
 A child pays ~1 s of imports before it can parse anything, so after each trial
 :class:`TrialRunner` starts the next child ahead of time, waiting on stdin for a folder
 to try (the first trial, at server start, pays the start-up; call ``prestart`` to
@@ -14,33 +18,69 @@ Each child tries one folder and exits: a process that parsed bad input is not re
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from recsvc.errors import BundleError, RecsvcError
+from recsvc.serving.servable import load_served_model
 
-__all__ = ["TrialRunner"]
+__all__ = ["TrialRequest", "TrialRunner"]
 
 _OK = 0
+_BAD_REQUEST = 2
 _REJECTED = 3
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """What the server asks a trial child: the folder to load, and how.
+
+    Example:
+        >>> TrialRequest(Path("models/v1")).to_line()
+        '{"folder": "models/v1", "no_consent_data": false}\\n'
+    """
+
+    folder: Path
+    no_consent_data: bool = False
+
+    def to_line(self) -> str:
+        fields = {"folder": str(self.folder), "no_consent_data": self.no_consent_data}
+        return json.dumps(fields) + "\n"
+
+    @classmethod
+    def from_line(cls, line: str) -> TrialRequest:
+        """Parse and check one line written by ``to_line``.
+
+        Raises:
+            ValueError: not exactly such an object.
+        """
+        obj = json.loads(line)  # JSONDecodeError is a ValueError
+        if not isinstance(obj, dict) or set(obj) != {"folder", "no_consent_data"}:
+            raise ValueError("expected an object with exactly folder and no_consent_data")
+        folder, no_consent_data = obj["folder"], obj["no_consent_data"]
+        if not isinstance(folder, str) or not folder:
+            raise ValueError("folder must be a non-empty string")
+        if not isinstance(no_consent_data, bool):
+            raise ValueError("no_consent_data must be true or false")
+        return cls(Path(folder), no_consent_data)
 
 
 class TrialRunner:
     """Runs trial loads in pre-started child processes."""
 
-    def __init__(self, consent_required: bool = True, timeout: float = 600.0) -> None:
-        self._cmd = [sys.executable, "-m", "recsvc.serving.trial"]
-        if not consent_required:
-            self._cmd.append("--no-consent-data")
+    def __init__(self, no_consent_data: bool = False, timeout: float = 600.0) -> None:
+        self._no_consent_data = no_consent_data
         self._timeout = timeout
         self._lock = threading.Lock()
         self._next: subprocess.Popen[str] | None = None
 
     def _spawn(self) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            self._cmd,
+            [sys.executable, "-m", "recsvc.serving.trial"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -66,8 +106,9 @@ class TrialRunner:
             proc = self._next if self._next is not None and self._next.poll() is None else None
             self._next = None
         proc = proc or self._spawn()
+        request = TrialRequest(folder, self._no_consent_data).to_line()
         try:
-            _, stderr = proc.communicate(str(folder) + "\n", timeout=self._timeout)
+            _, stderr = proc.communicate(request, timeout=self._timeout)
         except subprocess.TimeoutExpired as exc:
             proc.kill()
             proc.communicate()
@@ -82,18 +123,18 @@ class TrialRunner:
         raise BundleError(f"{folder.name}: trial load died (exit {proc.returncode})")
 
 
-def _main(argv: list[str]) -> int:
-    from recsvc.serving.store import (
-        load_served_model,  # the imports are the slow part: do them first
-    )
-
-    line = sys.stdin.readline().strip()
-    if not line:
+def _main() -> int:
+    """The child: one request from stdin; the exit status is the verdict."""
+    line = sys.stdin.readline()
+    if not line.strip():
         return _OK  # the server went away before asking anything
     try:
-        load_served_model(
-            Path(line), consent_required="--no-consent-data" not in argv, verify=False
-        )
+        request = TrialRequest.from_line(line)
+    except ValueError as exc:
+        print(f"bad trial request: {exc}", file=sys.stderr)
+        return _BAD_REQUEST
+    try:
+        load_served_model(request.folder, request.no_consent_data, verify=False)
     except RecsvcError as exc:
         print(str(exc), file=sys.stderr)
         return _REJECTED
@@ -101,4 +142,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(_main())

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from recsvc.cli import main
-from recsvc.settings import ServerSettings
 from tests.conftest import ServerThread
 
 
@@ -36,21 +35,6 @@ def test_errors_are_reported_not_raised(
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["recommend", "--target", target, "-k", "9999", "--user", "u"]) == 1
     assert "INVALID_ARGUMENT: k:" in capsys.readouterr().err
-
-
-def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("RECSVC_MODELS", str(tmp_path))
-    monkeypatch.setenv("RECSVC_PORT", "6000")
-    monkeypatch.setenv("RECSVC_PSEUDONYM_KEY", "k1")
-    s = ServerSettings.from_env(port=7000)
-    assert (s.models, s.port, s.pseudonym_key) == (tmp_path, 7000, b"k1")
-    monkeypatch.delenv("RECSVC_MODELS")
-    with pytest.raises(ValueError, match="no model folder"):
-        ServerSettings.from_env()
-    with pytest.raises(ValueError, match="fixed --port"):
-        ServerSettings.from_env(models=tmp_path, workers=2, port=0)
-    with pytest.raises(ValueError, match="go together"):
-        ServerSettings.from_env(models=tmp_path, tls_cert=tmp_path / "c")
 
 
 @pytest.mark.parametrize(

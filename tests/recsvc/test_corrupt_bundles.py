@@ -196,7 +196,9 @@ def test_every_corrupt_version_is_rejected_and_the_old_one_keeps_serving(
         assert not store.refresh()
         assert store.version == good
     store.close()
-    print(f"\nrejected {store.stats.rejected}: {len(CASES)} corrupt kinds + 3 bad LATEST names")
+    # An empty LATEST names nothing; the other three are rejected, each once.
+    assert store.stats.rejected == len(CASES) + 3 and store.stats.unreadable == 0
+    assert store.stats.rejected_versions[-3:] == ["v-missing-folder", "../../etc", "\x00bad"]
 
 
 def test_a_good_version_after_corrupt_ones_is_served(models_copy: Path) -> None:

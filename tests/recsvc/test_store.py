@@ -1,18 +1,24 @@
-"""ModelStore: unreadable files are retried, defective ones rejected for good, never a crash."""
+"""ModelStore: unreadable files are retried, defective ones rejected for good, never a crash;
+an untrusted version is parsed by the trial child before this process loads it."""
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import recsvc.model.bundle
-from recsvc.model.bundle import LATEST, MANIFEST, read_latest
+import recsvc.serving.store
+from recsvc.model.bundle import LATEST, MANIFEST, read_latest, sha256_file
 from recsvc.model.queries import RecommendQuery
+from recsvc.model.ranking import Recommender
+from recsvc.serving.servable import ServedModel
 from recsvc.serving.store import ModelStore
 from training.publish import write_latest
 
@@ -30,6 +36,28 @@ def _answers(store: ModelStore) -> int:
     rec = store.current().recommender
     user = rec.bundle.users.ids[0]
     return len(rec.recommend(RecommendQuery(user_id=user, k=5)).items)
+
+
+def _not_a_permutation(folder: Path) -> None:
+    """Popularity that fails the parser, re-stamped so its checksum still passes."""
+    path = folder / "popularity.npy"
+    np.save(path, np.zeros_like(np.load(path, allow_pickle=False)))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _loads_here(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The versions this process goes on to load itself, after any trial."""
+    loaded: list[str] = []
+    load = recsvc.serving.store.load_served_model
+
+    def spy(folder: Path, *args: bool, **kw: bool) -> ServedModel:
+        loaded.append(folder.name)
+        return load(folder, *args, **kw)
+
+    monkeypatch.setattr(recsvc.serving.store, "load_served_model", spy)
+    return loaded
 
 
 def _manifest_is_a_folder(folder: Path) -> None:
@@ -111,3 +139,77 @@ def test_latest_that_is_not_text_or_not_a_file(models_copy: Path) -> None:
     (models_copy / LATEST).rmdir()
     write_latest(models_copy, good)
     assert not store.refresh()  # readable again, naming what is served: nothing to do
+
+
+def test_at_start_up_the_newest_valid_version_is_served(models_copy: Path) -> None:
+    good = read_latest(models_copy)
+    assert good is not None
+    valid = [_copy_as(models_copy, good, f"v99990101-000000-00000{n}").name for n in (1, 2, 3)]
+    broken = _copy_as(models_copy, good, "v99990101-000000-000004")
+    (broken / "popularity.npy").unlink()
+    missing = "v99990101-000000-000009"
+    write_latest(models_copy, missing)  # LATEST names a folder that is not there
+    store = ModelStore(models_copy, trial_in_child=False)
+    assert store.refresh() and store.version == valid[-1]
+    assert store.stats.rejected_versions == [missing, broken.name]
+    assert _answers(store) == 5
+
+
+def test_a_version_that_fails_warm_up_is_rejected(
+    models_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = read_latest(models_copy)
+    assert good is not None
+    store = ModelStore(models_copy, trial_in_child=False)
+    assert store.refresh()
+    new = _copy_as(models_copy, good, "v99990101-000000-000001")  # verifies and loads
+    write_latest(models_copy, new.name)
+
+    def broken(*_args: object, **_kw: object) -> None:
+        raise RuntimeError("no similar items today")
+
+    monkeypatch.setattr(Recommender, "similar_items", broken)
+    assert not store.refresh() and store.version == good
+    assert store.stats.rejected_versions == [new.name]
+    assert "failed warm-up (RuntimeError: no similar items today)" in store.stats.last_error
+    monkeypatch.undo()
+    assert not store.refresh() and _answers(store) == 5  # rejected for good
+
+
+def test_the_trial_child_parses_an_untrusted_version_before_this_process_does(
+    models_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = read_latest(models_copy)
+    assert good is not None
+    loaded = _loads_here(monkeypatch)
+    store = ModelStore(models_copy)
+    try:
+        assert store.refresh() and loaded == [good]  # the child passed it; then it loads here
+        bad = _copy_as(models_copy, good, "v99990101-000000-000001")
+        _not_a_permutation(bad)  # checksums pass; only a parser can tell
+        write_latest(models_copy, bad.name)
+        assert not store.refresh() and store.version == good
+        assert store.stats.rejected_versions == [bad.name]
+        assert "popularity.npy is not a permutation" in store.stats.last_error
+        assert loaded == [good]  # the child's verdict: never parsed in this process
+    finally:
+        store.close()
+
+
+def test_a_version_whose_trial_child_dies_is_rejected_and_never_loaded_here(
+    models_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every child is killed as it starts, as a crash in a native reader would end it.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    loaded = _loads_here(monkeypatch)
+    store = ModelStore(models_copy)
+    try:
+        assert not store.refresh() and store.version is None
+        assert store.stats.rejected_versions == [read_latest(models_copy)]
+        assert "trial load died (exit -9)" in store.stats.last_error
+        assert loaded == []
+    finally:
+        store.close()

@@ -160,7 +160,7 @@ def test_no_users_table_needs_an_explicit_waiver(
     # Waived: no consent rule; unknown tolerance is 1, so only risk-1 products reach anyone.
     assert (
         len(
-            Targeter(bundle, consent_required=False)
+            Targeter(bundle, no_consent_data=True)
             .target(TargetQuery(item_ids=(item,), audience_size=5))
             .rows
         )

@@ -1,0 +1,64 @@
+"""What a servable version is: a bundle loaded, its recommender and targeter built, warmed up.
+
+Both the server (``store``) and the trial child (``trial``) load a version through
+:func:`load_served_model`, so a version the child accepts is one the server can serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsvc.errors import BundleError
+from recsvc.model.bundle import load_bundle
+from recsvc.model.queries import RecommendQuery, SimilarQuery
+from recsvc.model.ranking import Recommender
+from recsvc.model.targeting import Targeter
+
+__all__ = ["ServedModel", "load_served_model"]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One version, ready to answer: what a request takes from the store and uses to the end."""
+
+    recommender: Recommender
+    targeter: Targeter
+
+    @property
+    def version(self) -> str:
+        return self.recommender.version
+
+
+def _warm_up(model: ServedModel) -> None:
+    """Touch every path once so the first real request pays no first-use costs."""
+    b = model.recommender.bundle
+    if len(b.users):
+        model.recommender.recommend(RecommendQuery(user_id=b.users.ids[0], k=10, explain=True))
+    if len(b.items):
+        model.recommender.recommend(RecommendQuery(recent_item_ids=(b.items.ids[0],), k=10))
+        model.recommender.similar_items(SimilarQuery(item_id=b.items.ids[0], k=10))
+
+
+def load_served_model(
+    folder: Path, no_consent_data: bool = False, verify: bool = True
+) -> ServedModel:
+    """Verify (unless told it is done), load and warm one version.
+
+    Args:
+        folder: the version's folder.
+        no_consent_data: the data carries no consent requirement (see ``Targeter``).
+        verify: check every file against the manifest first.
+
+    Raises:
+        BundleError: on any defect, a failed warm-up included.
+    """
+    bundle = load_bundle(folder, verify=verify)
+    try:
+        model = ServedModel(Recommender(bundle), Targeter(bundle, no_consent_data))
+        _warm_up(model)
+    except BundleError:
+        raise
+    except Exception as exc:  # a bundle that verifies but cannot serve is still a bad bundle
+        raise BundleError(f"{folder.name}: failed warm-up ({type(exc).__name__}: {exc})") from exc
+    return model

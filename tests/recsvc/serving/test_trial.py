@@ -1,0 +1,69 @@
+"""The trial child: one JSON line in, its exit status the verdict.
+
+A child that dies, and one the store never loads after, are in ``test_store``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsvc.errors import BundleError
+from recsvc.serving.trial import TrialRequest, TrialRunner
+
+
+def test_a_request_is_one_json_line_that_reads_back() -> None:
+    request = TrialRequest(Path("models/v 1/\u00fc\n"), no_consent_data=True)
+    line = request.to_line()
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert TrialRequest.from_line(line) == request
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("models/v1 --no-consent-data", "Expecting value"),  # the old bare string
+        ('["models/v1", false]', "exactly"),
+        ('{"folder": "models/v1"}', "exactly"),
+        ('{"folder": "m", "no_consent_data": false, "verify": false}', "exactly"),
+        ('{"folder": "", "no_consent_data": false}', "folder"),
+        ('{"folder": 7, "no_consent_data": false}', "folder"),
+        ('{"folder": "m", "no_consent_data": "false"}', "no_consent_data"),
+        ('{"folder": "m", "no_consent_data": 0}', "no_consent_data"),
+    ],
+)
+def test_a_malformed_request_is_refused(line: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrialRequest.from_line(line)
+
+
+def test_the_child_refuses_a_malformed_request(bundle_path: Path) -> None:
+    child = subprocess.run(
+        [sys.executable, "-m", "recsvc.serving.trial"],
+        input=f"{bundle_path}\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == 2 and "bad trial request" in child.stderr
+
+
+def test_a_good_version_passes(bundle_path: Path) -> None:
+    runner = TrialRunner()
+    try:
+        runner.trial(bundle_path)
+        runner.trial(bundle_path)  # the second from the child started ahead
+    finally:
+        runner.close()
+
+
+def test_a_child_that_takes_too_long_is_a_rejection(bundle_path: Path) -> None:
+    runner = TrialRunner(timeout=0.01)
+    try:
+        with pytest.raises(BundleError, match="trial load took over"):
+            runner.trial(bundle_path)
+    finally:
+        runner.close()
