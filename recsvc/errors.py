@@ -2,6 +2,8 @@
 
 Domain code raises these; the gRPC edge (``recsvc.service``) maps each class to a
 status code in one table. Anything else that escapes is a bug and becomes INTERNAL.
+Backends map their drivers' exceptions (``sqlite3``, ``psycopg``) to ``StateError``
+and ``StateUnavailable`` in one place each (``recsvc.state``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ __all__ = [
     "NotFound",
     "PreconditionFailed",
     "RecsvcError",
+    "StateError",
+    "StateUnavailable",
 ]
 
 
@@ -57,3 +61,15 @@ class BundleUnreadable(BundleError):
 
 class DataError(RecsvcError):
     """Training input breaks the data contract; the message names file and column."""
+
+
+class StateError(RecsvcError):
+    """The live state store refused or failed an operation (a write rolled back, a bad schema)."""
+
+
+class StateUnavailable(StateError):
+    """The state store cannot be reached or stayed locked past its timeout: maybe passing.
+
+    Lost during a commit, a write may or may not have landed; every write is safe to
+    retry (events are idempotent by id, updates merge to the same values).
+    """
