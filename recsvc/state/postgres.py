@@ -156,6 +156,7 @@ class PostgresStore(StateStore):
         url: A libpq connection URL (``postgresql://user@host:5432/db``).
         pseudonymize: Keyed pseudonyms of customer ids, for tombstones and receipts.
         connect_timeout: Seconds to wait for a connection.
+        pool_size: Idle connections kept for reuse (besides one for LISTEN).
         poll_interval: Longest wait in ``wait_for_change`` without checking the
             sequence, should a notification be missed.
     """
@@ -166,13 +167,16 @@ class PostgresStore(StateStore):
         pseudonymize: Callable[[str], str],
         *,
         connect_timeout: int = 10,
+        pool_size: int = 8,
         poll_interval: float = 0.5,
     ) -> None:
         self._url = url
         self._pseudonymize = pseudonymize
         self._connect_timeout = connect_timeout
         self._poll_interval = poll_interval
-        self._pool: Pool[Connection] = Pool(self._connect, psycopg.Connection.close, _reusable)
+        self._pool: Pool[Connection] = Pool(
+            self._connect, psycopg.Connection.close, _reusable, pool_size
+        )
         self._listen_lock = threading.Lock()
         self._listener: Connection | None = None
         try:
@@ -192,29 +196,46 @@ class PostgresStore(StateStore):
             row = conn.execute("SHOW synchronous_commit").fetchone()
             if row is not None and row[0] == "off":
                 conn.execute("SET synchronous_commit = on")
+            # Writes rely on READ COMMITTED: after waiting for the sequence row's
+            # lock, each statement sees what the previous holder committed.
+            conn.execute("SET default_transaction_isolation = 'read committed'")
         except BaseException:
             conn.close()
             raise
         return conn
 
     def _set_up(self) -> None:
-        with _mapped_errors(), self._pool.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SET_UP_LOCK,))
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS state_schema ("
-                " id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
-            )
-            row = conn.execute("SELECT version FROM state_schema").fetchone()
-            if row is None:
+        with _mapped_errors(), self._pool.connection() as conn:
+            if self._schema_version(conn) is not None:
+                return  # no DDL, so a role without CREATE rights may open it
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SET_UP_LOCK,))
+                if self._schema_version(conn) is not None:
+                    return  # another process created it meanwhile
+                conn.execute(
+                    "CREATE TABLE state_schema ("
+                    " id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
+                )
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute("INSERT INTO state_schema VALUES (1, %s)", (SCHEMA_VERSION,))
                 conn.execute("INSERT INTO state_sequence VALUES (1, 0)")
-            elif row[0] != SCHEMA_VERSION:
-                raise StateError(
-                    f"state store (PostgreSQL): schema version {row[0]}, but this code"
-                    f" reads version {SCHEMA_VERSION} only; refusing to open it"
-                )
+
+    @staticmethod
+    def _schema_version(conn: Connection) -> int | None:
+        """The schema's version (refusing any other than ours), or None if there is none."""
+        exists = conn.execute("SELECT to_regclass('state_schema') IS NOT NULL").fetchone()
+        if exists is None or not exists[0]:
+            return None
+        row = conn.execute("SELECT version FROM state_schema").fetchone()
+        if row is None:
+            return None
+        if row[0] != SCHEMA_VERSION:
+            raise StateError(
+                f"state store (PostgreSQL): schema version {row[0]}, but this code"
+                f" reads version {SCHEMA_VERSION} only; refusing to open it"
+            )
+        return int(row[0])
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[tuple[Cursor, int]]:
@@ -395,6 +416,7 @@ class PostgresStore(StateStore):
         upto: int | None = None,
     ) -> int:
         completed = _prepare.check_time("completed_at", completed_at)
+        _prepare.check_after(0, upto)
         holding = None
         if bundles_holding_by_subject is not None:
             holding = {

@@ -161,6 +161,7 @@ class SQLiteStore(StateStore):
         pseudonymize: Keyed pseudonyms of customer ids, for tombstones and receipts.
         busy_timeout: Seconds a call waits for another writer before
             ``StateUnavailable``.
+        pool_size: Idle connections kept for reuse.
         poll_interval: Seconds between checks in ``wait_for_change``.
     """
 
@@ -170,6 +171,7 @@ class SQLiteStore(StateStore):
         pseudonymize: Callable[[str], str],
         *,
         busy_timeout: float = 10.0,
+        pool_size: int = 8,
         poll_interval: float = 0.05,
     ) -> None:
         self._path = Path(path)
@@ -182,7 +184,7 @@ class SQLiteStore(StateStore):
             message = f"state store (SQLite): cannot create its folder: {exc}"
             raise StateUnavailable(message) from exc
         self._pool: Pool[sqlite3.Connection] = Pool(
-            self._connect, sqlite3.Connection.close, lambda c: not c.in_transaction
+            self._connect, sqlite3.Connection.close, lambda c: not c.in_transaction, pool_size
         )
         try:
             self._set_up()
@@ -206,31 +208,43 @@ class SQLiteStore(StateStore):
 
     def _set_up(self) -> None:
         with _mapped_errors(), self._pool.connection() as conn:
+            if self._schema_version(conn) is not None:
+                return  # no writes, so a read-only file may be opened
             (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode != "wal":
                 raise StateError(f"state store (SQLite): cannot use WAL mode (got {mode!r})")
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS state_schema ("
-                    " id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
-                )
-                row = conn.execute("SELECT version FROM state_schema").fetchone()
-                if row is None:
+                if self._schema_version(conn) is None:  # not created meanwhile
+                    conn.execute(
+                        "CREATE TABLE state_schema ("
+                        " id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
+                    )
                     for statement in _SCHEMA:
                         conn.execute(statement)
                     conn.execute("INSERT INTO state_schema VALUES (1, ?)", (SCHEMA_VERSION,))
                     conn.execute("INSERT INTO state_sequence VALUES (1, 0)")
-                elif row[0] != SCHEMA_VERSION:
-                    raise StateError(
-                        f"state store (SQLite): schema version {row[0]}, but this code"
-                        f" reads version {SCHEMA_VERSION} only; refusing to open it"
-                    )
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection) -> int | None:
+        """The schema's version (refusing any other than ours), or None if there is none."""
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'state_schema'"
+        if conn.execute(query).fetchone() is None:
+            return None
+        row = conn.execute("SELECT version FROM state_schema").fetchone()
+        if row is None:
+            return None
+        if row[0] != SCHEMA_VERSION:
+            raise StateError(
+                f"state store (SQLite): schema version {row[0]}, but this code"
+                f" reads version {SCHEMA_VERSION} only; refusing to open it"
+            )
+        return int(row[0])
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[tuple[sqlite3.Connection, int]]:
@@ -408,6 +422,7 @@ class SQLiteStore(StateStore):
         upto: int | None = None,
     ) -> int:
         completed = _us(_prepare.check_time("completed_at", completed_at))
+        _prepare.check_after(0, upto)
         holding = None
         if bundles_holding_by_subject is not None:
             holding = {
