@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -92,19 +93,18 @@ def pg_cluster() -> Iterator[Cluster]:
     if bindir is None:
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
     as_user: list[str] = []
+    owner = None
     if os.geteuid() == 0:  # initdb and pg_ctl refuse to run as root
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL")
         try:
-            import pwd
-
-            postgres = pwd.getpwnam("postgres")
+            owner = pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root and there is no postgres user to run PostgreSQL")
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
         as_user = ["runuser", "-u", "postgres", "--"]
-    root = Path(tempfile.mkdtemp(prefix="recsvc-pg-"))
-    if as_user:
-        os.chown(root, postgres.pw_uid, postgres.pw_gid)
+    root = Path(tempfile.mkdtemp(prefix="recsvc-pg-"))  # not under pytest's 0700 root
+    if owner is not None:
+        os.chown(root, owner.pw_uid, owner.pw_gid)
     data, log = root / "data", root / "server.log"
 
     def run(*args: str) -> None:

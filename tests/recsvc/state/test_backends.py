@@ -75,7 +75,7 @@ def test_postgres_notify_wakes_a_waiter_long_before_its_poll(pg_cluster: Cluster
             woke = time.monotonic()
         finally:
             thread.join()
-    assert woke - committed[0] < 0.5
+    assert woke - committed[0] < 2  # far below the 30 s poll: the notification woke it
 
 
 def test_postgres_a_missed_notification_costs_latency_not_the_change(pg_cluster: Cluster) -> None:
@@ -88,7 +88,7 @@ def test_postgres_a_missed_notification_costs_latency_not_the_change(pg_cluster:
             woke = time.monotonic()
         finally:
             thread.join()
-    assert woke - committed[0] < 0.5
+    assert woke - committed[0] < 2  # a poll found it
 
 
 def test_postgres_two_waiting_threads_both_wake(pg_cluster: Cluster) -> None:
