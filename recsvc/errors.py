@@ -12,7 +12,12 @@ and becomes INTERNAL with a generic message.
     ├── DeadlineExpired        DEADLINE_EXCEEDED: the deadline passed before any work
     ├── BundleError            INTERNAL: a version missing, corrupt or inconsistent
     │   └── BundleUnreadable   (an I/O error: retried, not a verdict)
-    └── DataError              training input breaks the data contract (the trainer's)
+    ├── DataError              training input breaks the data contract (the trainer's)
+    └── StateError             INTERNAL: the live state store refused or failed a write
+        └── StateUnavailable   UNAVAILABLE: the store cannot be reached (retry)
+
+Backends map their drivers' exceptions (``sqlite3``, ``psycopg``) to ``StateError``
+and ``StateUnavailable`` in one place each (``recsvc.state``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ __all__ = [
     "NotFound",
     "PreconditionFailed",
     "RecsvcError",
+    "StateError",
+    "StateUnavailable",
 ]
 
 
@@ -68,3 +75,15 @@ class BundleUnreadable(BundleError):
 
 class DataError(RecsvcError):
     """Training input breaks the data contract; the message names file and column."""
+
+
+class StateError(RecsvcError):
+    """The live state store refused or failed an operation (a write rolled back, a bad schema)."""
+
+
+class StateUnavailable(StateError):
+    """The state store cannot be reached or stayed locked past its timeout: maybe passing.
+
+    Lost during a commit, a write may or may not have landed; every write is safe to
+    retry (events are idempotent by id, updates merge to the same values).
+    """

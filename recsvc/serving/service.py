@@ -25,6 +25,8 @@ from recsvc.errors import (
     NotFound,
     PreconditionFailed,
     RecsvcError,
+    StateError,
+    StateUnavailable,
 )
 from recsvc.logs import Pseudonymizer
 from recsvc.model import ranking
@@ -44,6 +46,8 @@ _STATUS: tuple[tuple[type[RecsvcError], grpc.StatusCode], ...] = (
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (BundleError, grpc.StatusCode.INTERNAL),
+    (StateUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StateError, grpc.StatusCode.INTERNAL),
 )
 _AUDIENCE_BATCH = 5000
 _SOURCE = {
@@ -60,7 +64,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
     for kind, code in _STATUS:
         if isinstance(exc, kind):
-            return code, "internal error" if kind is BundleError else str(exc)
+            return code, "internal error" if code == grpc.StatusCode.INTERNAL else str(exc)
     return grpc.StatusCode.INTERNAL, "internal error"
 
 

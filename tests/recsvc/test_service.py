@@ -252,6 +252,8 @@ _EXPECTED_STATUS = {
     errors.BundleError: grpc.StatusCode.INTERNAL,
     errors.BundleUnreadable: grpc.StatusCode.INTERNAL,
     errors.DataError: grpc.StatusCode.INTERNAL,
+    errors.StateError: grpc.StatusCode.INTERNAL,
+    errors.StateUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 # Internal failures say nothing about themselves to the client.
 _GENERIC = {grpc.StatusCode.INTERNAL}
