@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from recsvc.errors import BundleError
+from recsvc.model.topk import topk
 
 __all__ = [
     "AllowedSet",
@@ -35,7 +36,6 @@ __all__ = [
     "build_index",
     "choose_index_spec",
     "read_index",
-    "topk",
 ]
 
 # Below this many allowed rows, a dense matmul over just those rows beats any index.
@@ -259,23 +259,6 @@ def _zero_count(vectors: np.ndarray) -> int:
 
 def _without(rows: np.ndarray, exclude: np.ndarray) -> np.ndarray:
     return rows[~np.isin(rows, exclude)] if exclude.size else rows
-
-
-def topk(scores: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k largest scores, best first; ties broken by position."""
-    k = min(k, len(scores))
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    if k < len(scores):
-        # argpartition picks arbitrarily among ties at the k-th score: take every score
-        # above it, then the tied ones in position order, so the answer is deterministic.
-        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
-        above = np.flatnonzero(scores > kth)
-        part = np.concatenate([above, np.flatnonzero(scores == kth)[: k - len(above)]])
-    else:
-        part = np.arange(len(scores))
-    order = np.lexsort((part, -scores[part]))
-    return part[order].astype(np.int64)
 
 
 class VectorIndex:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recsvc.model.index import AllowedSet, VectorIndex, build_index, choose_index_spec, topk
+from recsvc.model.index import AllowedSet, VectorIndex, build_index, choose_index_spec
 from recsvc.model.vocab import Vocabulary
 
 ids = st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=50)
@@ -42,26 +42,6 @@ def test_allowed_set_matches_a_boolean_mask(mask: list[bool], remove: list[int])
     assert a.count == expected.sum()
     np.testing.assert_array_equal(a.mask(), expected)
     np.testing.assert_array_equal(a.contains(np.arange(len(m))), expected)
-
-
-def test_topk_orders_by_score_then_position() -> None:
-    s = np.array([0.1, 0.9, 0.5, 0.9, -1.0])
-    assert topk(s, 3).tolist() == [1, 3, 2]
-    assert topk(s, 10).tolist() == [1, 3, 2, 0, 4]
-    assert topk(s, 0).tolist() == []
-
-
-def test_topk_breaks_ties_at_the_cut_by_position() -> None:
-    # Many equal scores straddle the k-th place: the earliest positions win, every time.
-    s = np.zeros(1000)
-    s[[700, 5]] = 1.0
-    assert topk(s, 5).tolist() == [5, 700, 0, 1, 2]
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        s = rng.integers(0, 4, size=200).astype(float)
-        k = int(rng.integers(1, 200))
-        expected = sorted(range(200), key=lambda i: (-s[i], i))[:k]
-        assert topk(s, k).tolist() == expected
 
 
 def _vectors(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
