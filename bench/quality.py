@@ -20,8 +20,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from recsvc.model.bundle import Bundle, load_bundle, read_latest
-from recsvc.model.index import VectorIndex, build_index, choose_index_spec, read_index
+from recsvc.model.index import VectorIndex, read_index
 from recsvc.model.rules import ItemRules, user_tolerance
+from training.indexes import build_index, choose_index_spec
 
 __all__ = ["QualityRow", "index_quality"]
 

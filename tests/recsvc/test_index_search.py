@@ -11,14 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsvc.errors import BundleError
-from recsvc.model.index import AllowedSet, VectorIndex, build_index, choose_index_spec, read_index
-
-
-def _with_zero_rows(n: int, zero_share: float, d: int = 8, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    x[rng.random(n) < zero_share] = 0.0
-    return x
+from recsvc.model.index import AllowedSet, VectorIndex, read_index
+from tests.embeddings import with_zero_rows
+from training.indexes import build_index, choose_index_spec
 
 
 def _exact(x: np.ndarray, q: np.ndarray, k: int, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,27 +24,8 @@ def _exact(x: np.ndarray, q: np.ndarray, k: int, ok: np.ndarray) -> tuple[np.nda
     return scores[order], rows[order]
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
-def test_approximate_indexes_leave_out_all_zero_rows(kind: str, tmp_path: Path) -> None:
-    x = _with_zero_rows(6000, 0.6)
-    spec = choose_index_spec(len(x), kind)
-    index = build_index(x, spec)
-    nonzero = int(np.any(x != 0, axis=1).sum())
-    assert index.ntotal == nonzero
-    faiss.write_index(index, str(tmp_path / "i.faiss"))
-    back = read_index(tmp_path / "i.faiss", spec, x)
-    assert back.ntotal == nonzero
-
-
-def test_flat_and_dense_indexes_stay_plain() -> None:
-    x = _with_zero_rows(500, 0.5)
-    assert build_index(x, choose_index_spec(len(x), "flat")).ntotal == 500
-    dense = _with_zero_rows(500, 0.0)
-    assert build_index(dense, choose_index_spec(len(dense), "hnsw")).ntotal == 500
-
-
 def test_an_index_that_drops_a_real_row_is_refused(tmp_path: Path) -> None:
-    x = _with_zero_rows(3000, 0.5)
+    x = with_zero_rows(3000, 0.5)
     spec = choose_index_spec(len(x), "hnsw")
     nonzero = np.flatnonzero(np.any(x != 0, axis=1))
     bad = faiss.IndexIDMap2(faiss.IndexHNSWFlat(x.shape[1], 8, faiss.METRIC_INNER_PRODUCT))
@@ -64,7 +40,7 @@ def test_an_index_that_drops_a_real_row_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_search_with_exclusions_is_k_allowed_rows(kind: str) -> None:
-    x = _with_zero_rows(8000, 0.5, seed=1)
+    x = with_zero_rows(8000, 0.5, seed=1)
     spec = choose_index_spec(len(x), kind)
     index = VectorIndex(x, build_index(x, spec), spec)
     rng = np.random.default_rng(3)
@@ -107,7 +83,7 @@ def test_zero_rows_come_back_as_ties_in_row_order() -> None:
 
 
 def test_shared_allowed_set_serves_two_indexes_without_mixing_them() -> None:
-    x = _with_zero_rows(6000, 0.5, seed=2)
+    x = with_zero_rows(6000, 0.5, seed=2)
     spec = choose_index_spec(len(x), "hnsw")
     sparse = VectorIndex(x, build_index(x, spec), spec)
     dense_x = np.where(x == 0, 1e-3, x).astype(np.float32)
@@ -139,7 +115,7 @@ def test_first_matches_a_plain_filter(mask: list[bool], k: int, exclude: list[in
 
 @pytest.mark.parametrize("bits", [8, 16])
 def test_quantized_hnsw_answers_with_exact_scores(bits: int) -> None:
-    x = _with_zero_rows(6000, 0.3, seed=6)
+    x = with_zero_rows(6000, 0.3, seed=6)
     spec = choose_index_spec(len(x), "hnsw")
     spec.params["sq"] = bits
     index = VectorIndex(x, build_index(x, spec), spec)
@@ -150,10 +126,3 @@ def test_quantized_hnsw_answers_with_exact_scores(bits: int) -> None:
     assert len(rows) == 15 and mask[rows].all()
     np.testing.assert_allclose(scores, x[rows] @ q, rtol=1e-6)
     assert np.all(np.diff(scores) <= 0)
-
-
-def test_unknown_quantizer_is_refused() -> None:
-    spec = choose_index_spec(100, "hnsw")
-    spec.params["sq"] = 4
-    with pytest.raises(ValueError, match="sq must be"):
-        build_index(_with_zero_rows(100, 0.0), spec)

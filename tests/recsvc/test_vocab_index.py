@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recsvc.model.index import AllowedSet, VectorIndex, build_index, choose_index_spec
+from recsvc.model.index import AllowedSet, VectorIndex
 from recsvc.model.vocab import Vocabulary
+from training.indexes import build_index, choose_index_spec
 
 ids = st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=50)
 
@@ -78,12 +78,3 @@ def test_hnsw_under_a_very_selective_filter_falls_back_to_exact() -> None:
     )
     _, rows = index.search(x[0], 500, AllowedSet.from_mask(mask))
     assert len(rows) == 500 and mask[rows].all()
-
-
-def test_built_indexes_are_inner_product_over_row_ids() -> None:
-    x = _vectors(100)
-    for kind in ("flat", "hnsw", "ivf"):
-        idx = build_index(x, choose_index_spec(len(x), kind))
-        assert idx.ntotal == 100 and idx.metric_type == faiss.METRIC_INNER_PRODUCT
-    with pytest.raises(ValueError, match="unknown index type"):
-        choose_index_spec(10, "lsh")
