@@ -5,10 +5,10 @@ as an ``IDSelectorBitmap``, so asking for k items yields k eligible items
 whenever k exist. Approximate indexes can fall short under a very selective
 filter (HNSW stops exploring); we detect that and answer exactly instead.
 
-The allowed sets per risk tolerance are shared by every request, so their FAISS
-selectors and search parameters are built once and kept with them; a customer's
-own products are left out of an over-fetched answer instead of being copied
-into a fresh bitmap per request.
+The allowed sets per risk tolerance are shared by every request, so each index
+builds its FAISS selector and search parameters over a set once and keeps them
+while the set lives; a customer's own products are left out of an over-fetched
+answer instead of being copied into a fresh bitmap per request.
 
 Rows whose embedding is all zeros (products nobody has interacted with: ALS
 solves them to exactly 0) score 0 against any query. Approximate indexes leave
@@ -19,8 +19,8 @@ Building indexes is the trainer's (``training.indexes``).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,10 @@ import faiss
 import numpy as np
 
 from recsvc.errors import BundleError
+from recsvc.model.allowed import AllowedSet
 from recsvc.model.topk import topk
 
-__all__ = [
-    "AllowedSet",
-    "IndexSpec",
-    "VectorIndex",
-    "read_index",
-]
+__all__ = ["IndexSpec", "VectorIndex", "read_index"]
 
 # Below this many allowed rows, a dense matmul over just those rows beats any index.
 _EXACT_SUBSET_MAX = 4096
@@ -44,88 +40,6 @@ _EXACT_SUBSET_MAX = 4096
 _EF_BOOST_MAX = 4.0
 # Up to this many rows from the index, filter and rescore in plain Python (see search).
 _SMALL = 256
-
-
-@dataclass(frozen=True)
-class AllowedSet:
-    """A set of allowed rows as a little-endian packed bitmap (FAISS's layout).
-
-    Example:
-        >>> a = AllowedSet.from_mask(np.array([True, False, True]))
-        >>> a.count, a.rows().tolist(), a.without(np.array([2])).count
-        (2, [0, 2], 1)
-    """
-
-    bits: np.ndarray
-    n: int
-    count: int
-
-    @classmethod
-    def from_mask(cls, mask: np.ndarray) -> AllowedSet:
-        mask = np.asarray(mask, dtype=bool)
-        return cls(np.packbits(mask, bitorder="little"), len(mask), int(mask.sum()))
-
-    @cached_property
-    def _bytes(self) -> bytes:
-        return self.bits.tobytes()
-
-    def member(self, row: int) -> bool:
-        """Membership of one row (in range), without numpy's per-call cost."""
-        return bool((self._bytes[row >> 3] >> (row & 7)) & 1)
-
-    def contains(self, rows: np.ndarray) -> np.ndarray:
-        """Membership of each row (rows must be in range)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        return ((self.bits[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1).astype(bool)
-
-    def without(self, rows: np.ndarray) -> AllowedSet:
-        """A copy with ``rows`` removed (out-of-range and negative rows are ignored)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        rows = np.unique(rows[(rows >= 0) & (rows < self.n)])
-        if rows.size == 0:
-            return self
-        removed = int(self.contains(rows).sum())
-        bits = self.bits.copy()
-        np.bitwise_and.at(bits, rows >> 3, ~(np.uint8(1) << (rows & 7).astype(np.uint8)))
-        return AllowedSet(bits, self.n, self.count - removed)
-
-    def first(
-        self, candidates: np.ndarray, k: int, exclude: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The first ``k`` of ``candidates`` (in their order) that are in the set, less ``exclude``.
-
-        Looks at a growing prefix only, so a long candidate list costs what it takes.
-        """
-        picks: list[np.ndarray] = []
-        found, start, step = 0, 0, max(256, 8 * k)
-        while found < k and start < len(candidates):
-            chunk = candidates[start : start + step]
-            ok = self.contains(chunk)
-            if exclude is not None and len(exclude):
-                ok &= ~np.isin(chunk, exclude)
-            picks.append(chunk[ok][: k - found])
-            found += len(picks[-1])
-            start += len(chunk)
-            step *= 4
-        return np.concatenate(picks).astype(np.int64) if picks else np.empty(0, np.int64)
-
-    def mask(self) -> np.ndarray:
-        return np.unpackbits(self.bits, count=self.n, bitorder="little").astype(bool)
-
-    def rows(self) -> np.ndarray:
-        return np.flatnonzero(self.mask())
-
-    @cached_property
-    def search_cache(self) -> dict[Any, Any]:
-        """FAISS objects built over ``bits`` (its selector, each index's search parameters)."""
-        return {}
-
-    def selector(self) -> faiss.IDSelectorBitmap:
-        """A FAISS selector over ``bits``; it lives as long as this set."""
-        cache = self.search_cache
-        if "sel" not in cache:
-            cache["sel"] = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(self.bits))
-        return cache["sel"]
 
 
 @dataclass(frozen=True)
@@ -186,6 +100,16 @@ def _without(rows: np.ndarray, exclude: np.ndarray) -> np.ndarray:
     return rows[~np.isin(rows, exclude)] if exclude.size else rows
 
 
+@dataclass(frozen=True)
+class _Params:
+    """FAISS search parameters over one allowed set, and what FAISS reads through them."""
+
+    params: Any
+    # FAISS holds raw pointers to the set's bitmap and to the selectors: kept alive here
+    # as long as the parameters are.
+    pointees: tuple[object, ...]
+
+
 class VectorIndex:
     """An embedding matrix and its FAISS index, searched under an allowed set."""
 
@@ -205,26 +129,33 @@ class VectorIndex:
             held[ids] = True
             self._zero_rows = np.flatnonzero(~held)
             self._held_bits = np.packbits(held, bitorder="little")
+        # Search parameters per allowed set and beam width; an entry goes with its set.
+        self._params_by_set: weakref.WeakKeyDictionary[AllowedSet, dict[int, _Params]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def n(self) -> int:
         return int(self.vectors.shape[0])
 
-    def _params(self, allowed: AllowedSet, fetch: int) -> faiss.SearchParameters:
-        """Search parameters over ``allowed``, built once per (set, index, beam width)."""
+    def _params(self, allowed: AllowedSet, fetch: int) -> _Params:
+        """Search parameters over ``allowed``, built once per (set, beam width)."""
         ef = 0
         if self.spec.kind == "hnsw":
             boost = min(_EF_BOOST_MAX, max(1.0, (self.n / max(1, allowed.count)) ** 0.5))
             ef = max(fetch, int(self.spec.params["efSearch"] * boost))
-        key = (id(self), ef)
-        cached = allowed.search_cache.get(key)
+        per_set = self._params_by_set.get(allowed)
+        if per_set is None:
+            per_set = self._params_by_set.setdefault(allowed, {})
+        cached = per_set.get(ef)
         if cached is not None:
-            return cached[1]
-        sel: Any = allowed.selector()
+            return cached
+        bitmap = faiss.IDSelectorBitmap(allowed.n, faiss.swig_ptr(allowed.bits))
+        sel: Any = bitmap
         if self._zero_rows is not None:
             # Translate index positions to rows ourselves: FAISS would otherwise swap the
             # selector inside these (shared) parameters for the duration of each search.
-            sel = faiss.IDSelectorTranslated(self._id_map_vector, sel)
+            sel = faiss.IDSelectorTranslated(self._id_map_vector, bitmap)
         # faiss's bundled stubs lack these classes' keyword arguments.
         lib: Any = faiss
         if self.spec.kind == "hnsw":
@@ -233,9 +164,8 @@ class VectorIndex:
             params = lib.SearchParametersIVF(sel=sel, nprobe=self.spec.params["nprobe"])
         else:
             params = lib.SearchParameters(sel=sel)
-        # Keeping self and sel referenced keeps id(self) unique and the selector alive.
-        allowed.search_cache[key] = (self, params, sel)
-        return params
+        # The entry must not hold the set itself, or the set would never go.
+        return per_set.setdefault(ef, _Params(params, (allowed.bits, bitmap, sel)))
 
     def exact(self, query: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k among ``rows``."""
@@ -272,7 +202,8 @@ class VectorIndex:
         if available <= _EXACT_SUBSET_MAX:
             return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
         fetch = k + len(ex)
-        dist, labels = self.index.search(q, fetch, params=self._params(allowed, fetch))
+        entry = self._params(allowed, fetch)
+        dist, labels = self.index.search(q, fetch, params=entry.params)
         if fetch <= _SMALL:
             scores, rows = self._found_small(dist[0], labels[0], q[0], k, ex)
         else:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from recsvc.errors import BundleError
-from recsvc.model.index import AllowedSet, VectorIndex, read_index
+from recsvc.model.allowed import AllowedSet
+from recsvc.model.index import VectorIndex, read_index
 from tests.embeddings import with_zero_rows
 from training.indexes import build_index, choose_index_spec
 
@@ -97,22 +97,6 @@ def test_shared_allowed_set_serves_two_indexes_without_mixing_them() -> None:
             assert len(rows) == 20 and mask[rows].all()
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    st.lists(st.booleans(), min_size=1, max_size=300),
-    st.integers(0, 40),
-    st.lists(st.integers(-5, 320), max_size=30),
-)
-def test_first_matches_a_plain_filter(mask: list[bool], k: int, exclude: list[int]) -> None:
-    m = np.array(mask)
-    allowed = AllowedSet.from_mask(m)
-    candidates = np.random.default_rng(len(mask)).permutation(len(m))
-    ex = np.array(exclude, dtype=np.int64)
-    got = allowed.first(candidates, k, ex)
-    want = [c for c in candidates if m[c] and c not in set(exclude)][:k]
-    assert got.tolist() == want
-
-
 @pytest.mark.parametrize("bits", [8, 16])
 def test_quantized_hnsw_answers_with_exact_scores(bits: int) -> None:
     x = with_zero_rows(6000, 0.3, seed=6)
@@ -126,3 +110,19 @@ def test_quantized_hnsw_answers_with_exact_scores(bits: int) -> None:
     assert len(rows) == 15 and mask[rows].all()
     np.testing.assert_allclose(scores, x[rows] @ q, rtol=1e-6)
     assert np.all(np.diff(scores) <= 0)
+
+
+def test_search_parameters_go_with_their_allowed_set() -> None:
+    x = with_zero_rows(6000, 0.5, seed=10)
+    spec = choose_index_spec(len(x), "hnsw")
+    index = VectorIndex(x, build_index(x, spec), spec)
+    rng = np.random.default_rng(10)
+    q = np.ones(8, dtype=np.float32)
+    for _ in range(15):  # a new set may take a dead one's address
+        mask = rng.random(len(x)) < 0.8  # more rows than exact search takes
+        allowed = AllowedSet.from_mask(mask)
+        _, rows = index.search(q, 20, allowed)
+        assert len(rows) == 20 and mask[rows].all()
+        gone = weakref.ref(allowed)
+        del allowed
+        assert gone() is None  # the index's parameters do not keep the set alive

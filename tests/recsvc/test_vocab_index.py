@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recsvc.model.index import AllowedSet, VectorIndex
+from recsvc.model.allowed import AllowedSet
+from recsvc.model.index import VectorIndex
 from recsvc.model.vocab import Vocabulary
 from training.indexes import build_index, choose_index_spec
 
@@ -29,19 +30,6 @@ def test_vocabulary_round_trips_and_unknown_is_minus_one(
 def test_vocabulary_rejects_duplicates() -> None:
     with pytest.raises(ValueError, match="unique"):
         Vocabulary(["a", "a"])
-
-
-@given(st.lists(st.booleans(), min_size=1, max_size=70), st.lists(st.integers(-3, 80), max_size=20))
-def test_allowed_set_matches_a_boolean_mask(mask: list[bool], remove: list[int]) -> None:
-    m = np.array(mask)
-    a = AllowedSet.from_mask(m).without(np.array(remove, dtype=np.int64))
-    expected = m.copy()
-    for r in remove:
-        if 0 <= r < len(m):
-            expected[r] = False
-    assert a.count == expected.sum()
-    np.testing.assert_array_equal(a.mask(), expected)
-    np.testing.assert_array_equal(a.contains(np.arange(len(m))), expected)
 
 
 def _vectors(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
