@@ -1,4 +1,4 @@
-"""FAISS indexes over embeddings, and search restricted to an allowed id set.
+"""FAISS indexes over embeddings: read from a bundle, searched among allowed rows.
 
 Business rules are applied *inside* the search: the allowed set travels to FAISS
 as an ``IDSelectorBitmap``, so asking for k items yields k eligible items
@@ -33,12 +33,13 @@ from recsvc.model.topk import topk
 
 __all__ = ["IndexSpec", "VectorIndex", "read_index"]
 
-# Below this many allowed rows, a dense matmul over just those rows beats any index.
+# Up to this many allowed rows, a dense matmul over just those rows beats any index
+# (the default of VectorIndex's exact_subset_max).
 _EXACT_SUBSET_MAX = 4096
 # A filter that rejects most visited nodes leaves HNSW fewer usable candidates per step:
 # widen its beam by sqrt(n / allowed), up to this factor (recall at 24% selectivity).
 _EF_BOOST_MAX = 4.0
-# Up to this many rows from the index, filter and rescore in plain Python (see search).
+# Up to this many rows from the index, drop exclusions in plain Python (see _found).
 _SMALL = 256
 
 
@@ -96,10 +97,6 @@ def _zero_count(vectors: np.ndarray) -> int:
     return int(len(vectors) - np.count_nonzero(np.any(vectors != 0, axis=1)))
 
 
-def _without(rows: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-    return rows[~np.isin(rows, exclude)] if exclude.size else rows
-
-
 @dataclass(frozen=True)
 class _Params:
     """FAISS search parameters over one allowed set, and what FAISS reads through them."""
@@ -111,12 +108,28 @@ class _Params:
 
 
 class VectorIndex:
-    """An embedding matrix and its FAISS index, searched under an allowed set."""
+    """An embedding matrix and its FAISS index, searched under an allowed set.
 
-    def __init__(self, vectors: np.ndarray, index: faiss.Index, spec: IndexSpec) -> None:
+    Args:
+        vectors: one embedding per row.
+        index: the FAISS index over ``vectors`` (ids are rows; see ``IndexSpec``).
+        spec: how ``index`` was built.
+        exact_subset_max: up to this many allowed rows (less exclusions), search those
+            rows exactly instead of asking the index; 0 always asks the index.
+    """
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        index: faiss.Index,
+        spec: IndexSpec,
+        *,
+        exact_subset_max: int = _EXACT_SUBSET_MAX,
+    ) -> None:
         self.vectors = vectors
         self.index = index
         self.spec = spec
+        self.exact_subset_max = exact_subset_max
         # Quantized codes give approximate scores: rescore what the index finds, exactly.
         self._rescore = bool(spec.params.get("sq"))
         ids = _id_map(index)
@@ -167,12 +180,6 @@ class VectorIndex:
         # The entry must not hold the set itself, or the set would never go.
         return per_set.setdefault(ef, _Params(params, (allowed.bits, bitmap, sel)))
 
-    def exact(self, query: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k among ``rows``."""
-        scores = self.vectors[rows] @ query
-        best = topk(scores, k)
-        return scores[best].astype(np.float32), rows[best]
-
     def search(
         self,
         query: np.ndarray,
@@ -185,69 +192,62 @@ class VectorIndex:
         Returns:
             (scores, rows), best first; ``min(k, rows allowed and not excluded)`` of them.
         """
-        # A customer excludes a handful of rows and the index returns k + that many: at this
-        # size plain Python beats numpy's per-call overhead (the serving hot path, profiled).
-        ex: list[int] = []
-        if exclude is not None and len(exclude):
-            member, n = allowed.member, allowed.n
-            rows_in = exclude.tolist() if isinstance(exclude, np.ndarray) else list(exclude)
-            # Only exclusions inside the set change anything.
-            ex = sorted({int(r) for r in rows_in if 0 <= r < n and member(int(r))})
+        ex = _excluded(allowed, exclude)
         available = allowed.count - len(ex)
         k = min(k, available)
         if k <= 0:
             return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
-        ex_rows = np.array(ex, dtype=np.int64)
-        if available <= _EXACT_SUBSET_MAX:
-            return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
+        found = None
+        if available > self.exact_subset_max:
+            found = self._approximate(q, k, allowed, ex)
+        # Few rows allowed, or an approximate graph/list under a selective filter ran dry.
+        return self._exact(q[0], k, allowed, ex) if found is None else found
+
+    def _approximate(
+        self, q: np.ndarray, k: int, allowed: AllowedSet, ex: list[int]
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The index's top-k among ``allowed`` less ``ex``; None if it finds fewer than k."""
+        # The index knows the set but not the exclusions: ask for that many more.
         fetch = k + len(ex)
         entry = self._params(allowed, fetch)
         dist, labels = self.index.search(q, fetch, params=entry.params)
-        if fetch <= _SMALL:
-            scores, rows = self._found_small(dist[0], labels[0], q[0], k, ex)
-        else:
-            scores, rows = self._found_large(dist[0], labels[0], q[0], k, ex_rows)
+        scores, rows = self._found(dist[0], labels[0], q[0], k, ex)
         if self._zero_rows is not None and (len(rows) < k or scores[-1] < 0):
+            # The rows left out of the index (score 0) belong in the answer, unless the
+            # index ran dry among the rows it holds.
+            ex_rows = np.array(ex, dtype=np.int64)
             if len(rows) < min(k, self._held_available(allowed, ex_rows)):
-                return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
+                return None
             scores, rows = self._with_zero_rows(rows, scores, k, allowed, ex_rows)
-        if len(rows) < k:
-            # An approximate graph/list under a selective filter ran dry: be exact.
-            return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
-        return scores, rows
+        return None if len(rows) < k else (scores, rows)
 
-    def _found_small(
+    def _exact(
+        self, q: np.ndarray, k: int, allowed: AllowedSet, ex: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k among ``allowed`` less ``ex``: a dense product over those rows."""
+        rows = allowed.rows()
+        if ex:
+            rows = rows[~np.isin(rows, ex)]
+        scores = self.vectors[rows] @ q
+        best = topk(scores, k)
+        return scores[best].astype(np.float32), rows[best]
+
+    def _found(
         self, dist: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, ex: list[int]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The index's answer less exclusions, rescored if quantized; Python lists."""
-        skip = set(ex)
-        if self._rescore:
-            rows = [r for r in labels.tolist() if r >= 0 and r not in skip]
-            scores = (self.vectors[rows] @ q).tolist() if rows else []
-            best = sorted(range(len(rows)), key=lambda i: (-scores[i], rows[i]))[:k]
-            return (
-                np.array([scores[i] for i in best], dtype=np.float32),
-                np.array([rows[i] for i in best], dtype=np.int64),
-            )
-        found = [
-            (d, r)
-            for d, r in zip(dist.tolist(), labels.tolist(), strict=True)
-            if r >= 0 and r not in skip
-        ][:k]
-        return (
-            np.array([d for d, _ in found], dtype=np.float32),
-            np.array([r for _, r in found], dtype=np.int64),
-        )
-
-    def _found_large(
-        self, dist: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, ex: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """As ``_found_small`` for long answers (audiences), in numpy."""
-        keep = labels >= 0
-        if len(ex):
-            keep &= ~np.isin(labels, ex)
-        rows, scores = labels[keep].astype(np.int64), dist[keep]
+        """The index's answer less padding and ``ex``, rescored if quantized; the first k."""
+        keep: Any
+        if len(labels) <= _SMALL:
+            # A recommendation's handful of rows (the serving hot path, profiled): a Python
+            # filter costs less than numpy's per-call overhead in np.isin.
+            skip = set(ex)
+            keep = [i for i, r in enumerate(labels.tolist()) if r >= 0 and r not in skip]
+        else:
+            keep = labels >= 0
+            if ex:
+                keep &= ~np.isin(labels, ex)
+        rows, scores = labels[keep], dist[keep]
         if self._rescore and len(rows):
             scores = (self.vectors[rows] @ q).astype(np.float32)
             order = np.lexsort((rows, -scores))
@@ -271,3 +271,14 @@ class VectorIndex:
         all_scores = np.concatenate([scores, np.zeros(len(zero), dtype=np.float32)])
         order = np.lexsort((all_rows, -all_scores))[:k]
         return all_scores[order], all_rows[order]
+
+
+def _excluded(allowed: AllowedSet, exclude: np.ndarray | None) -> list[int]:
+    """The rows of ``exclude`` inside ``allowed``, ascending: only those change an answer."""
+    if exclude is None or not len(exclude):
+        return []
+    # A customer excludes a handful of rows: at this size plain Python beats numpy's
+    # per-call overhead (the serving hot path, profiled).
+    member, n = allowed.member, allowed.n
+    rows = exclude.tolist() if isinstance(exclude, np.ndarray) else list(exclude)
+    return sorted({int(r) for r in rows if 0 <= r < n and member(int(r))})

@@ -112,6 +112,34 @@ def test_quantized_hnsw_answers_with_exact_scores(bits: int) -> None:
     assert np.all(np.diff(scores) <= 0)
 
 
+class _CountingIndex:
+    """A FAISS index that counts the searches asked of it."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        self.index, self.searches = index, 0
+
+    def search(self, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        self.searches += 1
+        return self.index.search(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("subset_max", "searches"), [(990, 0), (989, 1), (0, 1)])
+def test_exact_subset_max_is_where_the_index_takes_over(subset_max: int, searches: int) -> None:
+    x = with_zero_rows(3000, 0.0, seed=9)
+    spec = choose_index_spec(len(x), "flat")
+    counting = _CountingIndex(build_index(x, spec))
+    index = VectorIndex(x, counting, spec, exact_subset_max=subset_max)
+    mask = np.zeros(len(x), dtype=bool)
+    mask[np.random.default_rng(9).choice(len(x), 1000, replace=False)] = True
+    exclude = np.flatnonzero(mask)[:10]  # 990 rows left to answer from
+    q = np.ones(8, dtype=np.float32)
+    _, rows = index.search(q, 10, AllowedSet.from_mask(mask), exclude)
+    assert counting.searches == searches
+    ok = mask.copy()
+    ok[exclude] = False
+    np.testing.assert_array_equal(rows, _exact(x, q, 10, ok)[1])
+
+
 def test_search_parameters_go_with_their_allowed_set() -> None:
     x = with_zero_rows(6000, 0.5, seed=10)
     spec = choose_index_spec(len(x), "hnsw")
