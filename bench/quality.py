@@ -20,8 +20,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from recsvc.model.bundle import Bundle, load_bundle, read_latest
-from recsvc.model.index import VectorIndex, build_index, choose_index_spec, read_index
+from recsvc.model.index import VectorIndex, read_index
 from recsvc.model.rules import ItemRules, user_tolerance
+from training.indexes import build_index, choose_index_spec
 
 __all__ = ["QualityRow", "index_quality"]
 
@@ -111,8 +112,6 @@ def index_quality(
     with threadpool_limits(1, "blas"):
         for kind in kinds:
             index, build_s = _index(b, kind, cache, key, log)
-            for s in allowed:
-                s.search_cache.clear()  # each index builds its own parameters, outside the timing
             index.search(queries[0], K, allowed[0], history[0])
             hits = np.empty(len(users))
             lat = np.empty(len(users))

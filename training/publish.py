@@ -30,9 +30,9 @@ from recsvc.model.bundle import (
     read_latest,
     sha256_file,
 )
-from recsvc.model.index import build_index, choose_index_spec
 from training.data import TrainingData
 from training.fit import FittedModel
+from training.indexes import build_index, choose_index_spec
 
 __all__ = ["new_version", "prune", "publish", "write_latest"]
 

@@ -15,9 +15,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsvc.model.rules import MIN_LEVEL, ItemRules, user_tolerance
+from recsvc.model.topk import top_k_rows
 from training.data import TrainingData
 
-__all__ = ["Eligibility", "batches", "top_k_rows"]
+__all__ = ["Eligibility", "batches"]
 
 _BATCH = 512
 _CELLS = 4_000_000  # per dense block: 32 MB of float64
@@ -108,28 +109,3 @@ def batches(n: int, n_items: int = 1) -> Iterator[slice]:
     size = max(1, min(_BATCH, _CELLS // max(1, n_items)))
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
-
-
-def top_k_rows(scores: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
-    """Per row, the k best allowed columns, ties by column; -1 past the allowed count.
-
-    Exact on ties, as ``recsvc.model.index.topk`` and the service's popularity order are: of
-    equal scores the lower column wins, also at the k-th place.
-    """
-    scores = np.where(allowed, scores, -np.inf)
-    n_rows, n = scores.shape
-    out = np.full((n_rows, k), -1, dtype=np.int64)
-    kk = min(k, n)
-    if kk == 0 or n_rows == 0:
-        return out
-    kth = -np.partition(-scores, kk - 1, axis=1)[:, kk - 1 : kk]
-    above = scores > kth
-    ties = scores == kth
-    need = kk - above.sum(axis=1, keepdims=True)
-    chosen = above | (ties & (np.cumsum(ties, axis=1) <= need))
-    cols = np.nonzero(chosen)[1].reshape(n_rows, kk)  # row-major: columns ascending
-    vals = np.take_along_axis(scores, cols, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    best = np.take_along_axis(cols, order, axis=1)
-    out[:, :kk] = np.where(np.isfinite(np.take_along_axis(vals, order, axis=1)), best, -1)
-    return out

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 from recsvc._exports import lazy_exports
 
 if TYPE_CHECKING:
+    from recsvc.model.allowed import AllowedSet
     from recsvc.model.bundle import Bundle, load_bundle, read_latest
-    from recsvc.model.index import AllowedSet, IndexSpec, VectorIndex
+    from recsvc.model.index import IndexSpec, VectorIndex
     from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery, TargetQuery
     from recsvc.model.ranking import Ranked, Recommender, ScoredItem, Source
     from recsvc.model.rules import ItemRules
@@ -46,7 +47,7 @@ __all__ = [
 __getattr__ = lazy_exports(
     __name__,
     {
-        "AllowedSet": "index",
+        "AllowedSet": "allowed",
         "Audience": "targeting",
         "Bundle": "bundle",
         "ExclusionCounts": "targeting",

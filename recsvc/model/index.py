@@ -1,25 +1,26 @@
-"""FAISS indexes over embeddings, and search restricted to an allowed id set.
+"""FAISS indexes over embeddings: read from a bundle, searched among allowed rows.
 
 Business rules are applied *inside* the search: the allowed set travels to FAISS
 as an ``IDSelectorBitmap``, so asking for k items yields k eligible items
 whenever k exist. Approximate indexes can fall short under a very selective
 filter (HNSW stops exploring); we detect that and answer exactly instead.
 
-The allowed sets per risk tolerance are shared by every request, so their FAISS
-selectors and search parameters are built once and kept with them; a customer's
-own products are left out of an over-fetched answer instead of being copied
-into a fresh bitmap per request.
+The allowed sets per risk tolerance are shared by every request, so each index
+builds its FAISS selector and search parameters over a set once and keeps them
+while the set lives; a customer's own products are left out of an over-fetched
+answer instead of being copied into a fresh bitmap per request.
 
 Rows whose embedding is all zeros (products nobody has interacted with: ALS
 solves them to exactly 0) score 0 against any query. Approximate indexes leave
 them out, since many identical points wreck an HNSW graph and crowd into one
 IVF list; search adds them back exactly, as one tie group in row order.
+Building indexes is the trainer's (``training.indexes``).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,108 +28,19 @@ import faiss
 import numpy as np
 
 from recsvc.errors import BundleError
+from recsvc.model.allowed import AllowedSet
+from recsvc.model.topk import topk
 
-__all__ = [
-    "AllowedSet",
-    "IndexSpec",
-    "VectorIndex",
-    "build_index",
-    "choose_index_spec",
-    "read_index",
-    "topk",
-]
+__all__ = ["IndexSpec", "VectorIndex", "read_index"]
 
-# Below this many allowed rows, a dense matmul over just those rows beats any index.
+# Up to this many allowed rows, a dense matmul over just those rows beats any index
+# (the default of VectorIndex's exact_subset_max).
 _EXACT_SUBSET_MAX = 4096
 # A filter that rejects most visited nodes leaves HNSW fewer usable candidates per step:
 # widen its beam by sqrt(n / allowed), up to this factor (recall at 24% selectivity).
 _EF_BOOST_MAX = 4.0
-# Up to this many rows from the index, filter and rescore in plain Python (see search).
+# Up to this many rows from the index, drop exclusions in plain Python (see _found).
 _SMALL = 256
-# Scalar-quantized HNSW storage, by bits per dimension.
-_SQ_TYPES: dict[int, Any] = {8: faiss.ScalarQuantizer.QT_8bit, 16: faiss.ScalarQuantizer.QT_fp16}
-
-
-@dataclass(frozen=True)
-class AllowedSet:
-    """A set of allowed rows as a little-endian packed bitmap (FAISS's layout).
-
-    Example:
-        >>> a = AllowedSet.from_mask(np.array([True, False, True]))
-        >>> a.count, a.rows().tolist(), a.without(np.array([2])).count
-        (2, [0, 2], 1)
-    """
-
-    bits: np.ndarray
-    n: int
-    count: int
-
-    @classmethod
-    def from_mask(cls, mask: np.ndarray) -> AllowedSet:
-        mask = np.asarray(mask, dtype=bool)
-        return cls(np.packbits(mask, bitorder="little"), len(mask), int(mask.sum()))
-
-    @cached_property
-    def _bytes(self) -> bytes:
-        return self.bits.tobytes()
-
-    def member(self, row: int) -> bool:
-        """Membership of one row (in range), without numpy's per-call cost."""
-        return bool((self._bytes[row >> 3] >> (row & 7)) & 1)
-
-    def contains(self, rows: np.ndarray) -> np.ndarray:
-        """Membership of each row (rows must be in range)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        return ((self.bits[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1).astype(bool)
-
-    def without(self, rows: np.ndarray) -> AllowedSet:
-        """A copy with ``rows`` removed (out-of-range and negative rows are ignored)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        rows = np.unique(rows[(rows >= 0) & (rows < self.n)])
-        if rows.size == 0:
-            return self
-        removed = int(self.contains(rows).sum())
-        bits = self.bits.copy()
-        np.bitwise_and.at(bits, rows >> 3, ~(np.uint8(1) << (rows & 7).astype(np.uint8)))
-        return AllowedSet(bits, self.n, self.count - removed)
-
-    def first(
-        self, candidates: np.ndarray, k: int, exclude: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The first ``k`` of ``candidates`` (in their order) that are in the set, less ``exclude``.
-
-        Looks at a growing prefix only, so a long candidate list costs what it takes.
-        """
-        picks: list[np.ndarray] = []
-        found, start, step = 0, 0, max(256, 8 * k)
-        while found < k and start < len(candidates):
-            chunk = candidates[start : start + step]
-            ok = self.contains(chunk)
-            if exclude is not None and len(exclude):
-                ok &= ~np.isin(chunk, exclude)
-            picks.append(chunk[ok][: k - found])
-            found += len(picks[-1])
-            start += len(chunk)
-            step *= 4
-        return np.concatenate(picks).astype(np.int64) if picks else np.empty(0, np.int64)
-
-    def mask(self) -> np.ndarray:
-        return np.unpackbits(self.bits, count=self.n, bitorder="little").astype(bool)
-
-    def rows(self) -> np.ndarray:
-        return np.flatnonzero(self.mask())
-
-    @cached_property
-    def search_cache(self) -> dict[Any, Any]:
-        """FAISS objects built over ``bits`` (its selector, each index's search parameters)."""
-        return {}
-
-    def selector(self) -> faiss.IDSelectorBitmap:
-        """A FAISS selector over ``bits``; it lives as long as this set."""
-        cache = self.search_cache
-        if "sel" not in cache:
-            cache["sel"] = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(self.bits))
-        return cache["sel"]
 
 
 @dataclass(frozen=True)
@@ -144,78 +56,6 @@ class IndexSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.kind, "params": dict(self.params)}
-
-
-def choose_index_spec(n: int, kind: str = "auto", exact_max: int = 20_000) -> IndexSpec:
-    """Exact search up to ``exact_max`` vectors, HNSW above it (unless ``kind`` says)."""
-    if kind == "auto":
-        kind = "flat" if n <= exact_max else "hnsw"
-    if kind == "flat":
-        return IndexSpec("flat")
-    if kind == "hnsw":
-        # efSearch 64 (widened under selective filters, see _EF_BOOST_MAX): recall@10
-        # >= 0.95 against exact search at 100K and 1M items. Vectors held as 8-bit codes
-        # ("sq": 8): a graph walk is bound by memory reads, and a code is one cache line
-        # where a float32 vector is four; results are rescored exactly (docs/BENCHMARKS.md).
-        return IndexSpec("hnsw", {"M": 32, "efConstruction": 80, "efSearch": 64, "sq": 8})
-    if kind == "ivf":
-        nlist = int(max(1, min(65536, 4 * np.sqrt(n))))
-        return IndexSpec("ivf", {"nlist": nlist, "nprobe": max(1, nlist // 16)})
-    raise ValueError(f"unknown index type {kind!r} (expected auto, flat, hnsw or ivf)")
-
-
-def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 0) -> faiss.Index:
-    """Build an inner-product index whose ids are the row numbers of ``vectors``.
-
-    Approximate indexes hold only the rows that are not all zeros (wrapped in an
-    ``IndexIDMap2`` when some are); ``VectorIndex.search`` answers for the rest.
-    """
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if spec.kind != "flat" and len(x):
-        nonzero = np.flatnonzero(np.any(x != 0, axis=1))
-        enough = len(nonzero) >= spec.params.get("nlist", 1)  # IVF needs a point per list
-        if 0 < len(nonzero) < len(x) and enough:
-            mapped = faiss.IndexIDMap2(_build(x[nonzero], spec, seed))
-            mapped.add_with_ids(x[nonzero], nonzero.astype(np.int64))
-            return mapped
-    index = _build(x, spec, seed)
-    if len(x):
-        index.add(x)
-    return index
-
-
-def _build(x: np.ndarray, spec: IndexSpec, seed: int) -> faiss.Index:
-    """An empty (trained, for IVF) index for ``x``'s dimension."""
-    d = x.shape[1]
-    index: faiss.Index
-    if spec.kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif spec.kind == "hnsw":
-        bits = spec.params.get("sq", 0)
-        if bits:
-            qtype = _SQ_TYPES.get(bits)
-            if qtype is None:
-                raise ValueError(f"hnsw sq must be one of {sorted(_SQ_TYPES)}, not {bits}")
-            index = faiss.IndexHNSWSQ(d, qtype, spec.params["M"], faiss.METRIC_INNER_PRODUCT)
-            if len(x):
-                index.train(x)  # per-dimension ranges of the codes
-        else:
-            index = faiss.IndexHNSWFlat(d, spec.params["M"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = spec.params["efConstruction"]
-        index.hnsw.efSearch = spec.params["efSearch"]
-    elif spec.kind == "ivf":
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, spec.params["nlist"], faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        sample = x
-        if len(x) > 256 * spec.params["nlist"]:
-            rng = np.random.default_rng(seed)
-            sample = x[rng.choice(len(x), 256 * spec.params["nlist"], replace=False)]
-        index.train(sample)
-        index.nprobe = spec.params["nprobe"]
-    else:
-        raise ValueError(f"unknown index type {spec.kind!r}")
-    return index
 
 
 def read_index(path: Path, spec: IndexSpec, vectors: np.ndarray) -> faiss.Index:
@@ -257,34 +97,39 @@ def _zero_count(vectors: np.ndarray) -> int:
     return int(len(vectors) - np.count_nonzero(np.any(vectors != 0, axis=1)))
 
 
-def _without(rows: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-    return rows[~np.isin(rows, exclude)] if exclude.size else rows
+@dataclass(frozen=True)
+class _Params:
+    """FAISS search parameters over one allowed set, and what FAISS reads through them."""
 
-
-def topk(scores: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k largest scores, best first; ties broken by position."""
-    k = min(k, len(scores))
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    if k < len(scores):
-        # argpartition picks arbitrarily among ties at the k-th score: take every score
-        # above it, then the tied ones in position order, so the answer is deterministic.
-        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
-        above = np.flatnonzero(scores > kth)
-        part = np.concatenate([above, np.flatnonzero(scores == kth)[: k - len(above)]])
-    else:
-        part = np.arange(len(scores))
-    order = np.lexsort((part, -scores[part]))
-    return part[order].astype(np.int64)
+    params: Any
+    # FAISS holds raw pointers to the set's bitmap and to the selectors: kept alive here
+    # as long as the parameters are.
+    pointees: tuple[object, ...]
 
 
 class VectorIndex:
-    """An embedding matrix and its FAISS index, searched under an allowed set."""
+    """An embedding matrix and its FAISS index, searched under an allowed set.
 
-    def __init__(self, vectors: np.ndarray, index: faiss.Index, spec: IndexSpec) -> None:
+    Args:
+        vectors: one embedding per row.
+        index: the FAISS index over ``vectors`` (ids are rows; see ``IndexSpec``).
+        spec: how ``index`` was built.
+        exact_subset_max: up to this many allowed rows (less exclusions), search those
+            rows exactly instead of asking the index; 0 always asks the index.
+    """
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        index: faiss.Index,
+        spec: IndexSpec,
+        *,
+        exact_subset_max: int = _EXACT_SUBSET_MAX,
+    ) -> None:
         self.vectors = vectors
         self.index = index
         self.spec = spec
+        self.exact_subset_max = exact_subset_max
         # Quantized codes give approximate scores: rescore what the index finds, exactly.
         self._rescore = bool(spec.params.get("sq"))
         ids = _id_map(index)
@@ -297,26 +142,33 @@ class VectorIndex:
             held[ids] = True
             self._zero_rows = np.flatnonzero(~held)
             self._held_bits = np.packbits(held, bitorder="little")
+        # Search parameters per allowed set and beam width; an entry goes with its set.
+        self._params_by_set: weakref.WeakKeyDictionary[AllowedSet, dict[int, _Params]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def n(self) -> int:
         return int(self.vectors.shape[0])
 
-    def _params(self, allowed: AllowedSet, fetch: int) -> faiss.SearchParameters:
-        """Search parameters over ``allowed``, built once per (set, index, beam width)."""
+    def _params(self, allowed: AllowedSet, fetch: int) -> _Params:
+        """Search parameters over ``allowed``, built once per (set, beam width)."""
         ef = 0
         if self.spec.kind == "hnsw":
             boost = min(_EF_BOOST_MAX, max(1.0, (self.n / max(1, allowed.count)) ** 0.5))
             ef = max(fetch, int(self.spec.params["efSearch"] * boost))
-        key = (id(self), ef)
-        cached = allowed.search_cache.get(key)
+        per_set = self._params_by_set.get(allowed)
+        if per_set is None:
+            per_set = self._params_by_set.setdefault(allowed, {})
+        cached = per_set.get(ef)
         if cached is not None:
-            return cached[1]
-        sel: Any = allowed.selector()
+            return cached
+        bitmap = faiss.IDSelectorBitmap(allowed.n, faiss.swig_ptr(allowed.bits))
+        sel: Any = bitmap
         if self._zero_rows is not None:
             # Translate index positions to rows ourselves: FAISS would otherwise swap the
             # selector inside these (shared) parameters for the duration of each search.
-            sel = faiss.IDSelectorTranslated(self._id_map_vector, sel)
+            sel = faiss.IDSelectorTranslated(self._id_map_vector, bitmap)
         # faiss's bundled stubs lack these classes' keyword arguments.
         lib: Any = faiss
         if self.spec.kind == "hnsw":
@@ -325,15 +177,8 @@ class VectorIndex:
             params = lib.SearchParametersIVF(sel=sel, nprobe=self.spec.params["nprobe"])
         else:
             params = lib.SearchParameters(sel=sel)
-        # Keeping self and sel referenced keeps id(self) unique and the selector alive.
-        allowed.search_cache[key] = (self, params, sel)
-        return params
-
-    def exact(self, query: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k among ``rows``."""
-        scores = self.vectors[rows] @ query
-        best = topk(scores, k)
-        return scores[best].astype(np.float32), rows[best]
+        # The entry must not hold the set itself, or the set would never go.
+        return per_set.setdefault(ef, _Params(params, (allowed.bits, bitmap, sel)))
 
     def search(
         self,
@@ -347,68 +192,62 @@ class VectorIndex:
         Returns:
             (scores, rows), best first; ``min(k, rows allowed and not excluded)`` of them.
         """
-        # A customer excludes a handful of rows and the index returns k + that many: at this
-        # size plain Python beats numpy's per-call overhead (the serving hot path, profiled).
-        ex: list[int] = []
-        if exclude is not None and len(exclude):
-            member, n = allowed.member, allowed.n
-            rows_in = exclude.tolist() if isinstance(exclude, np.ndarray) else list(exclude)
-            # Only exclusions inside the set change anything.
-            ex = sorted({int(r) for r in rows_in if 0 <= r < n and member(int(r))})
+        ex = _excluded(allowed, exclude)
         available = allowed.count - len(ex)
         k = min(k, available)
         if k <= 0:
             return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
-        ex_rows = np.array(ex, dtype=np.int64)
-        if available <= _EXACT_SUBSET_MAX:
-            return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
-        fetch = k + len(ex)
-        dist, labels = self.index.search(q, fetch, params=self._params(allowed, fetch))
-        if fetch <= _SMALL:
-            scores, rows = self._found_small(dist[0], labels[0], q[0], k, ex)
-        else:
-            scores, rows = self._found_large(dist[0], labels[0], q[0], k, ex_rows)
-        if self._zero_rows is not None and (len(rows) < k or scores[-1] < 0):
-            if len(rows) < min(k, self._held_available(allowed, ex_rows)):
-                return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
-            scores, rows = self._with_zero_rows(rows, scores, k, allowed, ex_rows)
-        if len(rows) < k:
-            # An approximate graph/list under a selective filter ran dry: be exact.
-            return self.exact(q[0], k, _without(allowed.rows(), ex_rows))
-        return scores, rows
+        found = None
+        if available > self.exact_subset_max:
+            found = self._approximate(q, k, allowed, ex)
+        # Few rows allowed, or an approximate graph/list under a selective filter ran dry.
+        return self._exact(q[0], k, allowed, ex) if found is None else found
 
-    def _found_small(
+    def _approximate(
+        self, q: np.ndarray, k: int, allowed: AllowedSet, ex: list[int]
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The index's top-k among ``allowed`` less ``ex``; None if it finds fewer than k."""
+        # The index knows the set but not the exclusions: ask for that many more.
+        fetch = k + len(ex)
+        entry = self._params(allowed, fetch)
+        dist, labels = self.index.search(q, fetch, params=entry.params)
+        scores, rows = self._found(dist[0], labels[0], q[0], k, ex)
+        if self._zero_rows is not None and (len(rows) < k or scores[-1] < 0):
+            # The rows left out of the index (score 0) belong in the answer, unless the
+            # index ran dry among the rows it holds.
+            ex_rows = np.array(ex, dtype=np.int64)
+            if len(rows) < min(k, self._held_available(allowed, ex_rows)):
+                return None
+            scores, rows = self._with_zero_rows(rows, scores, k, allowed, ex_rows)
+        return None if len(rows) < k else (scores, rows)
+
+    def _exact(
+        self, q: np.ndarray, k: int, allowed: AllowedSet, ex: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k among ``allowed`` less ``ex``: a dense product over those rows."""
+        rows = allowed.rows()
+        if ex:
+            rows = rows[~np.isin(rows, ex)]
+        scores = self.vectors[rows] @ q
+        best = topk(scores, k)
+        return scores[best].astype(np.float32), rows[best]
+
+    def _found(
         self, dist: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, ex: list[int]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The index's answer less exclusions, rescored if quantized; Python lists."""
-        skip = set(ex)
-        if self._rescore:
-            rows = [r for r in labels.tolist() if r >= 0 and r not in skip]
-            scores = (self.vectors[rows] @ q).tolist() if rows else []
-            best = sorted(range(len(rows)), key=lambda i: (-scores[i], rows[i]))[:k]
-            return (
-                np.array([scores[i] for i in best], dtype=np.float32),
-                np.array([rows[i] for i in best], dtype=np.int64),
-            )
-        found = [
-            (d, r)
-            for d, r in zip(dist.tolist(), labels.tolist(), strict=True)
-            if r >= 0 and r not in skip
-        ][:k]
-        return (
-            np.array([d for d, _ in found], dtype=np.float32),
-            np.array([r for _, r in found], dtype=np.int64),
-        )
-
-    def _found_large(
-        self, dist: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, ex: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """As ``_found_small`` for long answers (audiences), in numpy."""
-        keep = labels >= 0
-        if len(ex):
-            keep &= ~np.isin(labels, ex)
-        rows, scores = labels[keep].astype(np.int64), dist[keep]
+        """The index's answer less padding and ``ex``, rescored if quantized; the first k."""
+        keep: Any
+        if len(labels) <= _SMALL:
+            # A recommendation's handful of rows (the serving hot path, profiled): a Python
+            # filter costs less than numpy's per-call overhead in np.isin.
+            skip = set(ex)
+            keep = [i for i, r in enumerate(labels.tolist()) if r >= 0 and r not in skip]
+        else:
+            keep = labels >= 0
+            if ex:
+                keep &= ~np.isin(labels, ex)
+        rows, scores = labels[keep], dist[keep]
         if self._rescore and len(rows):
             scores = (self.vectors[rows] @ q).astype(np.float32)
             order = np.lexsort((rows, -scores))
@@ -432,3 +271,14 @@ class VectorIndex:
         all_scores = np.concatenate([scores, np.zeros(len(zero), dtype=np.float32)])
         order = np.lexsort((all_rows, -all_scores))[:k]
         return all_scores[order], all_rows[order]
+
+
+def _excluded(allowed: AllowedSet, exclude: np.ndarray | None) -> list[int]:
+    """The rows of ``exclude`` inside ``allowed``, ascending: only those change an answer."""
+    if exclude is None or not len(exclude):
+        return []
+    # A customer excludes a handful of rows: at this size plain Python beats numpy's
+    # per-call overhead (the serving hot path, profiled).
+    member, n = allowed.member, allowed.n
+    rows = exclude.tolist() if isinstance(exclude, np.ndarray) else list(exclude)
+    return sorted({int(r) for r in rows if 0 <= r < n and member(int(r))})

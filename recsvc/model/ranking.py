@@ -16,8 +16,9 @@ import numpy as np
 import scipy.linalg
 
 from recsvc.errors import NotFound
+from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
-from recsvc.model.index import AllowedSet, IndexSpec, VectorIndex
+from recsvc.model.index import IndexSpec, VectorIndex
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.rules import MIN_LEVEL, ItemRules, user_tolerance
 

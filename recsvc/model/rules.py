@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from recsvc.model.index import AllowedSet
+from recsvc.model.allowed import AllowedSet
 
 __all__ = [
     "MAX_LEVEL",

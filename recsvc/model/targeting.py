@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from recsvc.errors import NotFound, PreconditionFailed
+from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
-from recsvc.model.index import AllowedSet, topk
 from recsvc.model.queries import TargetQuery, check_audience_size
 from recsvc.model.rules import ItemRules, consent_mask, suitable_users, user_tolerance
+from recsvc.model.topk import topk
 
 __all__ = ["EXACT_MAX_BASE", "Audience", "ExclusionCounts", "Targeter"]
 

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from recsvc.errors import BundleError
-from recsvc.model.index import AllowedSet, VectorIndex, build_index, choose_index_spec, read_index
-
-
-def _with_zero_rows(n: int, zero_share: float, d: int = 8, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    x[rng.random(n) < zero_share] = 0.0
-    return x
+from recsvc.model.allowed import AllowedSet
+from recsvc.model.index import VectorIndex, read_index
+from tests.embeddings import with_zero_rows
+from training.indexes import build_index, choose_index_spec
 
 
 def _exact(x: np.ndarray, q: np.ndarray, k: int, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,27 +24,8 @@ def _exact(x: np.ndarray, q: np.ndarray, k: int, ok: np.ndarray) -> tuple[np.nda
     return scores[order], rows[order]
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
-def test_approximate_indexes_leave_out_all_zero_rows(kind: str, tmp_path: Path) -> None:
-    x = _with_zero_rows(6000, 0.6)
-    spec = choose_index_spec(len(x), kind)
-    index = build_index(x, spec)
-    nonzero = int(np.any(x != 0, axis=1).sum())
-    assert index.ntotal == nonzero
-    faiss.write_index(index, str(tmp_path / "i.faiss"))
-    back = read_index(tmp_path / "i.faiss", spec, x)
-    assert back.ntotal == nonzero
-
-
-def test_flat_and_dense_indexes_stay_plain() -> None:
-    x = _with_zero_rows(500, 0.5)
-    assert build_index(x, choose_index_spec(len(x), "flat")).ntotal == 500
-    dense = _with_zero_rows(500, 0.0)
-    assert build_index(dense, choose_index_spec(len(dense), "hnsw")).ntotal == 500
-
-
 def test_an_index_that_drops_a_real_row_is_refused(tmp_path: Path) -> None:
-    x = _with_zero_rows(3000, 0.5)
+    x = with_zero_rows(3000, 0.5)
     spec = choose_index_spec(len(x), "hnsw")
     nonzero = np.flatnonzero(np.any(x != 0, axis=1))
     bad = faiss.IndexIDMap2(faiss.IndexHNSWFlat(x.shape[1], 8, faiss.METRIC_INNER_PRODUCT))
@@ -64,7 +40,7 @@ def test_an_index_that_drops_a_real_row_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_search_with_exclusions_is_k_allowed_rows(kind: str) -> None:
-    x = _with_zero_rows(8000, 0.5, seed=1)
+    x = with_zero_rows(8000, 0.5, seed=1)
     spec = choose_index_spec(len(x), kind)
     index = VectorIndex(x, build_index(x, spec), spec)
     rng = np.random.default_rng(3)
@@ -107,7 +83,7 @@ def test_zero_rows_come_back_as_ties_in_row_order() -> None:
 
 
 def test_shared_allowed_set_serves_two_indexes_without_mixing_them() -> None:
-    x = _with_zero_rows(6000, 0.5, seed=2)
+    x = with_zero_rows(6000, 0.5, seed=2)
     spec = choose_index_spec(len(x), "hnsw")
     sparse = VectorIndex(x, build_index(x, spec), spec)
     dense_x = np.where(x == 0, 1e-3, x).astype(np.float32)
@@ -121,25 +97,9 @@ def test_shared_allowed_set_serves_two_indexes_without_mixing_them() -> None:
             assert len(rows) == 20 and mask[rows].all()
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    st.lists(st.booleans(), min_size=1, max_size=300),
-    st.integers(0, 40),
-    st.lists(st.integers(-5, 320), max_size=30),
-)
-def test_first_matches_a_plain_filter(mask: list[bool], k: int, exclude: list[int]) -> None:
-    m = np.array(mask)
-    allowed = AllowedSet.from_mask(m)
-    candidates = np.random.default_rng(len(mask)).permutation(len(m))
-    ex = np.array(exclude, dtype=np.int64)
-    got = allowed.first(candidates, k, ex)
-    want = [c for c in candidates if m[c] and c not in set(exclude)][:k]
-    assert got.tolist() == want
-
-
 @pytest.mark.parametrize("bits", [8, 16])
 def test_quantized_hnsw_answers_with_exact_scores(bits: int) -> None:
-    x = _with_zero_rows(6000, 0.3, seed=6)
+    x = with_zero_rows(6000, 0.3, seed=6)
     spec = choose_index_spec(len(x), "hnsw")
     spec.params["sq"] = bits
     index = VectorIndex(x, build_index(x, spec), spec)
@@ -152,8 +112,45 @@ def test_quantized_hnsw_answers_with_exact_scores(bits: int) -> None:
     assert np.all(np.diff(scores) <= 0)
 
 
-def test_unknown_quantizer_is_refused() -> None:
-    spec = choose_index_spec(100, "hnsw")
-    spec.params["sq"] = 4
-    with pytest.raises(ValueError, match="sq must be"):
-        build_index(_with_zero_rows(100, 0.0), spec)
+class _CountingIndex:
+    """A FAISS index that counts the searches asked of it."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        self.index, self.searches = index, 0
+
+    def search(self, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        self.searches += 1
+        return self.index.search(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("subset_max", "searches"), [(990, 0), (989, 1), (0, 1)])
+def test_exact_subset_max_is_where_the_index_takes_over(subset_max: int, searches: int) -> None:
+    x = with_zero_rows(3000, 0.0, seed=9)
+    spec = choose_index_spec(len(x), "flat")
+    counting = _CountingIndex(build_index(x, spec))
+    index = VectorIndex(x, counting, spec, exact_subset_max=subset_max)
+    mask = np.zeros(len(x), dtype=bool)
+    mask[np.random.default_rng(9).choice(len(x), 1000, replace=False)] = True
+    exclude = np.flatnonzero(mask)[:10]  # 990 rows left to answer from
+    q = np.ones(8, dtype=np.float32)
+    _, rows = index.search(q, 10, AllowedSet.from_mask(mask), exclude)
+    assert counting.searches == searches
+    ok = mask.copy()
+    ok[exclude] = False
+    np.testing.assert_array_equal(rows, _exact(x, q, 10, ok)[1])
+
+
+def test_search_parameters_go_with_their_allowed_set() -> None:
+    x = with_zero_rows(6000, 0.5, seed=10)
+    spec = choose_index_spec(len(x), "hnsw")
+    index = VectorIndex(x, build_index(x, spec), spec)
+    rng = np.random.default_rng(10)
+    q = np.ones(8, dtype=np.float32)
+    for _ in range(15):  # a new set may take a dead one's address
+        mask = rng.random(len(x)) < 0.8  # more rows than exact search takes
+        allowed = AllowedSet.from_mask(mask)
+        _, rows = index.search(q, 20, allowed)
+        assert len(rows) == 20 and mask[rows].all()
+        gone = weakref.ref(allowed)
+        del allowed
+        assert gone() is None  # the index's parameters do not keep the set alive

@@ -11,15 +11,14 @@ carry the guarantees.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import recsvc.model.index
 from recsvc.model.bundle import load_bundle, read_latest
+from recsvc.model.index import VectorIndex
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.ranking import Recommender, Source
 from recsvc.model.targeting import Targeter
@@ -45,18 +44,21 @@ def hnsw_bundle(tmp_path_factory: pytest.TempPathFactory, training_data: Trainin
     return models / version
 
 
-@pytest.fixture(autouse=True)
-def no_exact_shortcut() -> Iterator[None]:
-    """Search the index however few rows are allowed (the shortcut is below 4,096)."""
-    saved = recsvc.model.index._EXACT_SUBSET_MAX
-    recsvc.model.index._EXACT_SUBSET_MAX = 0
-    yield
-    recsvc.model.index._EXACT_SUBSET_MAX = saved
+def _no_exact_shortcut(index: VectorIndex) -> VectorIndex:
+    """The index searched however few rows are allowed (the shortcut is below 4,096)."""
+    return VectorIndex(index.vectors, index.index, index.spec, exact_subset_max=0)
 
 
 @pytest.fixture(scope="module")
 def recommender(hnsw_bundle: Path) -> Recommender:
-    rec = Recommender(load_bundle(hnsw_bundle))
+    bundle = load_bundle(hnsw_bundle)
+    rec = Recommender(
+        dataclasses.replace(
+            bundle,
+            item_index=_no_exact_shortcut(bundle.item_index),
+            user_index=_no_exact_shortcut(bundle.user_index),
+        )
+    )
     assert rec.bundle.item_index.spec.kind == "hnsw"
     assert rec.bundle.user_index.spec.kind == "hnsw"
     return rec

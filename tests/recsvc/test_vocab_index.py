@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recsvc.model.index import AllowedSet, VectorIndex, build_index, choose_index_spec, topk
+from recsvc.model.allowed import AllowedSet
+from recsvc.model.index import VectorIndex
 from recsvc.model.vocab import Vocabulary
+from training.indexes import build_index, choose_index_spec
 
 ids = st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=50)
 
@@ -29,39 +30,6 @@ def test_vocabulary_round_trips_and_unknown_is_minus_one(
 def test_vocabulary_rejects_duplicates() -> None:
     with pytest.raises(ValueError, match="unique"):
         Vocabulary(["a", "a"])
-
-
-@given(st.lists(st.booleans(), min_size=1, max_size=70), st.lists(st.integers(-3, 80), max_size=20))
-def test_allowed_set_matches_a_boolean_mask(mask: list[bool], remove: list[int]) -> None:
-    m = np.array(mask)
-    a = AllowedSet.from_mask(m).without(np.array(remove, dtype=np.int64))
-    expected = m.copy()
-    for r in remove:
-        if 0 <= r < len(m):
-            expected[r] = False
-    assert a.count == expected.sum()
-    np.testing.assert_array_equal(a.mask(), expected)
-    np.testing.assert_array_equal(a.contains(np.arange(len(m))), expected)
-
-
-def test_topk_orders_by_score_then_position() -> None:
-    s = np.array([0.1, 0.9, 0.5, 0.9, -1.0])
-    assert topk(s, 3).tolist() == [1, 3, 2]
-    assert topk(s, 10).tolist() == [1, 3, 2, 0, 4]
-    assert topk(s, 0).tolist() == []
-
-
-def test_topk_breaks_ties_at_the_cut_by_position() -> None:
-    # Many equal scores straddle the k-th place: the earliest positions win, every time.
-    s = np.zeros(1000)
-    s[[700, 5]] = 1.0
-    assert topk(s, 5).tolist() == [5, 700, 0, 1, 2]
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        s = rng.integers(0, 4, size=200).astype(float)
-        k = int(rng.integers(1, 200))
-        expected = sorted(range(200), key=lambda i: (-s[i], i))[:k]
-        assert topk(s, k).tolist() == expected
 
 
 def _vectors(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
@@ -98,12 +66,3 @@ def test_hnsw_under_a_very_selective_filter_falls_back_to_exact() -> None:
     )
     _, rows = index.search(x[0], 500, AllowedSet.from_mask(mask))
     assert len(rows) == 500 and mask[rows].all()
-
-
-def test_built_indexes_are_inner_product_over_row_ids() -> None:
-    x = _vectors(100)
-    for kind in ("flat", "hnsw", "ivf"):
-        idx = build_index(x, choose_index_spec(len(x), kind))
-        assert idx.ntotal == 100 and idx.metric_type == faiss.METRIC_INNER_PRODUCT
-    with pytest.raises(ValueError, match="unknown index type"):
-        choose_index_spec(10, "lsh")

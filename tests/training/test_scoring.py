@@ -8,29 +8,7 @@ import pytest
 from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Recommender, Source
 from training.data import TrainingData
-from training.scoring import Eligibility, batches, top_k_rows
-
-
-def test_top_k_rows_orders_by_score_then_column_and_pads() -> None:
-    scores = np.array([[1.0, 3.0, 3.0, 2.0, 3.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
-    allowed = np.array([[True, True, True, True, True], [False, True, False, True, False]])
-    # Row 0: three tied at 3.0 and only two places: the lower columns win.
-    assert top_k_rows(scores, allowed, 2).tolist() == [[1, 2], [1, 3]]
-    assert top_k_rows(scores, allowed, 4).tolist() == [[1, 2, 4, 3], [1, 3, -1, -1]]
-    assert top_k_rows(scores, allowed, 7)[1].tolist() == [1, 3, -1, -1, -1, -1, -1]
-
-
-def test_top_k_rows_matches_a_full_sort(rng: np.random.Generator) -> None:
-    for _ in range(200):
-        n, k = int(rng.integers(1, 25)), int(rng.integers(1, 30))
-        scores = rng.integers(0, 4, (3, n)).astype(float)
-        allowed = rng.random((3, n)) < 0.7
-        got = top_k_rows(scores, allowed, k)
-        for r in range(3):
-            cols = np.flatnonzero(allowed[r])
-            want = cols[np.lexsort((cols, -scores[r][cols]))][:k]
-            assert got[r][: len(want)].tolist() == want.tolist()
-            assert (got[r][len(want) :] == -1).all()
+from training.scoring import Eligibility, batches
 
 
 def test_batches_cover_the_range_in_small_blocks() -> None:
