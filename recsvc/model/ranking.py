@@ -87,7 +87,9 @@ class Recommender:
         unit = np.ascontiguousarray(factors / np.maximum(norms, 1e-12), dtype=np.float32)
         flat = faiss.IndexFlatIP(unit.shape[1])
         flat.add(unit)
-        self._similar = VectorIndex(unit, flat, IndexSpec("flat"))
+        self._similar = VectorIndex(
+            unit, flat, IndexSpec("flat"), exact_subset_max=bundle.item_index.exact_subset_max
+        )
 
     @property
     def version(self) -> str:
