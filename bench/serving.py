@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.model.bundle import read_latest
+from recsvc.model.manifest import FILES
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
 
@@ -161,7 +162,7 @@ def write_users(models: Path, out: Path, n: int, seed: int = 0) -> list[str]:
     """A seeded sample of the bundle's customers, one id a line, for the load client."""
     version = read_latest(models)
     assert version is not None
-    ids = pq.read_table(models / version / "users.parquet", columns=["user_id"]).column(0)
+    ids = pq.read_table(models / version / FILES.users, columns=["user_id"]).column(0)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(ids), size=min(n, len(ids)), replace=False)
     users = [str(u) for u in ids.take(pick).to_pylist()]

@@ -15,22 +15,24 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
 from recsvc.files import fsync_path
-from recsvc.model.bundle import (
-    LATEST,
-    MANIFEST,
-    SCHEMA_VERSION,
-    list_versions,
-    read_latest,
-    sha256_file,
-)
+from recsvc.model.bundle import LATEST, list_versions, read_latest, sha256_file
 from recsvc.model.index import build_index, choose_index_spec
+from recsvc.model.manifest import (
+    FILES,
+    MANIFEST,
+    Counts,
+    FileEntry,
+    FoldIn,
+    Indexes,
+    Manifest,
+    RuleFlags,
+)
 from training.data import TrainingData
 from training.fit import FittedModel
 
@@ -78,9 +80,13 @@ def publish(
     data: TrainingData,
     model: FittedModel,
     keep: int = 5,
-    extra: dict[str, Any] | None = None,
+    evaluation: bool = False,
 ) -> Path:
     """Write a new bundle under ``models`` and point LATEST at it.
+
+    Args:
+        evaluation: recorded in the manifest: an offline evaluation publishes into
+            its report folder, not for serving.
 
     Returns:
         The published bundle folder.
@@ -92,62 +98,65 @@ def publish(
     tmp = models / f"{_TMP_PREFIX}{version}"
     tmp.mkdir()
     try:
-        item_spec = choose_index_spec(
-            len(data.items), model.params.item_index, model.params.exact_max
+        indexes = Indexes(
+            items=choose_index_spec(
+                len(data.items), model.params.item_index, model.params.exact_max
+            ),
+            users=choose_index_spec(
+                len(data.users), model.params.user_index, model.params.exact_max
+            ),
         )
-        user_spec = choose_index_spec(
-            len(data.users), model.params.user_index, model.params.exact_max
-        )
-        pq.write_table(data.item_table, tmp / "items.parquet")
-        pq.write_table(data.user_table, tmp / "users.parquet")
-        _write_npy(tmp, "item_factors.npy", model.item_factors)
-        _write_npy(tmp, "user_factors.npy", model.user_factors)
+        pq.write_table(data.item_table, tmp / FILES.items)
+        pq.write_table(data.user_table, tmp / FILES.users)
+        _write_npy(tmp, FILES.item_factors, model.item_factors)
+        _write_npy(tmp, FILES.user_factors, model.user_factors)
         conf = model.confidence
-        _write_npy(tmp, "user_items_indptr.npy", conf.indptr.astype(np.int64))
-        _write_npy(tmp, "user_items_indices.npy", conf.indices.astype(np.int32))
-        _write_npy(tmp, "user_items_data.npy", conf.data.astype(np.float32))
-        _write_npy(tmp, "user_items_held.npy", data.held.astype(np.bool_))
-        _write_npy(tmp, "popularity.npy", _popularity(data))
+        _write_npy(tmp, FILES.indptr, conf.indptr.astype(np.int64))
+        _write_npy(tmp, FILES.indices, conf.indices.astype(np.int32))
+        _write_npy(tmp, FILES.data, conf.data.astype(np.float32))
+        _write_npy(tmp, FILES.held, data.held.astype(np.bool_))
+        _write_npy(tmp, FILES.popularity, _popularity(data))
         faiss.write_index(
-            build_index(model.item_factors, item_spec, model.params.seed), str(tmp / "items.faiss")
+            build_index(model.item_factors, indexes.items, model.params.seed),
+            str(tmp / FILES.item_index),
         )
         faiss.write_index(
-            build_index(model.user_factors, user_spec, model.params.seed), str(tmp / "users.faiss")
+            build_index(model.user_factors, indexes.users, model.params.seed),
+            str(tmp / FILES.user_index),
         )
-        files: dict[str, dict[str, Any]] = {}
+        files = {}
         for p in sorted(tmp.iterdir()):
             # On disk before the manifest that vouches for it: after a power loss,
             # LATEST must never name a bundle whose files came back empty.
             fsync_path(p)
-            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "version": version,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "algorithm": model.params.algorithm,
-            "params": model.params.to_json(),
-            "counts": {
-                "users": len(data.users),
-                "items": len(data.items),
-                "interactions": int(data.user_items.nnz),
-                "held": int(data.held.sum()),
-            },
-            "dim": int(model.item_factors.shape[1]),
-            "indexes": {"items": item_spec.to_json(), "users": user_spec.to_json()},
-            "rules": {
-                "risk_levels": data.has_risk_levels,
-                "active_flag": data.has_active,
-                "users_table": data.has_users_table,
-            },
-            "fold_in": {"recent_confidence": _recent_confidence(model)},
-            "data_fingerprint": data.fingerprint(),
-            "data_report": data.report.as_dict(),
-            "fit_seconds": round(model.seconds, 3),
-            "files": files,
-            **(extra or {}),
-        }
+            files[p.name] = FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
+        manifest = Manifest(
+            version=version,
+            created_at=datetime.now(timezone.utc),
+            algorithm=model.params.algorithm,
+            params=model.params.to_json(),
+            counts=Counts(
+                users=len(data.users),
+                items=len(data.items),
+                interactions=int(data.user_items.nnz),
+                held=int(data.held.sum()),
+            ),
+            dim=int(model.item_factors.shape[1]),
+            indexes=indexes,
+            rules=RuleFlags(
+                risk_levels=data.has_risk_levels,
+                active_flag=data.has_active,
+                users_table=data.has_users_table,
+            ),
+            fold_in=FoldIn(recent_confidence=_recent_confidence(model)),
+            data_fingerprint=data.fingerprint(),
+            data_report=data.report.as_dict(),
+            fit_seconds=round(model.seconds, 3),
+            files=files,
+            evaluation=evaluation,
+        )
         with (tmp / MANIFEST).open("w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
+            json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         fsync_path(tmp)

@@ -71,7 +71,7 @@ class Targeter:
     ) -> None:
         self.bundle = bundle
         self.exact_max_base = exact_max_base
-        has_users = bool(bundle.manifest["rules"].get("users_table"))
+        has_users = bundle.manifest.rules.users_table
         # Without a users table, consent is unknowable: refuse unless explicitly waived.
         self.consent_rule = has_users or consent_required
         self.answerable = has_users or not consent_required

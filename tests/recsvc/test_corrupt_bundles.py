@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsvc.model.bundle import LATEST, read_latest, sha256_file
+from recsvc.model.manifest import FILES, MANIFEST
 from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Source
 from recsvc.serving.store import ModelStore
@@ -25,11 +26,11 @@ Corruption = Callable[[Path], None]
 
 
 def _manifest(folder: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads((folder / "manifest.json").read_text())
+    return json.loads((folder / MANIFEST).read_text())
 
 
 def _save_manifest(folder: Path, m: dict) -> None:  # type: ignore[type-arg]
-    (folder / "manifest.json").write_text(json.dumps(m))
+    (folder / MANIFEST).write_text(json.dumps(m))
 
 
 def _restamp(folder: Path, name: str) -> None:
@@ -118,33 +119,33 @@ def _float64_factors(p: Path) -> None:
 
 
 CASES: dict[str, Corruption] = {
-    "truncated-empty": _truncate("item_factors.npy", 0.0),
-    "truncated-half": _truncate("user_factors.npy", 0.5),
-    "truncated-tail": _truncate("items.faiss", 0.99),
-    "flipped-byte-parquet": _flip("users.parquet"),
-    "flipped-byte-index": _flip("items.faiss"),
-    "missing-file": lambda f: (f / "popularity.npy").unlink(),
-    "no-manifest": lambda f: (f / "manifest.json").unlink(),
-    "manifest-not-json": lambda f: (f / "manifest.json").write_text("{oops"),
+    "truncated-empty": _truncate(FILES.item_factors, 0.0),
+    "truncated-half": _truncate(FILES.user_factors, 0.5),
+    "truncated-tail": _truncate(FILES.item_index, 0.99),
+    "flipped-byte-parquet": _flip(FILES.users),
+    "flipped-byte-index": _flip(FILES.item_index),
+    "missing-file": lambda f: (f / FILES.popularity).unlink(),
+    "no-manifest": lambda f: (f / MANIFEST).unlink(),
+    "manifest-not-json": lambda f: (f / MANIFEST).write_text("{oops"),
     "manifest-missing-field": _edit_manifest(lambda m: m.pop("dim")),
     "manifest-wrong-schema": _edit_manifest(lambda m: m.update(schema_version=99)),
-    "wrong-checksum": _edit_manifest(lambda m: m["files"]["items.parquet"].update(sha256="0" * 64)),
-    "wrong-size": _edit_manifest(lambda m: m["files"]["items.parquet"].update(size=1)),
+    "wrong-checksum": _edit_manifest(lambda m: m["files"][FILES.items].update(sha256="0" * 64)),
+    "wrong-size": _edit_manifest(lambda m: m["files"][FILES.items].update(size=1)),
     "wrong-dimension": _edit_manifest(lambda m: m.update(dim=m["dim"] * 2)),
     "wrong-count": _edit_manifest(lambda m: m["counts"].update(users=m["counts"]["users"] + 1)),
     "file-name-escapes": _edit_manifest(
         lambda m: m["files"].update({"../../x": {"size": 1, "sha256": "0"}})
     ),
-    "id-table-short": _restamped("users.parquet", _short_users),
-    "faiss-not-an-index": _restamped("users.faiss", lambda p: p.write_bytes(b"\x00" * 4096)),
-    "faiss-wrong-dimension": _restamped("items.faiss", _wrong_dim_index),
-    "faiss-wrong-metric": _restamped("items.faiss", _l2_index),
-    "npy-holds-pickle": _restamped("popularity.npy", write_pickled_npy),
-    "npy-wrong-dtype": _restamped("item_factors.npy", _float64_factors),
-    "npy-nan": _restamped("user_factors.npy", _nan_factors),
-    "csr-out-of-range": _restamped("user_items_indices.npy", _indices_out_of_range),
-    "popularity-not-permutation": _restamped("popularity.npy", _not_permutation),
-    "parquet-garbage": _restamped("items.parquet", lambda p: p.write_bytes(b"PAR1garbagePAR1")),
+    "id-table-short": _restamped(FILES.users, _short_users),
+    "faiss-not-an-index": _restamped(FILES.user_index, lambda p: p.write_bytes(b"\x00" * 4096)),
+    "faiss-wrong-dimension": _restamped(FILES.item_index, _wrong_dim_index),
+    "faiss-wrong-metric": _restamped(FILES.item_index, _l2_index),
+    "npy-holds-pickle": _restamped(FILES.popularity, write_pickled_npy),
+    "npy-wrong-dtype": _restamped(FILES.item_factors, _float64_factors),
+    "npy-nan": _restamped(FILES.user_factors, _nan_factors),
+    "csr-out-of-range": _restamped(FILES.indices, _indices_out_of_range),
+    "popularity-not-permutation": _restamped(FILES.popularity, _not_permutation),
+    "parquet-garbage": _restamped(FILES.items, lambda p: p.write_bytes(b"PAR1garbagePAR1")),
     "empty-folder": lambda f: [p.unlink() for p in f.iterdir()],
 }
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import recsvc.model.bundle
-from recsvc.model.bundle import LATEST, MANIFEST, read_latest
+from recsvc.model.bundle import LATEST, read_latest
+from recsvc.model.manifest import MANIFEST
 from recsvc.model.queries import RecommendQuery
 from recsvc.serving.store import ModelStore
 from training.publish import write_latest
