@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 from recsvc.errors import BundleError, BundleUnreadable
 from recsvc.model.index import VectorIndex, read_index
 from recsvc.model.manifest import FILES, MANIFEST, Manifest
+from recsvc.model.rules import ItemRules, user_tolerance
 from recsvc.model.vocab import Vocabulary
 
 __all__ = [
@@ -164,6 +166,18 @@ class Bundle:
     def suitability(self) -> bool:
         """Whether the catalogue carries risk levels, so the suitability rule applies."""
         return self.manifest.rules.risk_levels
+
+    # Built once per version, shared by ranking and targeting. A frozen dataclass
+    # allows cached_property: it writes the instance __dict__, not through __setattr__.
+    @cached_property
+    def item_rules(self) -> ItemRules:
+        """The catalogue's rules: risk levels, active flags, one allowed set per tolerance."""
+        return ItemRules.from_table(self.item_table, self.suitability)
+
+    @cached_property
+    def tolerance(self) -> np.ndarray:
+        """Risk tolerance per user row (see ``rules.user_tolerance``)."""
+        return user_tolerance(self.user_table)
 
     def user_item_rows(self, user: int) -> np.ndarray:
         return self.indices[self.indptr[user] : self.indptr[user + 1]]

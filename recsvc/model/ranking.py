@@ -19,7 +19,7 @@ from recsvc.errors import NotFound
 from recsvc.model.bundle import Bundle
 from recsvc.model.index import AllowedSet, IndexSpec, VectorIndex
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
-from recsvc.model.rules import MIN_LEVEL, ItemRules, user_tolerance
+from recsvc.model.rules import MIN_LEVEL
 
 __all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source"]
 
@@ -67,8 +67,8 @@ class Recommender:
         self.bundle = bundle
         manifest = bundle.manifest
         self.suitability = bundle.suitability
-        self.item_rules = ItemRules.from_table(bundle.item_table, self.suitability)
-        self.tolerance = user_tolerance(bundle.user_table)
+        self.item_rules = bundle.item_rules
+        self.tolerance = bundle.tolerance
         params = manifest.params
         self.algorithm = manifest.algorithm
         self.alpha = float(params.get("alpha", 1.0)) if self.algorithm == "als" else 1.0

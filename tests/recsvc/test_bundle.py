@@ -11,6 +11,8 @@ import pytest
 from recsvc.errors import BundleError
 from recsvc.model.bundle import load_bundle, read_latest, sha256_file
 from recsvc.model.manifest import FILES, MANIFEST
+from recsvc.model.ranking import Recommender
+from recsvc.model.targeting import Targeter
 from tests.conftest import write_pickled_npy
 
 
@@ -29,6 +31,14 @@ def test_loads_a_good_bundle(bundle_path: Path) -> None:
     b = load_bundle(bundle_path)
     assert len(b.users) == 1500 and len(b.items) == 120
     assert b.item_index.vectors.shape == (120, 16)
+
+
+def test_rules_are_built_once_per_version_for_ranking_and_targeting(bundle_path: Path) -> None:
+    b = load_bundle(bundle_path)
+    recommender, targeter = Recommender(b), Targeter(b)
+    assert recommender.item_rules is b.item_rules
+    assert targeter.item_risk is b.item_rules.risk and targeter.item_active is b.item_rules.active
+    assert recommender.tolerance is targeter.tolerance is b.tolerance
 
 
 def _flip_byte(folder: Path) -> None:
