@@ -4,7 +4,8 @@ A bundle is a folder ``MODELS/<version>/`` holding ``manifest.json`` and the fil
 it names, each with its size and sha256 (the format is ``recsvc.model.manifest``).
 ``MODELS/LATEST`` names the version to serve. Files are verified against the
 manifest *before* any is parsed, arrays are read with ``allow_pickle=False``, and
-shapes are checked against the counts.
+every array's invariants (shapes against the counts, finite values, row bounds,
+CSR order) are checked before a version is served.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 
 from recsvc.errors import BundleError, BundleUnreadable
 from recsvc.model.index import VectorIndex, read_index
-from recsvc.model.manifest import FILES, MANIFEST, Manifest
+from recsvc.model.manifest import FILES, MANIFEST, Counts, Manifest
 from recsvc.model.rules import ItemRules, user_tolerance
 from recsvc.model.vocab import Vocabulary
 
@@ -136,6 +137,52 @@ def _table(folder: Path, name: str, id_column: str, n: int) -> pa.Table:
 
 
 @dataclass(frozen=True)
+class _Interactions:
+    """Each customer's products as CSR: item rows, weighted strength, held flag."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    held: np.ndarray
+
+
+def _interactions(folder: Path, counts: Counts) -> _Interactions:
+    """Read the CSR arrays and check every invariant serving relies on.
+
+    Checksums only prove the files are the ones published: a buggy writer stamps
+    bad numbers too. NaN strengths break explain and fold-in; an item row out of
+    range, or twice in a customer's slice, breaks history, popularity and holders.
+    """
+    name = folder.name
+    indptr = _npy(folder, FILES.indptr, np.int64, (counts.users + 1,))
+    if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        raise BundleError(f"{name}: {FILES.indptr} is not a valid CSR pointer")
+    nnz = int(indptr[-1])
+    if nnz != counts.interactions:
+        raise BundleError(
+            f"{name}: {FILES.indptr} ends at {nnz}, manifest counts {counts.interactions} pairs"
+        )
+    indices = _npy(folder, FILES.indices, np.int32, (nnz,))
+    data = _npy(folder, FILES.data, np.float32, (nnz,))
+    held = _npy(folder, FILES.held, np.bool_, (nnz,))
+    if nnz and (indices.min() < 0 or indices.max() >= counts.items):
+        raise BundleError(f"{name}: {FILES.indices} holds item rows out of range")
+    # Publish writes CSR's canonical form: within a customer, item rows strictly increase.
+    row_start = np.zeros(nnz, dtype=bool)
+    row_start[indptr[:-1][indptr[:-1] < nnz]] = True
+    if np.any((np.diff(indices) <= 0) & ~row_start[1:]):
+        raise BundleError(f"{name}: {FILES.indices} repeats or unsorts a customer's item rows")
+    if not np.isfinite(data).all() or np.any(data < 0):
+        raise BundleError(f"{name}: {FILES.data} holds negative, NaN or infinite strengths")
+    n_held = int(held.sum())
+    if n_held != counts.held:
+        raise BundleError(
+            f"{name}: {FILES.held} flags {n_held} pairs, manifest counts {counts.held}"
+        )
+    return _Interactions(indptr, indices, data, held)
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A verified, loaded model version. Read-only once built."""
 
@@ -204,15 +251,7 @@ def load_bundle(folder: Path, verify: bool = True) -> Bundle:
     for name, arr in ((FILES.item_factors, item_factors), (FILES.user_factors, user_factors)):
         if not np.isfinite(arr).all():
             raise BundleError(f"{folder.name}: {name} holds NaN or infinite values")
-    indptr = _npy(folder, FILES.indptr, np.int64, (counts.users + 1,))
-    nnz = int(indptr[-1]) if len(indptr) else 0
-    indices = _npy(folder, FILES.indices, np.int32, (nnz,))
-    data = _npy(folder, FILES.data, np.float32, (nnz,))
-    held = _npy(folder, FILES.held, np.bool_, (nnz,))
-    if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
-        raise BundleError(f"{folder.name}: {FILES.indptr} is not a valid CSR pointer")
-    if nnz and (indices.min() < 0 or indices.max() >= counts.items):
-        raise BundleError(f"{folder.name}: {FILES.indices} holds item rows out of range")
+    pairs = _interactions(folder, counts)
     popularity = _npy(folder, FILES.popularity, np.int32, (counts.items,))
     if counts.items and (np.sort(popularity) != np.arange(counts.items)).any():
         raise BundleError(f"{folder.name}: {FILES.popularity} is not a permutation of the items")
@@ -235,9 +274,9 @@ def load_bundle(folder: Path, verify: bool = True) -> Bundle:
         user_table=user_table,
         item_index=VectorIndex(item_factors, item_faiss, specs.items),
         user_index=VectorIndex(user_factors, user_faiss, specs.users),
-        indptr=indptr,
-        indices=indices,
-        data=data,
-        held=held,
+        indptr=pairs.indptr,
+        indices=pairs.indices,
+        data=pairs.data,
+        held=pairs.held,
         popularity=popularity,
     )
