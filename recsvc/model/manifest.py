@@ -24,7 +24,6 @@ from recsvc.model.index import IndexSpec
 
 __all__ = [
     "FILES",
-    "INDEX_KINDS",
     "MANIFEST",
     "SCHEMA_VERSION",
     "BundleFiles",
@@ -38,8 +37,8 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-INDEX_KINDS = ("flat", "hnsw", "ivf")
 
+_INDEX_KINDS = ("flat", "hnsw", "ivf")
 _M = TypeVar("_M", bound="Manifest")
 
 
@@ -267,8 +266,8 @@ def _decode_index(value: Any, path: str) -> IndexSpec:
     if odd:
         raise _Invalid(_join(path, odd[0]), "is unknown" if odd[0] in entry else "is missing")
     kind = _decode(str, entry["type"], _join(path, "type"))
-    if kind not in INDEX_KINDS:
-        raise _Invalid(_join(path, "type"), f"is {kind!r}, not one of {', '.join(INDEX_KINDS)}")
+    if kind not in _INDEX_KINDS:
+        raise _Invalid(_join(path, "type"), f"is {kind!r}, not one of {', '.join(_INDEX_KINDS)}")
     return IndexSpec(kind, _decode(Mapping[str, int], entry["params"], _join(path, "params")))
 
 

@@ -16,7 +16,7 @@ from recsvc.errors import BundleError
 from recsvc.model.bundle import read_manifest
 from recsvc.model.manifest import FILES, MANIFEST, Manifest, RuleFlags
 
-# Top-level fields that may be absent: the schema is checked on its own, first.
+# Top-level fields a manifest may leave out: they read as their default.
 _OPTIONAL = {"evaluation"}
 
 
