@@ -36,6 +36,7 @@ from bench.serving import (
     write_users,
 )
 from bench.training import compare_training
+from recsvc.model.bundle import read_manifest
 
 __all__ = ["FULL", "QUICK", "SECTIONS", "Plan", "main"]
 
@@ -272,8 +273,7 @@ def _quality(plan: Plan, root: Path, results: dict[str, Any]) -> list[Row]:
             models, list(plan.quality_kinds), plan.quality_queries, root / "indexes", spec.key, _log
         )
         out += got
-        served = json.loads((models / _latest(models) / "manifest.json").read_text())
-        served_kind = served["indexes"]["items"]["type"]
+        served_kind = read_manifest(models / _latest(models)).indexes.items.kind
         flat = next((r for r in got if r.kind == "flat"), None)
         for r in got:
             goal = ""

@@ -73,7 +73,7 @@ class NaiveService(_pb_grpc.RecommenderServicer):
         )
         # implicit's advice, and what recsvc does for FAISS: one BLAS thread per query.
         threadpool_limits(1, "blas")
-        model = AlternatingLeastSquares(factors=int(b.manifest["dim"]), random_state=0)
+        model = AlternatingLeastSquares(factors=b.manifest.dim, random_state=0)
         model.user_factors = b.user_index.vectors
         model.item_factors = b.item_index.vectors
         self.model = model

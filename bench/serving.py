@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.bundles import latest_bundle
 from bench.servers import READY_LINE
+from recsvc.model.manifest import FILES
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
 
@@ -161,8 +162,7 @@ def overlap(served: list[list[str]], exact: list[list[str]]) -> float:
 
 def write_users(models: Path, out: Path, n: int, seed: int = 0) -> list[str]:
     """A seeded sample of the bundle's customers, one id a line, for the load client."""
-    users_table = latest_bundle(models) / "users.parquet"
-    ids = pq.read_table(users_table, columns=["user_id"]).column(0)
+    ids = pq.read_table(latest_bundle(models) / FILES.users, columns=["user_id"]).column(0)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(ids), size=min(n, len(ids)), replace=False)
     users = [str(u) for u in ids.take(pick).to_pylist()]

@@ -80,7 +80,7 @@ def measure(models: Path, size: int, products: int, full_products: int) -> dict[
         "version": folder.name,
         "users": len(bundle.users),
         "items": len(bundle.items),
-        "user_index": bundle.manifest["indexes"]["users"]["type"],
+        "user_index": bundle.manifest.indexes.users.kind,
         "load_s": round(load_s, 2),
         "size": size,
         "products": ids,

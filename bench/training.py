@@ -79,20 +79,22 @@ def _bare(args: argparse.Namespace) -> dict[str, Any]:
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
+    from recsvc.model.bundle import read_manifest
+    from recsvc.model.manifest import FILES
+
     folder = Path(args.bundle)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     t0 = time.perf_counter()
-    shape = (manifest["counts"]["users"], manifest["counts"]["items"])
     confidence = sp.csr_matrix(
         (
-            np.load(folder / "user_items_data.npy"),
-            np.load(folder / "user_items_indices.npy"),
-            np.load(folder / "user_items_indptr.npy"),
+            np.load(folder / FILES.data),
+            np.load(folder / FILES.indices),
+            np.load(folder / FILES.indptr),
         ),
-        shape=shape,
+        shape=(manifest.counts.users, manifest.counts.items),
     )
     t1 = time.perf_counter()
-    p = manifest["params"]
+    p = manifest.params
     with threadpool_limits(1, "blas"):  # implicit's advice, as fit follows it
         model = AlternatingLeastSquares(
             factors=p["factors"],
@@ -104,16 +106,16 @@ def _bare(args: argparse.Namespace) -> dict[str, Any]:
         )
         model.fit(confidence, show_progress=False)
     t2 = time.perf_counter()
-    for key, factors in (("items", model.item_factors), ("users", model.user_factors)):
-        spec = manifest["indexes"][key]
+    specs = manifest.indexes
+    for spec, factors in ((specs.items, model.item_factors), (specs.users, model.user_factors)):
         x = np.ascontiguousarray(factors, dtype=np.float32)
-        if spec["type"] == "hnsw":
-            index = faiss.IndexHNSWFlat(x.shape[1], spec["params"]["M"], faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = spec["params"]["efConstruction"]
-        elif spec["type"] == "ivf":
+        if spec.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(x.shape[1], spec.params["M"], faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = spec.params["efConstruction"]
+        elif spec.kind == "ivf":
             quantizer = faiss.IndexFlatIP(x.shape[1])
             index = faiss.IndexIVFFlat(
-                quantizer, x.shape[1], spec["params"]["nlist"], faiss.METRIC_INNER_PRODUCT
+                quantizer, x.shape[1], spec.params["nlist"], faiss.METRIC_INNER_PRODUCT
             )
             index.train(x)
         else:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from recsvc.errors import BundleError, DataError, InvalidArgument, RecsvcError
 from recsvc.model.bundle import Bundle, load_bundle, read_latest
+from recsvc.model.manifest import MANIFEST
 from recsvc.model.queries import MAX_K, RecommendQuery
 from recsvc.model.ranking import Recommender
 from training.baselines import rank_baseline
@@ -139,11 +140,11 @@ def holdout(test: pa.Table, data: TrainingData) -> Holdout:
 
 def resolve_bundle(path: Path) -> Path:
     """A bundle folder, or the one a models folder's LATEST names."""
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         return path
     version = read_latest(path)
     if version is None:
-        raise BundleError(f"{path}: neither a bundle (no manifest.json) nor a models folder")
+        raise BundleError(f"{path}: neither a bundle (no {MANIFEST}) nor a models folder")
     return path / version
 
 
@@ -354,14 +355,14 @@ def _train(
     with _timed(seconds, "fit"):
         model = fit_model(data.user_items, params, progress=progress)
     with _timed(seconds, "publish"):
-        folder = publish(models, data, model, extra={"evaluation": True})
+        folder = publish(models, data, model, evaluation=True)
     return folder
 
 
 def _load_trained_on(folder: Path, data: TrainingData) -> Bundle:
     """Load the bundle in ``folder``, refusing one trained on other data than ``data``."""
     loaded = load_bundle(folder)
-    if loaded.manifest["data_fingerprint"] != data.fingerprint():
+    if loaded.manifest.data_fingerprint != data.fingerprint():
         raise BundleError(
             f"{folder}: was not trained on this split's train part (data fingerprint "
             "differs); evaluating it would count training items as hits"
@@ -392,8 +393,8 @@ def _describe_bundle(folder: Path, loaded: Bundle) -> dict[str, Any]:
     return {
         "path": str(folder),
         "version": loaded.version,
-        "algorithm": loaded.manifest["algorithm"],
-        "params": loaded.manifest["params"],
+        "algorithm": loaded.manifest.algorithm,
+        "params": dict(loaded.manifest.params),
     }
 
 

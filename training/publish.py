@@ -1,9 +1,11 @@
 """Publishing a model bundle atomically, and keeping the newest N.
 
-Everything is written into a hidden temporary folder and flushed to disk, the
-manifest last; the folder is renamed into place; then ``LATEST`` is replaced by an
-atomic rename. A crash, or a power loss, at any point leaves ``LATEST`` naming a
-complete bundle.
+``publish`` runs in named steps: write the payload (every file of
+``recsvc.model.manifest.FILES``) into a hidden temporary folder; build the manifest
+(each file flushed to disk, then sized and hashed); commit (the manifest written
+last and flushed, the folder renamed into place); then ``LATEST`` is replaced by an
+atomic rename and old versions are pruned. A crash, or a power loss, at any point
+leaves ``LATEST`` naming a complete bundle.
 """
 
 from __future__ import annotations
@@ -15,20 +17,22 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
 from recsvc.files import fsync_path
-from recsvc.model.bundle import (
-    LATEST,
+from recsvc.model.bundle import LATEST, list_versions, read_latest, sha256_file
+from recsvc.model.manifest import (
+    FILES,
     MANIFEST,
-    SCHEMA_VERSION,
-    list_versions,
-    read_latest,
-    sha256_file,
+    Counts,
+    FileEntry,
+    FoldIn,
+    Indexes,
+    Manifest,
+    RuleFlags,
 )
 from training.data import TrainingData
 from training.fit import FittedModel
@@ -78,87 +82,123 @@ def publish(
     data: TrainingData,
     model: FittedModel,
     keep: int = 5,
-    extra: dict[str, Any] | None = None,
+    evaluation: bool = False,
 ) -> Path:
     """Write a new bundle under ``models`` and point LATEST at it.
+
+    Args:
+        evaluation: recorded in the manifest: an offline evaluation publishes into
+            its report folder, not for serving.
 
     Returns:
         The published bundle folder.
     """
+    version, tmp = _reserve(models)
+    try:
+        indexes = _write_payload(tmp, data, model)
+        files = _sync_and_hash(tmp)
+        manifest = _build_manifest(version, data, model, indexes, files, evaluation)
+        final = _commit(tmp, models / version, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_latest(models, version)
+    prune(models, keep)
+    return final
+
+
+def _reserve(models: Path) -> tuple[str, Path]:
+    """A new version name, and the hidden temporary folder its files are written into."""
     models.mkdir(parents=True, exist_ok=True)
     version = new_version()
     while (models / version).exists():  # two publishes in one microsecond
         version = new_version()
     tmp = models / f"{_TMP_PREFIX}{version}"
     tmp.mkdir()
-    try:
-        item_spec = choose_index_spec(
-            len(data.items), model.params.item_index, model.params.exact_max
-        )
-        user_spec = choose_index_spec(
-            len(data.users), model.params.user_index, model.params.exact_max
-        )
-        pq.write_table(data.item_table, tmp / "items.parquet")
-        pq.write_table(data.user_table, tmp / "users.parquet")
-        _write_npy(tmp, "item_factors.npy", model.item_factors)
-        _write_npy(tmp, "user_factors.npy", model.user_factors)
-        conf = model.confidence
-        _write_npy(tmp, "user_items_indptr.npy", conf.indptr.astype(np.int64))
-        _write_npy(tmp, "user_items_indices.npy", conf.indices.astype(np.int32))
-        _write_npy(tmp, "user_items_data.npy", conf.data.astype(np.float32))
-        _write_npy(tmp, "user_items_held.npy", data.held.astype(np.bool_))
-        _write_npy(tmp, "popularity.npy", _popularity(data))
-        faiss.write_index(
-            build_index(model.item_factors, item_spec, model.params.seed), str(tmp / "items.faiss")
-        )
-        faiss.write_index(
-            build_index(model.user_factors, user_spec, model.params.seed), str(tmp / "users.faiss")
-        )
-        files: dict[str, dict[str, Any]] = {}
-        for p in sorted(tmp.iterdir()):
-            # On disk before the manifest that vouches for it: after a power loss,
-            # LATEST must never name a bundle whose files came back empty.
-            fsync_path(p)
-            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "version": version,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "algorithm": model.params.algorithm,
-            "params": model.params.to_json(),
-            "counts": {
-                "users": len(data.users),
-                "items": len(data.items),
-                "interactions": int(data.user_items.nnz),
-                "held": int(data.held.sum()),
-            },
-            "dim": int(model.item_factors.shape[1]),
-            "indexes": {"items": item_spec.to_json(), "users": user_spec.to_json()},
-            "rules": {
-                "risk_levels": data.has_risk_levels,
-                "active_flag": data.has_active,
-                "users_table": data.has_users_table,
-            },
-            "fold_in": {"recent_confidence": _recent_confidence(model)},
-            "data_fingerprint": data.fingerprint(),
-            "data_report": data.report.as_dict(),
-            "fit_seconds": round(model.seconds, 3),
-            "files": files,
-            **(extra or {}),
-        }
-        with (tmp / MANIFEST).open("w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp)
-        final = models / version
-        os.rename(tmp, final)
-        fsync_path(models)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    write_latest(models, version)
-    prune(models, keep)
+    return version, tmp
+
+
+def _write_payload(folder: Path, data: TrainingData, model: FittedModel) -> Indexes:
+    """Write every file of ``FILES`` into ``folder``; returns how the indexes were built."""
+    params = model.params
+    indexes = Indexes(
+        items=choose_index_spec(len(data.items), params.item_index, params.exact_max),
+        users=choose_index_spec(len(data.users), params.user_index, params.exact_max),
+    )
+    pq.write_table(data.item_table, folder / FILES.items)
+    pq.write_table(data.user_table, folder / FILES.users)
+    _write_npy(folder, FILES.item_factors, model.item_factors)
+    _write_npy(folder, FILES.user_factors, model.user_factors)
+    conf = model.confidence
+    _write_npy(folder, FILES.indptr, conf.indptr.astype(np.int64))
+    _write_npy(folder, FILES.indices, conf.indices.astype(np.int32))
+    _write_npy(folder, FILES.data, conf.data.astype(np.float32))
+    _write_npy(folder, FILES.held, data.held.astype(np.bool_))
+    _write_npy(folder, FILES.popularity, _popularity(data))
+    for factors, spec, name in (
+        (model.item_factors, indexes.items, FILES.item_index),
+        (model.user_factors, indexes.users, FILES.user_index),
+    ):
+        faiss.write_index(build_index(factors, spec, params.seed), str(folder / name))
+    return indexes
+
+
+def _sync_and_hash(folder: Path) -> dict[str, FileEntry]:
+    """Every file in ``folder``, flushed to disk, with its size and sha256."""
+    files = {}
+    for p in sorted(folder.iterdir()):
+        # On disk before the manifest that vouches for it: after a power loss,
+        # LATEST must never name a bundle whose files came back empty.
+        fsync_path(p)
+        files[p.name] = FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
+    return files
+
+
+def _build_manifest(
+    version: str,
+    data: TrainingData,
+    model: FittedModel,
+    indexes: Indexes,
+    files: dict[str, FileEntry],
+    evaluation: bool,
+) -> Manifest:
+    """The manifest vouching for ``files``: what was fit, on which data, and how."""
+    return Manifest(
+        version=version,
+        created_at=datetime.now(timezone.utc),
+        algorithm=model.params.algorithm,
+        params=model.params.to_json(),
+        counts=Counts(
+            users=len(data.users),
+            items=len(data.items),
+            interactions=int(data.user_items.nnz),
+            held=int(data.held.sum()),
+        ),
+        dim=int(model.item_factors.shape[1]),
+        indexes=indexes,
+        rules=RuleFlags(
+            risk_levels=data.has_risk_levels,
+            active_flag=data.has_active,
+            users_table=data.has_users_table,
+        ),
+        fold_in=FoldIn(recent_confidence=_recent_confidence(model)),
+        data_fingerprint=data.fingerprint(),
+        data_report=data.report.as_dict(),
+        fit_seconds=round(model.seconds, 3),
+        files=files,
+        evaluation=evaluation,
+    )
+
+
+def _commit(tmp: Path, final: Path, manifest: Manifest) -> Path:
+    """Write the manifest last, flush, and rename ``tmp`` into place as ``final``."""
+    with (tmp / MANIFEST).open("w", encoding="utf-8") as f:
+        json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_path(tmp)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
     return final
 
 

@@ -1,9 +1,11 @@
-"""The model bundle: layout, manifest, verification and loading.
+"""The model bundle: finding, verifying and loading a version.
 
 A bundle is a folder ``MODELS/<version>/`` holding ``manifest.json`` and the files
-it names, each with its size and sha256. ``MODELS/LATEST`` names the version to
-serve. Files are verified against the manifest *before* any is parsed, arrays
-are read with ``allow_pickle=False``, and shapes are checked against the counts.
+it names, each with its size and sha256 (the format is ``recsvc.model.manifest``).
+``MODELS/LATEST`` names the version to serve. Files are verified against the
+manifest *before* any is parsed, arrays are read with ``allow_pickle=False``, and
+every array's invariants (shapes against the counts, finite values, row bounds,
+CSR order) are checked before a version is served.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsvc.errors import BundleError, BundleUnreadable
-from recsvc.model.index import IndexSpec, VectorIndex, read_index
+from recsvc.model.index import VectorIndex, read_index
+from recsvc.model.manifest import FILES, MANIFEST, Counts, Manifest
+from recsvc.model.rules import ItemRules, user_tolerance
 from recsvc.model.vocab import Vocabulary
 
 __all__ = [
-    "BUNDLE_FILES",
     "LATEST",
-    "MANIFEST",
-    "SCHEMA_VERSION",
     "VERSION_RE",
     "Bundle",
     "list_versions",
@@ -39,39 +41,8 @@ __all__ = [
     "verify_files",
 ]
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 LATEST = "LATEST"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-# Every file a bundle must hold, besides the manifest.
-BUNDLE_FILES = (
-    "items.parquet",
-    "users.parquet",
-    "item_factors.npy",
-    "user_factors.npy",
-    "user_items_indptr.npy",
-    "user_items_indices.npy",
-    "user_items_data.npy",
-    "user_items_held.npy",
-    "popularity.npy",
-    "items.faiss",
-    "users.faiss",
-)
-
-_REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
-    "schema_version": int,
-    "version": str,
-    "created_at": str,
-    "algorithm": str,
-    "params": dict,
-    "counts": dict,
-    "dim": int,
-    "indexes": dict,
-    "rules": dict,
-    "data_fingerprint": str,
-    "files": dict,
-}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -105,13 +76,13 @@ def list_versions(models: Path) -> list[str]:
     )
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path) -> Manifest:
     """Parse and validate ``folder/manifest.json`` (structure only, not file contents)."""
     path = folder / MANIFEST
     if not folder.is_dir():
         raise BundleError(f"{folder.name}: no such bundle folder")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise BundleError(f"{folder.name}: no {MANIFEST}") from exc
     except OSError as exc:
@@ -119,54 +90,25 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise BundleUnreadable(message) from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{folder.name}: {MANIFEST} is not valid JSON") from exc
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{folder.name}: {MANIFEST} is not an object")
-    for key, kind in _REQUIRED_KEYS.items():
-        if not isinstance(manifest.get(key), kind):
-            raise BundleError(f"{folder.name}: {MANIFEST} field {key!r} missing or mistyped")
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        raise BundleError(
-            f"{folder.name}: schema_version {manifest['schema_version']} "
-            f"is not the supported {SCHEMA_VERSION}"
-        )
-    if manifest["version"] != folder.name:
-        raise BundleError(f"{folder.name}: manifest names version {manifest['version']!r}")
-    missing = [f for f in BUNDLE_FILES if f not in manifest["files"]]
-    if missing:
-        raise BundleError(f"{folder.name}: manifest lists no {', '.join(missing)}")
-    for name, entry in manifest["files"].items():
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("size"), int)
-            or not isinstance(entry.get("sha256"), str)
-            or "/" in name
-            or name.startswith(".")
-        ):
-            raise BundleError(f"{folder.name}: manifest entry for {name!r} is malformed")
-    for key in ("users", "items"):
-        if not isinstance(manifest["counts"].get(key), int) or manifest["counts"][key] < 0:
-            raise BundleError(f"{folder.name}: manifest counts.{key} missing or negative")
-    return manifest
+    return Manifest.from_json(obj, folder.name)
 
 
-def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+def verify_files(folder: Path, manifest: Manifest) -> None:
     """Check every file's size, then its sha256, against the manifest."""
-    for name, entry in manifest["files"].items():
+    for name, entry in manifest.files.items():
         path = folder / name
         if not path.is_file():
             raise BundleError(f"{folder.name}: {name} is missing")
         size = path.stat().st_size
-        if size != entry["size"]:
-            raise BundleError(
-                f"{folder.name}: {name} is {size} bytes, manifest says {entry['size']}"
-            )
-    for name, entry in manifest["files"].items():
+        if size != entry.size:
+            raise BundleError(f"{folder.name}: {name} is {size} bytes, manifest says {entry.size}")
+    for name, entry in manifest.files.items():
         try:
             digest = sha256_file(folder / name)
         except OSError as exc:
             message = f"{folder.name}: {name} cannot be read ({exc.strerror})"
             raise BundleUnreadable(message) from exc
-        if digest != entry["sha256"]:
+        if digest != entry.sha256:
             raise BundleError(f"{folder.name}: {name} fails its sha256 check")
 
 
@@ -195,11 +137,57 @@ def _table(folder: Path, name: str, id_column: str, n: int) -> pa.Table:
 
 
 @dataclass(frozen=True)
+class _Interactions:
+    """Each customer's products as CSR: item rows, weighted strength, held flag."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    held: np.ndarray
+
+
+def _interactions(folder: Path, counts: Counts) -> _Interactions:
+    """Read the CSR arrays and check every invariant serving relies on.
+
+    Checksums only prove the files are the ones published: a buggy writer stamps
+    bad numbers too. NaN strengths break explain and fold-in; an item row out of
+    range, or twice in a customer's slice, breaks history, popularity and holders.
+    """
+    name = folder.name
+    indptr = _npy(folder, FILES.indptr, np.int64, (counts.users + 1,))
+    if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        raise BundleError(f"{name}: {FILES.indptr} is not a valid CSR pointer")
+    nnz = int(indptr[-1])
+    if nnz != counts.interactions:
+        raise BundleError(
+            f"{name}: {FILES.indptr} ends at {nnz}, manifest counts {counts.interactions} pairs"
+        )
+    indices = _npy(folder, FILES.indices, np.int32, (nnz,))
+    data = _npy(folder, FILES.data, np.float32, (nnz,))
+    held = _npy(folder, FILES.held, np.bool_, (nnz,))
+    if nnz and (indices.min() < 0 or indices.max() >= counts.items):
+        raise BundleError(f"{name}: {FILES.indices} holds item rows out of range")
+    # Publish writes CSR's canonical form: within a customer, item rows strictly increase.
+    row_start = np.zeros(nnz, dtype=bool)
+    row_start[indptr[:-1][indptr[:-1] < nnz]] = True
+    if np.any((np.diff(indices) <= 0) & ~row_start[1:]):
+        raise BundleError(f"{name}: {FILES.indices} repeats or unsorts a customer's item rows")
+    if not np.isfinite(data).all() or np.any(data < 0):
+        raise BundleError(f"{name}: {FILES.data} holds negative, NaN or infinite strengths")
+    n_held = int(held.sum())
+    if n_held != counts.held:
+        raise BundleError(
+            f"{name}: {FILES.held} flags {n_held} pairs, manifest counts {counts.held}"
+        )
+    return _Interactions(indptr, indices, data, held)
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A verified, loaded model version. Read-only once built."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     items: Vocabulary
     users: Vocabulary
     item_table: pa.Table
@@ -215,16 +203,28 @@ class Bundle:
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
     @property
     def created_at(self) -> datetime:
-        return datetime.fromisoformat(self.manifest["created_at"])
+        return self.manifest.created_at
 
     @property
     def suitability(self) -> bool:
         """Whether the catalogue carries risk levels, so the suitability rule applies."""
-        return bool(self.manifest["rules"].get("risk_levels"))
+        return self.manifest.rules.risk_levels
+
+    # Built once per version, shared by ranking and targeting. A frozen dataclass
+    # allows cached_property: it writes the instance __dict__, not through __setattr__.
+    @cached_property
+    def item_rules(self) -> ItemRules:
+        """The catalogue's rules: risk levels, active flags, one allowed set per tolerance."""
+        return ItemRules.from_table(self.item_table, self.suitability)
+
+    @cached_property
+    def tolerance(self) -> np.ndarray:
+        """Risk tolerance per user row (see ``rules.user_tolerance``)."""
+        return user_tolerance(self.user_table)
 
     def user_item_rows(self, user: int) -> np.ndarray:
         return self.indices[self.indptr[user] : self.indptr[user + 1]]
@@ -245,40 +245,26 @@ def load_bundle(folder: Path, verify: bool = True) -> Bundle:
     manifest = read_manifest(folder)
     if verify:
         verify_files(folder, manifest)
-    n_users, n_items = manifest["counts"]["users"], manifest["counts"]["items"]
-    dim = manifest["dim"]
-    item_factors = _npy(folder, "item_factors.npy", np.float32, (n_items, dim))
-    user_factors = _npy(folder, "user_factors.npy", np.float32, (n_users, dim))
-    indptr = _npy(folder, "user_items_indptr.npy", np.int64, (n_users + 1,))
-    nnz = int(indptr[-1]) if len(indptr) else 0
-    indices = _npy(folder, "user_items_indices.npy", np.int32, (nnz,))
-    data = _npy(folder, "user_items_data.npy", np.float32, (nnz,))
-    held = _npy(folder, "user_items_held.npy", np.bool_, (nnz,))
-    popularity = _npy(folder, "popularity.npy", np.int32, (n_items,))
-    for name, arr in (("item_factors.npy", item_factors), ("user_factors.npy", user_factors)):
+    counts, dim = manifest.counts, manifest.dim
+    item_factors = _npy(folder, FILES.item_factors, np.float32, (counts.items, dim))
+    user_factors = _npy(folder, FILES.user_factors, np.float32, (counts.users, dim))
+    for name, arr in ((FILES.item_factors, item_factors), (FILES.user_factors, user_factors)):
         if not np.isfinite(arr).all():
             raise BundleError(f"{folder.name}: {name} holds NaN or infinite values")
-    if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
-        raise BundleError(f"{folder.name}: user_items_indptr.npy is not a valid CSR pointer")
-    if nnz and (indices.min() < 0 or indices.max() >= n_items):
-        raise BundleError(f"{folder.name}: user_items_indices.npy holds item rows out of range")
-    if n_items and (np.sort(popularity) != np.arange(n_items)).any():
-        raise BundleError(f"{folder.name}: popularity.npy is not a permutation of the items")
-    item_table = _table(folder, "items.parquet", "item_id", n_items)
-    user_table = _table(folder, "users.parquet", "user_id", n_users)
+    pairs = _interactions(folder, counts)
+    popularity = _npy(folder, FILES.popularity, np.int32, (counts.items,))
+    if counts.items and (np.sort(popularity) != np.arange(counts.items)).any():
+        raise BundleError(f"{folder.name}: {FILES.popularity} is not a permutation of the items")
+    item_table = _table(folder, FILES.items, "item_id", counts.items)
+    user_table = _table(folder, FILES.users, "user_id", counts.users)
     try:
         items = Vocabulary(item_table.column("item_id").combine_chunks())
         users = Vocabulary(user_table.column("user_id").combine_chunks())
     except ValueError as exc:
         raise BundleError(f"{folder.name}: duplicate ids in the item or user table") from exc
-    specs = {}
-    for key in ("items", "users"):
-        entry = manifest["indexes"].get(key)
-        if not isinstance(entry, dict) or entry.get("type") not in ("flat", "hnsw", "ivf"):
-            raise BundleError(f"{folder.name}: manifest indexes.{key} is malformed")
-        specs[key] = IndexSpec(entry["type"], dict(entry.get("params", {})))
-    item_faiss = read_index(folder / "items.faiss", specs["items"], item_factors)
-    user_faiss = read_index(folder / "users.faiss", specs["users"], user_factors)
+    specs = manifest.indexes
+    item_faiss = read_index(folder / FILES.item_index, specs.items, item_factors)
+    user_faiss = read_index(folder / FILES.user_index, specs.users, user_factors)
     return Bundle(
         path=folder,
         manifest=manifest,
@@ -286,11 +272,11 @@ def load_bundle(folder: Path, verify: bool = True) -> Bundle:
         users=users,
         item_table=item_table,
         user_table=user_table,
-        item_index=VectorIndex(item_factors, item_faiss, specs["items"]),
-        user_index=VectorIndex(user_factors, user_faiss, specs["users"]),
-        indptr=indptr,
-        indices=indices,
-        data=data,
-        held=held,
+        item_index=VectorIndex(item_factors, item_faiss, specs.items),
+        user_index=VectorIndex(user_factors, user_faiss, specs.users),
+        indptr=pairs.indptr,
+        indices=pairs.indices,
+        data=pairs.data,
+        held=pairs.held,
         popularity=popularity,
     )

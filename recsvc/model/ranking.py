@@ -20,7 +20,7 @@ from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
 from recsvc.model.index import IndexSpec, VectorIndex
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
-from recsvc.model.rules import MIN_LEVEL, ItemRules, user_tolerance
+from recsvc.model.rules import MIN_LEVEL
 
 __all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source"]
 
@@ -68,13 +68,13 @@ class Recommender:
         self.bundle = bundle
         manifest = bundle.manifest
         self.suitability = bundle.suitability
-        self.item_rules = ItemRules.from_table(bundle.item_table, self.suitability)
-        self.tolerance = user_tolerance(bundle.user_table)
-        params = manifest["params"]
-        self.algorithm = str(manifest["algorithm"])
+        self.item_rules = bundle.item_rules
+        self.tolerance = bundle.tolerance
+        params = manifest.params
+        self.algorithm = manifest.algorithm
         self.alpha = float(params.get("alpha", 1.0)) if self.algorithm == "als" else 1.0
         self.regularization = float(params.get("regularization", 0.0))
-        self.recent_confidence = float(manifest.get("fold_in", {}).get("recent_confidence", 1.0))
+        self.recent_confidence = manifest.fold_in.recent_confidence
         factors = bundle.item_index.vectors
         # BPR's last factor is the item bias, paired with a constant 1 in every user vector.
         self._has_bias = self.algorithm == "bpr"
@@ -103,11 +103,11 @@ class Recommender:
             "algorithm": self.algorithm,
             "n_users": len(self.bundle.users),
             "n_items": len(self.bundle.items),
-            "factors": int(m["params"].get("factors", m["dim"])),
+            "factors": int(m.params.get("factors", m.dim)),
             "suitability": self.suitability,
-            "active_only": bool(m["rules"].get("active_flag")),
-            "item_index": m["indexes"]["items"]["type"],
-            "user_index": m["indexes"]["users"]["type"],
+            "active_only": m.rules.active_flag,
+            "item_index": m.indexes.items.kind,
+            "user_index": m.indexes.users.kind,
         }
 
     # --- users -----------------------------------------------------------------

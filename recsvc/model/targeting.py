@@ -20,7 +20,7 @@ from recsvc.errors import NotFound, PreconditionFailed
 from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
 from recsvc.model.queries import TargetQuery, check_audience_size
-from recsvc.model.rules import ItemRules, consent_mask, suitable_users, user_tolerance
+from recsvc.model.rules import consent_mask, suitable_users
 from recsvc.model.topk import topk
 
 __all__ = ["EXACT_MAX_BASE", "Audience", "ExclusionCounts", "Targeter"]
@@ -72,7 +72,7 @@ class Targeter:
     ) -> None:
         self.bundle = bundle
         self.exact_max_base = exact_max_base
-        has_users = bool(bundle.manifest["rules"].get("users_table"))
+        has_users = bundle.manifest.rules.users_table
         # Without a users table consent is unknowable: refused, unless the data is declared
         # to carry no consent requirement. A users table's consent always applies.
         self.no_consent_data = no_consent_data and not has_users
@@ -80,9 +80,8 @@ class Targeter:
         self.consent = (
             consent_mask(bundle.user_table) if has_users else np.ones(len(bundle.users), dtype=bool)
         )
-        self.tolerance = user_tolerance(bundle.user_table)
-        rules = ItemRules.from_table(bundle.item_table, bundle.suitability)
-        self.item_risk, self.item_active = rules.risk, rules.active
+        self.tolerance = bundle.tolerance
+        self.item_risk, self.item_active = bundle.item_rules.risk, bundle.item_rules.active
         # Holders per item: CSR of held pairs transposed, built once.
         held_users = np.repeat(np.arange(len(bundle.users)), np.diff(bundle.indptr))[bundle.held]
         held_items = bundle.indices[bundle.held]

@@ -10,6 +10,9 @@ import pytest
 
 from recsvc.errors import BundleError
 from recsvc.model.bundle import load_bundle, read_latest, sha256_file
+from recsvc.model.manifest import FILES, MANIFEST
+from recsvc.model.ranking import Recommender
+from recsvc.model.targeting import Targeter
 from tests.conftest import write_pickled_npy
 
 
@@ -18,7 +21,7 @@ def _version(models: Path) -> Path:
 
 
 def _rewrite_manifest(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
-    path = folder / "manifest.json"
+    path = folder / MANIFEST
     m = json.loads(path.read_text())
     edit(m)
     path.write_text(json.dumps(m))
@@ -30,24 +33,32 @@ def test_loads_a_good_bundle(bundle_path: Path) -> None:
     assert b.item_index.vectors.shape == (120, 16)
 
 
+def test_rules_are_built_once_per_version_for_ranking_and_targeting(bundle_path: Path) -> None:
+    b = load_bundle(bundle_path)
+    recommender, targeter = Recommender(b), Targeter(b)
+    assert recommender.item_rules is b.item_rules
+    assert targeter.item_risk is b.item_rules.risk and targeter.item_active is b.item_rules.active
+    assert recommender.tolerance is targeter.tolerance is b.tolerance
+
+
 def _flip_byte(folder: Path) -> None:
-    p = folder / "item_factors.npy"
+    p = folder / FILES.item_factors
     raw = bytearray(p.read_bytes())
     raw[-5] ^= 0xFF
     p.write_bytes(bytes(raw))
 
 
 def _truncate(folder: Path) -> None:
-    p = folder / "users.faiss"
+    p = folder / FILES.user_index
     p.write_bytes(p.read_bytes()[:100])
 
 
 def _pickle_npy(folder: Path) -> None:
-    p = folder / "popularity.npy"
+    p = folder / FILES.popularity
     write_pickled_npy(p)
     _rewrite_manifest(
         folder,
-        lambda m: m["files"]["popularity.npy"].update(size=p.stat().st_size, sha256=sha256_file(p)),
+        lambda m: m["files"][p.name].update(size=p.stat().st_size, sha256=sha256_file(p)),
     )
 
 
@@ -64,9 +75,9 @@ def _wrong_count(folder: Path) -> None:
     [
         (_flip_byte, "fails its sha256"),
         (_truncate, "bytes, manifest says"),
-        (lambda f: (f / "items.parquet").unlink(), "items.parquet is missing"),
-        (lambda f: (f / "manifest.json").unlink(), "no manifest.json"),
-        (lambda f: (f / "manifest.json").write_text("{not json"), "not valid JSON"),
+        (lambda f: (f / FILES.items).unlink(), f"{FILES.items} is missing"),
+        (lambda f: (f / MANIFEST).unlink(), f"no {MANIFEST}"),
+        (lambda f: (f / MANIFEST).write_text("{not json"), "not valid JSON"),
         (_pickle_npy, "not a plain numeric array"),
         (_wrong_dim, "shape"),
         (_wrong_count, "shape"),
@@ -84,7 +95,7 @@ def test_missing_folder_is_a_bundle_error(tmp_path: Path) -> None:
         load_bundle(tmp_path / "v0")
     empty = tmp_path / "v1"
     empty.mkdir()
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=f"no {MANIFEST}"):
         load_bundle(empty)
 
 

@@ -1,10 +1,11 @@
-"""Twenty-odd kinds of bad version: each is rejected, counted and logged, the
+"""Thirty-odd kinds of bad version: each is rejected, counted and logged, the
 previous model keeps serving, and the process never crashes."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from recsvc.model.bundle import LATEST, read_latest, sha256_file
+from recsvc.errors import BundleError
+from recsvc.model.bundle import LATEST, load_bundle, read_latest, sha256_file
+from recsvc.model.manifest import FILES, MANIFEST
 from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Source
 from recsvc.serving.store import ModelStore
@@ -25,11 +28,11 @@ Corruption = Callable[[Path], None]
 
 
 def _manifest(folder: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads((folder / "manifest.json").read_text())
+    return json.loads((folder / MANIFEST).read_text())
 
 
 def _save_manifest(folder: Path, m: dict) -> None:  # type: ignore[type-arg]
-    (folder / "manifest.json").write_text(json.dumps(m))
+    (folder / MANIFEST).write_text(json.dumps(m))
 
 
 def _restamp(folder: Path, name: str) -> None:
@@ -76,7 +79,7 @@ def _restamped(name: str, write: Callable[[Path], None]) -> Corruption:
     return f
 
 
-def _short_users(p: Path) -> None:
+def _short_table(p: Path) -> None:
     t = pq.read_table(p)
     pq.write_table(t.slice(0, t.num_rows - 1), p)
 
@@ -117,35 +120,100 @@ def _float64_factors(p: Path) -> None:
     np.save(p, np.load(p).astype(np.float64))
 
 
+def _poke(at: int, value: float) -> Callable[[Path], None]:
+    """Overwrite one element of an ``.npy`` file (a negative ``at`` counts from the end)."""
+
+    def write(p: Path) -> None:
+        a = np.load(p)
+        a[at] = value
+        np.save(p, a)
+
+    return write
+
+
+def _row_twice(p: Path) -> None:
+    """A customer's second product row repeats their first."""
+    indptr = np.load(p.parent / FILES.indptr)
+    start = indptr[np.flatnonzero(np.diff(indptr) >= 2)[0]]
+    a = np.load(p)
+    a[start + 1] = a[start]
+    np.save(p, a)
+
+
+def _pointer_past_the_end(p: Path) -> None:
+    a = np.load(p)
+    a[-1] += 1
+    np.save(p, a)
+
+
+def _held_one_longer(p: Path) -> None:
+    np.save(p, np.append(np.load(p), False))
+
+
+def _count(key: str) -> Corruption:
+    return _edit_manifest(lambda m: m["counts"].update({key: m["counts"][key] + 1}))
+
+
 CASES: dict[str, Corruption] = {
-    "truncated-empty": _truncate("item_factors.npy", 0.0),
-    "truncated-half": _truncate("user_factors.npy", 0.5),
-    "truncated-tail": _truncate("items.faiss", 0.99),
-    "flipped-byte-parquet": _flip("users.parquet"),
-    "flipped-byte-index": _flip("items.faiss"),
-    "missing-file": lambda f: (f / "popularity.npy").unlink(),
-    "no-manifest": lambda f: (f / "manifest.json").unlink(),
-    "manifest-not-json": lambda f: (f / "manifest.json").write_text("{oops"),
+    "truncated-empty": _truncate(FILES.item_factors, 0.0),
+    "truncated-half": _truncate(FILES.user_factors, 0.5),
+    "truncated-tail": _truncate(FILES.item_index, 0.99),
+    "flipped-byte-parquet": _flip(FILES.users),
+    "flipped-byte-index": _flip(FILES.item_index),
+    "missing-file": lambda f: (f / FILES.popularity).unlink(),
+    "no-manifest": lambda f: (f / MANIFEST).unlink(),
+    "manifest-not-json": lambda f: (f / MANIFEST).write_text("{oops"),
     "manifest-missing-field": _edit_manifest(lambda m: m.pop("dim")),
     "manifest-wrong-schema": _edit_manifest(lambda m: m.update(schema_version=99)),
-    "wrong-checksum": _edit_manifest(lambda m: m["files"]["items.parquet"].update(sha256="0" * 64)),
-    "wrong-size": _edit_manifest(lambda m: m["files"]["items.parquet"].update(size=1)),
+    "wrong-checksum": _edit_manifest(lambda m: m["files"][FILES.items].update(sha256="0" * 64)),
+    "wrong-size": _edit_manifest(lambda m: m["files"][FILES.items].update(size=1)),
     "wrong-dimension": _edit_manifest(lambda m: m.update(dim=m["dim"] * 2)),
     "wrong-count": _edit_manifest(lambda m: m["counts"].update(users=m["counts"]["users"] + 1)),
     "file-name-escapes": _edit_manifest(
         lambda m: m["files"].update({"../../x": {"size": 1, "sha256": "0"}})
     ),
-    "id-table-short": _restamped("users.parquet", _short_users),
-    "faiss-not-an-index": _restamped("users.faiss", lambda p: p.write_bytes(b"\x00" * 4096)),
-    "faiss-wrong-dimension": _restamped("items.faiss", _wrong_dim_index),
-    "faiss-wrong-metric": _restamped("items.faiss", _l2_index),
-    "npy-holds-pickle": _restamped("popularity.npy", write_pickled_npy),
-    "npy-wrong-dtype": _restamped("item_factors.npy", _float64_factors),
-    "npy-nan": _restamped("user_factors.npy", _nan_factors),
-    "csr-out-of-range": _restamped("user_items_indices.npy", _indices_out_of_range),
-    "popularity-not-permutation": _restamped("popularity.npy", _not_permutation),
-    "parquet-garbage": _restamped("items.parquet", lambda p: p.write_bytes(b"PAR1garbagePAR1")),
+    "id-table-short": _restamped(FILES.users, _short_table),
+    "faiss-not-an-index": _restamped(FILES.user_index, lambda p: p.write_bytes(b"\x00" * 4096)),
+    "faiss-wrong-dimension": _restamped(FILES.item_index, _wrong_dim_index),
+    "faiss-wrong-metric": _restamped(FILES.item_index, _l2_index),
+    "npy-holds-pickle": _restamped(FILES.popularity, write_pickled_npy),
+    "npy-wrong-dtype": _restamped(FILES.item_factors, _float64_factors),
+    "npy-nan": _restamped(FILES.user_factors, _nan_factors),
+    "csr-out-of-range": _restamped(FILES.indices, _indices_out_of_range),
+    "csr-row-negative": _restamped(FILES.indices, _poke(0, -1)),
+    "csr-row-twice": _restamped(FILES.indices, _row_twice),
+    "csr-pointer-backwards": _restamped(FILES.indptr, _poke(1, 10**6)),
+    "csr-pointer-end-wrong": _restamped(FILES.indptr, _pointer_past_the_end),
+    "csr-data-nan": _restamped(FILES.data, _poke(0, np.nan)),
+    "csr-data-inf": _restamped(FILES.data, _poke(0, np.inf)),
+    "csr-data-negative": _restamped(FILES.data, _poke(0, -1.0)),
+    "held-wrong-length": _restamped(FILES.held, _held_one_longer),
+    "count-interactions-wrong": _count("interactions"),
+    "count-held-wrong": _count("held"),
+    "items-table-short": _restamped(FILES.items, _short_table),
+    "popularity-not-permutation": _restamped(FILES.popularity, _not_permutation),
+    "parquet-garbage": _restamped(FILES.items, lambda p: p.write_bytes(b"PAR1garbagePAR1")),
     "empty-folder": lambda f: [p.unlink() for p in f.iterdir()],
+}
+
+
+# The check that must catch each bad array, whatever the others do.
+CAUGHT_BY = {
+    "id-table-short": f"{FILES.users} must have",
+    "items-table-short": f"{FILES.items} must have",
+    "npy-nan": f"{FILES.user_factors} holds NaN",
+    "csr-out-of-range": f"{FILES.indices} holds item rows out of range",
+    "csr-row-negative": f"{FILES.indices} holds item rows out of range",
+    "csr-row-twice": f"{FILES.indices} repeats",
+    "csr-pointer-backwards": f"{FILES.indptr} is not a valid CSR pointer",
+    "csr-pointer-end-wrong": f"{FILES.indptr} ends at",
+    "csr-data-nan": f"{FILES.data} holds negative, NaN or infinite",
+    "csr-data-inf": f"{FILES.data} holds negative, NaN or infinite",
+    "csr-data-negative": f"{FILES.data} holds negative, NaN or infinite",
+    "held-wrong-length": f"{FILES.held} has shape",
+    "count-interactions-wrong": f"{FILES.indptr} ends at",
+    "count-held-wrong": f"{FILES.held} flags",
+    "popularity-not-permutation": f"{FILES.popularity} is not a permutation",
 }
 
 
@@ -160,6 +228,16 @@ def _publish_copy(models: Path, good: str, name: str) -> Path:
 
 def test_at_least_twenty_kinds() -> None:
     assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize(("kind", "message"), CAUGHT_BY.items())
+def test_each_bad_array_is_caught_by_its_own_check(
+    models_copy: Path, kind: str, message: str
+) -> None:
+    folder = models_copy / str(read_latest(models_copy))
+    CASES[kind](folder)
+    with pytest.raises(BundleError, match=re.escape(message)):
+        load_bundle(folder)
 
 
 def test_every_corrupt_version_is_rejected_and_the_old_one_keeps_serving(

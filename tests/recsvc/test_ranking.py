@@ -21,7 +21,7 @@ def oracle(sample_dir: Path) -> Oracle:
 
 
 def _implicit_twin(rec: Recommender) -> AlternatingLeastSquares:
-    m = rec.bundle.manifest["params"]
+    m = rec.bundle.manifest.params
     model = AlternatingLeastSquares(
         factors=m["factors"], regularization=m["regularization"], alpha=m["alpha"]
     )

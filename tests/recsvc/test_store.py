@@ -15,7 +15,8 @@ import pytest
 
 import recsvc.model.bundle
 import recsvc.serving.store
-from recsvc.model.bundle import LATEST, MANIFEST, read_latest, sha256_file
+from recsvc.model.bundle import LATEST, read_latest, sha256_file
+from recsvc.model.manifest import MANIFEST
 from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Recommender
 from recsvc.serving.servable import ServedModel

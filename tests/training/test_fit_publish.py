@@ -22,6 +22,7 @@ from recsvc.model.bundle import (
     read_manifest,
     sha256_file,
 )
+from recsvc.model.manifest import MANIFEST, RuleFlags
 from training.cli import main as train_main
 from training.data import TrainingData
 from training.fit import FitParams, apply_weighting, fit_model
@@ -74,15 +75,15 @@ def test_bundle_embeddings_reproduce_implicits_own_scores(
 
 def test_manifest_names_every_file_with_size_and_sha256(bundle_path: Path) -> None:
     manifest = read_manifest(bundle_path)
-    on_disk = {p.name for p in bundle_path.iterdir()} - {"manifest.json"}
-    assert set(manifest["files"]) == on_disk
-    for name, entry in manifest["files"].items():
-        assert entry["size"] == (bundle_path / name).stat().st_size
-        assert entry["sha256"] == sha256_file(bundle_path / name)
-    assert manifest["counts"]["users"] == 1500 and manifest["counts"]["items"] == 120
-    assert manifest["indexes"]["items"]["type"] == "flat"
-    assert manifest["rules"] == {"risk_levels": True, "active_flag": True, "users_table": True}
-    assert len(manifest["data_fingerprint"]) == 64
+    on_disk = {p.name for p in bundle_path.iterdir()} - {MANIFEST}
+    assert set(manifest.files) == on_disk
+    for name, entry in manifest.files.items():
+        assert entry.size == (bundle_path / name).stat().st_size
+        assert entry.sha256 == sha256_file(bundle_path / name)
+    assert manifest.counts.users == 1500 and manifest.counts.items == 120
+    assert manifest.indexes.items.kind == "flat"
+    assert manifest.rules == RuleFlags(risk_levels=True, active_flag=True, users_table=True)
+    assert len(manifest.data_fingerprint) == 64
 
 
 def test_no_pickle_in_bundle_arrays(bundle_path: Path) -> None:
@@ -117,11 +118,11 @@ def test_every_bundle_file_is_on_disk_before_the_manifest_and_the_renames(
         models, training_data, fit_model(training_data.user_items, PARAMS, progress=False)
     )
     tmp = models / f".tmp-{folder.name}"
-    data = sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
+    data = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
     assert len(data) >= 10
     assert synced == [
         *(str(tmp / name) for name in data),  # each file once, before the manifest
-        str(tmp / "manifest.json"),
+        str(tmp / MANIFEST),
         str(tmp),
         str(models),  # the bundle's rename
         str(models / f".tmp-{LATEST}-{os.getpid()}"),
@@ -181,7 +182,7 @@ def test_cli_fit_prints_summary_and_fails_cleanly(
     out = capsys.readouterr().out
     assert code == 0 and "published v" in out and "factors=6" in out
     manifest = read_manifest(tmp_path / "m" / read_latest(tmp_path / "m"))  # type: ignore[operator]
-    assert manifest["params"]["weighting"] == "bm25" and manifest["params"]["seed"] == 4
+    assert manifest.params["weighting"] == "bm25" and manifest.params["seed"] == 4
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"factorz": 3}))
