@@ -91,6 +91,10 @@ class TrainingData:
     has_risk_levels: bool
     has_active: bool
     has_users_table: bool
+    config: DataConfig = field(default_factory=lambda: DataConfig())
+    """How events became strengths (recorded in the bundle for live events)."""
+    state_sequence: int = 0
+    """The live state sequence folded in (0: none)."""
 
     def fingerprint(self) -> str:
         """sha256 of the matrix and the ids: equal data, equal fingerprint."""
@@ -378,7 +382,8 @@ def load_training_data(
         DataError: a missing or mistyped column, an unreadable or empty input.
     """
     report = DropReport()
-    events = _read_events(interactions, config or DataConfig(), report)
+    config = config or DataConfig()
+    events = _read_events(interactions, config, report)
     item_table: pa.Table | None = None
     if items is not None:
         item_table = _read_table(items, "items", "item_id", "risk_level", "active")
@@ -400,6 +405,7 @@ def load_training_data(
         has_risk_levels=_has_risk_levels(item_table),
         has_active=item_table is not None and "active" in item_table.column_names,
         has_users_table=user_table is not None,
+        config=config,
     )
     log.info("loaded training data", extra={"report": report.as_dict()})
     return data

@@ -21,6 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 
 from recsvc.files import fsync_path
 from recsvc.model.bundle import LATEST, list_versions, read_latest, sha256_file
@@ -28,6 +29,7 @@ from recsvc.model.manifest import (
     FILES,
     MANIFEST,
     Counts,
+    Events,
     FileEntry,
     FoldIn,
     Indexes,
@@ -133,6 +135,7 @@ def _write_payload(folder: Path, data: TrainingData, model: FittedModel) -> Inde
     _write_npy(folder, FILES.indptr, conf.indptr.astype(np.int64))
     _write_npy(folder, FILES.indices, conf.indices.astype(np.int32))
     _write_npy(folder, FILES.data, conf.data.astype(np.float32))
+    _write_npy(folder, FILES.strength, _raw_strengths(data, conf))
     _write_npy(folder, FILES.held, data.held.astype(np.bool_))
     _write_npy(folder, FILES.popularity, _popularity(data))
     for factors, spec, name in (
@@ -141,6 +144,14 @@ def _write_payload(folder: Path, data: TrainingData, model: FittedModel) -> Inde
     ):
         faiss.write_index(build_index(factors, spec, params.seed), str(folder / name))
     return indexes
+
+
+def _raw_strengths(data: TrainingData, conf: sp.csr_matrix) -> np.ndarray:
+    """The strengths before weighting, aligned with the confidences' CSR."""
+    raw = data.user_items
+    if not (np.array_equal(raw.indptr, conf.indptr) and np.array_equal(raw.indices, conf.indices)):
+        raise AssertionError("weighting changed the interaction matrix's structure")
+    return np.asarray(raw.data, dtype=np.float32)
 
 
 def _sync_and_hash(folder: Path) -> dict[str, FileEntry]:
@@ -182,11 +193,15 @@ def _build_manifest(
             users_table=data.has_users_table,
         ),
         fold_in=FoldIn(recent_confidence=_recent_confidence(model)),
+        events=Events(
+            weights=dict(data.config.event_weights), held=tuple(sorted(data.config.held_events))
+        ),
         data_fingerprint=data.fingerprint(),
         data_report=data.report.as_dict(),
         fit_seconds=round(model.seconds, 3),
         files=files,
         evaluation=evaluation,
+        state_sequence=data.state_sequence,
     )
 
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from recsvc.errors import BundleError, BundleUnreadable
 from recsvc.model.index import VectorIndex, read_index
 from recsvc.model.manifest import FILES, MANIFEST, Counts, Manifest
-from recsvc.model.rules import ItemRules, user_tolerance
+from recsvc.model.rules import ItemRules, consent_mask, user_tolerance
 from recsvc.model.vocab import Vocabulary
 
 __all__ = [
@@ -138,11 +138,12 @@ def _table(folder: Path, name: str, id_column: str, n: int) -> pa.Table:
 
 @dataclass(frozen=True)
 class _Interactions:
-    """Each customer's products as CSR: item rows, weighted strength, held flag."""
+    """Each customer's products as CSR: item rows, weighted and raw strength, held flag."""
 
     indptr: np.ndarray
     indices: np.ndarray
     data: np.ndarray
+    strength: np.ndarray
     held: np.ndarray
 
 
@@ -164,6 +165,7 @@ def _interactions(folder: Path, counts: Counts) -> _Interactions:
         )
     indices = _npy(folder, FILES.indices, np.int32, (nnz,))
     data = _npy(folder, FILES.data, np.float32, (nnz,))
+    strength = _npy(folder, FILES.strength, np.float32, (nnz,))
     held = _npy(folder, FILES.held, np.bool_, (nnz,))
     if nnz and (indices.min() < 0 or indices.max() >= counts.items):
         raise BundleError(f"{name}: {FILES.indices} holds item rows out of range")
@@ -172,14 +174,15 @@ def _interactions(folder: Path, counts: Counts) -> _Interactions:
     row_start[indptr[:-1][indptr[:-1] < nnz]] = True
     if np.any((np.diff(indices) <= 0) & ~row_start[1:]):
         raise BundleError(f"{name}: {FILES.indices} repeats or unsorts a customer's item rows")
-    if not np.isfinite(data).all() or np.any(data < 0):
-        raise BundleError(f"{name}: {FILES.data} holds negative, NaN or infinite strengths")
+    for file, values in ((FILES.data, data), (FILES.strength, strength)):
+        if not np.isfinite(values).all() or np.any(values < 0):
+            raise BundleError(f"{name}: {file} holds negative, NaN or infinite strengths")
     n_held = int(held.sum())
     if n_held != counts.held:
         raise BundleError(
             f"{name}: {FILES.held} flags {n_held} pairs, manifest counts {counts.held}"
         )
-    return _Interactions(indptr, indices, data, held)
+    return _Interactions(indptr, indices, data, strength, held)
 
 
 @dataclass(frozen=True)
@@ -194,10 +197,11 @@ class Bundle:
     user_table: pa.Table
     item_index: VectorIndex
     user_index: VectorIndex
-    # CSR of each user's interactions: item rows, weighted strength, held flag.
+    # CSR of each user's interactions: item rows, weighted and raw strength, held flag.
     indptr: np.ndarray
     indices: np.ndarray
     data: np.ndarray
+    strength: np.ndarray
     held: np.ndarray
     popularity: np.ndarray
 
@@ -225,6 +229,11 @@ class Bundle:
     def tolerance(self) -> np.ndarray:
         """Risk tolerance per user row (see ``rules.user_tolerance``)."""
         return user_tolerance(self.user_table)
+
+    @cached_property
+    def consent(self) -> np.ndarray:
+        """Marketing consent per user row (see ``rules.consent_mask``)."""
+        return consent_mask(self.user_table)
 
     def user_item_rows(self, user: int) -> np.ndarray:
         return self.indices[self.indptr[user] : self.indptr[user + 1]]
@@ -277,6 +286,7 @@ def load_bundle(folder: Path, verify: bool = True) -> Bundle:
         indptr=pairs.indptr,
         indices=pairs.indices,
         data=pairs.data,
+        strength=pairs.strength,
         held=pairs.held,
         popularity=popularity,
     )

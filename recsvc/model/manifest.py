@@ -28,6 +28,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "BundleFiles",
     "Counts",
+    "Events",
     "FileEntry",
     "FoldIn",
     "Indexes",
@@ -35,7 +36,8 @@ __all__ = [
     "RuleFlags",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: raw strengths (``FILES.strength``) and the event weights, for the live state."""
 MANIFEST = "manifest.json"
 
 _INDEX_KINDS = ("flat", "hnsw", "ivf")
@@ -58,6 +60,8 @@ class BundleFiles:
     """CSR item rows, increasing within a customer."""
     data: str = "user_items_data.npy"
     """CSR weighted strengths, what the model was fit on (before alpha)."""
+    strength: str = "user_items_strength.npy"
+    """CSR raw strengths (before weighting): what a customer's live events add to."""
     held: str = "user_items_held.npy"
     """CSR flags: the customer holds the product."""
     popularity: str = "popularity.npy"
@@ -113,6 +117,16 @@ class FoldIn:
 
 
 @dataclass(frozen=True)
+class Events:
+    """How events became strengths in the training data; live events count the same."""
+
+    weights: Mapping[str, float]
+    """Strength of one event of each kind (interactions the model learns from)."""
+    held: tuple[str, ...]
+    """Events that mean the customer holds the product from then on."""
+
+
+@dataclass(frozen=True)
 class Indexes:
     """How the item and user FAISS indexes were built."""
 
@@ -142,6 +156,7 @@ class Manifest:
     indexes: Indexes
     rules: RuleFlags
     fold_in: FoldIn
+    events: Events
     data_fingerprint: str
     """sha256 of the training matrix and ids (``TrainingData.fingerprint``)."""
     data_report: Mapping[str, int]
@@ -151,6 +166,8 @@ class Manifest:
     """Every file of the bundle, by name."""
     evaluation: bool = False
     """Published by an offline evaluation into its report folder, not for serving."""
+    state_sequence: int = 0
+    """The live state sequence folded into the training data: servers overlay what came after."""
 
     @classmethod
     def from_json(cls: type[_M], obj: object, folder_name: str) -> _M:
@@ -187,6 +204,11 @@ class Manifest:
         for f in fields(Counts):
             if getattr(manifest.counts, f.name) < 0:
                 raise BundleError(f"{where} field 'counts.{f.name}' is negative")
+        if manifest.state_sequence < 0:
+            raise BundleError(f"{where} field 'state_sequence' is negative")
+        for event, weight in manifest.events.weights.items():
+            if not (math.isfinite(weight) and weight >= 0):
+                raise BundleError(f"{where} field 'events.weights[{event!r}]' is {weight}")
         if manifest.dim < 1:
             raise BundleError(f"{where} field 'dim' is not positive")
         confidence = manifest.fold_in.recent_confidence
@@ -229,6 +251,11 @@ def _decode(hint: Any, value: Any, path: str) -> Any:
             raise _Invalid(path, "is not an ISO 8601 time") from None
     if is_dataclass(hint):
         return _decode_fields(hint, value, path)
+    if get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise _Invalid(path, "is not a list")
+        item = get_args(hint)[0]
+        return tuple(_decode(item, v, f"{path}[{i}]") for i, v in enumerate(value))
     if get_origin(hint) is Mapping:
         if not isinstance(value, dict):
             raise _Invalid(path, "is not an object")
@@ -280,4 +307,6 @@ def _encode(value: Any) -> Any:
         return {f.name: _encode(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, Mapping):
         return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
     return value

@@ -19,8 +19,9 @@ from recsvc.errors import NotFound
 from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
 from recsvc.model.index import IndexSpec, VectorIndex
+from recsvc.model.overlay import ERASED, Overlay
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
-from recsvc.model.rules import MIN_LEVEL
+from recsvc.model.rules import MIN_LEVEL, ItemRules
 
 __all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source"]
 
@@ -47,6 +48,8 @@ class Ranked:
     source: Source
     version: str
     unknown_item_ids: tuple[str, ...] = ()
+    sequence: int = 0
+    """The live state sequence the answer reflects (0: the bundle alone)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,20 @@ class ResolvedUser:
     history: np.ndarray  # item rows to exclude unless include_interacted
     confidence_rows: np.ndarray  # rows used to fold in / explain
     confidence: np.ndarray  # their confidences (before alpha)
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A customer before recent items: vector, its source, tolerance, history and confidences."""
+
+    vector: np.ndarray | None
+    source: Source
+    tolerance: int
+    rows: np.ndarray
+    confidence: np.ndarray
+
+
+_UNKNOWN = _Known(None, Source.POPULAR, MIN_LEVEL, _NO_ROWS, np.empty(0, np.float32))
 
 
 class Recommender:
@@ -133,14 +150,36 @@ class Recommender:
     def _fold_in_rhs(self, rows: np.ndarray, confidence: np.ndarray) -> np.ndarray:
         return (self.alpha * confidence.astype(np.float64)) @ self._y[rows].astype(np.float64)
 
-    def resolve_user(self, user_id: str, recent_item_ids: tuple[str, ...]) -> ResolvedUser:
-        """The customer's vector (own, folded in from recent items, or none), rules, history."""
+    def _known(self, user_id: str, overlay: Overlay | None) -> _Known:
+        """What the bundle, with the live overlay over it, knows of ``user_id``."""
         b = self.bundle
+        live = overlay.user(user_id) if overlay is not None else None
+        if live is ERASED:
+            return _UNKNOWN  # forgotten: answered as a customer nobody knows
+        if live is not None:
+            row = live.row
+            base = int(self.tolerance[row]) if row is not None else MIN_LEVEL
+            tolerance = live.tolerance if live.tolerance is not None else base
+            if live.refolded:
+                return _Known(live.vector, Source.FOLD_IN, tolerance, live.rows, live.confidence)
+            vector = b.user_index.vectors[row] if row is not None and live.rows.size else None
+            return _Known(vector, Source.PERSONALIZED, tolerance, live.rows, live.confidence)
         row = b.users.index(user_id) if user_id else None
-        tolerance = int(self.tolerance[row]) if row is not None else MIN_LEVEL
-        history = b.user_item_rows(row) if row is not None else np.empty(0, np.int32)
-        conf = b.user_item_data(row) if row is not None else np.empty(0, np.float32)
-        recent = b.items.indices(recent_item_ids) if recent_item_ids else _NO_ROWS
+        if row is None:
+            return _UNKNOWN
+        history = b.user_item_rows(row)
+        vector = b.user_index.vectors[row] if history.size else None
+        return _Known(
+            vector, Source.PERSONALIZED, int(self.tolerance[row]), history, b.user_item_data(row)
+        )
+
+    def resolve_user(
+        self, user_id: str, recent_item_ids: tuple[str, ...], overlay: Overlay | None = None
+    ) -> ResolvedUser:
+        """The customer's vector (own, live, folded from recent items, or none), rules, history."""
+        known = self._known(user_id, overlay)
+        history, conf, tolerance = known.rows, known.confidence, known.tolerance
+        recent = self.bundle.items.indices(recent_item_ids) if recent_item_ids else _NO_ROWS
         recent = np.unique(recent[recent >= 0]) if recent.size else recent
         if recent.size:
             rows = np.concatenate([history, recent]).astype(np.int64)
@@ -148,10 +187,10 @@ class Recommender:
             rows, inverse = np.unique(rows, return_inverse=True)
             confs = np.bincount(inverse, weights=confs).astype(np.float32)
             vector = self.fold_in(rows, confs)
+            # History stays excluded: the recent items join it, never replace it.
             return ResolvedUser(vector, Source.FOLD_IN, tolerance, rows, rows, confs)
-        if row is not None and history.size:
-            vector = b.user_index.vectors[row]
-            return ResolvedUser(vector, Source.PERSONALIZED, tolerance, history, history, conf)
+        if known.vector is not None:
+            return ResolvedUser(known.vector, known.source, tolerance, history, history, conf)
         return ResolvedUser(None, Source.POPULAR, tolerance, history, history, conf)
 
     # --- queries ---------------------------------------------------------------
@@ -178,15 +217,20 @@ class Recommender:
             out.append(tuple((ids[user.confidence_rows[t]], float(contrib[t, j])) for t in top))
         return out
 
-    def recommend(self, q: RecommendQuery) -> Ranked:
-        user = self.resolve_user(q.user_id, q.recent_item_ids)
+    def _rules(self, overlay: Overlay | None) -> ItemRules:
+        return overlay.item_rules if overlay is not None else self.item_rules
+
+    def recommend(self, q: RecommendQuery, overlay: Overlay | None = None) -> Ranked:
+        user = self.resolve_user(q.user_id, q.recent_item_ids, overlay)
+        sequence = overlay.sequence if overlay is not None else 0
         exclude = _NO_ROWS if q.include_interacted else user.history
         if q.exclude_item_ids:
             exclude = np.concatenate([self.bundle.items.indices(q.exclude_item_ids), exclude])
         # The shared per-tolerance set; exclusions are applied by the search itself.
-        allowed = self.item_rules.allowed(user.tolerance)
+        allowed = self._rules(overlay).allowed(user.tolerance)
         if user.vector is None:
-            return Ranked(self._popular(q.k, allowed, exclude), Source.POPULAR, self.version)
+            popular = self._popular(q.k, allowed, exclude)
+            return Ranked(popular, Source.POPULAR, self.version, sequence=sequence)
         scores, rows = self.bundle.item_index.search(user.vector, q.k, allowed, exclude)
         ids = self.bundle.items.ids
         if q.explain:
@@ -199,19 +243,16 @@ class Recommender:
             items = [
                 ScoredItem(ids[r], s) for r, s in zip(rows.tolist(), scores.tolist(), strict=True)
             ]
-        return Ranked(items, user.source, self.version)
+        return Ranked(items, user.source, self.version, sequence=sequence)
 
-    def similar_items(self, q: SimilarQuery) -> Ranked:
+    def similar_items(self, q: SimilarQuery, overlay: Overlay | None = None) -> Ranked:
         b = self.bundle
         row = b.items.index(q.item_id)
         if row is None:
             raise NotFound(f"item_id {q.item_id!r} is not in model {self.version}")
-        user_row = b.users.index(q.user_id) if q.user_id else None
-        tolerance = int(self.tolerance[user_row]) if user_row is not None else MIN_LEVEL
-        exclude = [b.items.indices(q.exclude_item_ids), np.array([row])]
-        if user_row is not None:
-            exclude.append(b.user_item_rows(user_row))
-        allowed = self.item_rules.allowed(tolerance)
+        known = self._known(q.user_id, overlay)
+        exclude = [b.items.indices(q.exclude_item_ids), np.array([row]), known.rows]
+        allowed = self._rules(overlay).allowed(known.tolerance)
         scores, rows = self._similar.search(
             self._similar.vectors[row], q.k, allowed, np.concatenate(exclude)
         )
@@ -220,16 +261,17 @@ class Recommender:
             [ScoredItem(ids[r], s) for r, s in zip(rows.tolist(), scores.tolist(), strict=True)],
             Source.PERSONALIZED,
             self.version,
+            sequence=overlay.sequence if overlay is not None else 0,
         )
 
-    def rank_items(self, q: RankQuery) -> Ranked:
+    def rank_items(self, q: RankQuery, overlay: Overlay | None = None) -> Ranked:
         b = self.bundle
-        user = self.resolve_user(q.user_id, q.recent_item_ids)
+        user = self.resolve_user(q.user_id, q.recent_item_ids, overlay)
         candidate_ids = list(dict.fromkeys(q.item_ids))  # first occurrence wins
         rows = b.items.indices(candidate_ids)
         unknown = tuple(i for i, r in zip(candidate_ids, rows, strict=True) if r < 0)
         rows = rows[rows >= 0]
-        keep = self.item_rules.eligible(rows, user.tolerance)
+        keep = self._rules(overlay).eligible(rows, user.tolerance)
         if not q.include_interacted and user.history.size:
             keep &= ~np.isin(rows, user.history)
         rows = rows[keep]
@@ -239,4 +281,5 @@ class Recommender:
             scores = b.item_index.vectors[rows] @ user.vector
         order = np.lexsort((np.arange(len(rows)), -scores))
         items = [ScoredItem(b.items.ids[rows[i]], float(scores[i])) for i in order]
-        return Ranked(items, user.source, self.version, unknown)
+        sequence = overlay.sequence if overlay is not None else 0
+        return Ranked(items, user.source, self.version, unknown, sequence)

@@ -11,6 +11,7 @@ of any campaign product, only with ``include_holders``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,8 +20,9 @@ import numpy as np
 from recsvc.errors import NotFound, PreconditionFailed
 from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
+from recsvc.model.overlay import Overlay
 from recsvc.model.queries import TargetQuery, check_audience_size
-from recsvc.model.rules import consent_mask, suitable_users
+from recsvc.model.rules import MIN_LEVEL, ItemRules, suitable_users
 from recsvc.model.topk import topk
 
 __all__ = ["EXACT_MAX_BASE", "Audience", "ExclusionCounts", "Targeter"]
@@ -51,17 +53,30 @@ class ExclusionCounts:
 
 @dataclass
 class Audience:
-    rows: np.ndarray  # user rows, best first
+    rows: np.ndarray  # user rows, best first; rows past the bundle's index new_ids
     scores: np.ndarray  # float32, aligned with rows
     version: str
     eligible: int
     excluded: ExclusionCounts = field(default_factory=ExclusionCounts)
     indexed: bool = False  # found through the user index (approximate), not exactly
+    sequence: int = 0
+    """The live state sequence the audience reflects (0: the bundle alone)."""
+    new_ids: tuple[str, ...] = ()
+    """Customers the bundle does not know (live ones), as rows ``n_users + i``."""
+
+    def ids(self, user_ids: list[str]) -> list[str]:
+        """Every member's id, best first (``user_ids``: the bundle's, in row order)."""
+        return [
+            user_ids[r] if r < len(user_ids) else self.new_ids[r - len(user_ids)]
+            for r in self.rows.tolist()
+        ]
 
     def batches(self, user_ids: list[str], size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        n = len(user_ids)
         for start in range(0, len(self.rows), size):
-            rows = self.rows[start : start + size]
-            yield [user_ids[r] for r in rows], self.scores[start : start + size]
+            rows = self.rows[start : start + size].tolist()
+            ids = [user_ids[r] if r < n else self.new_ids[r - n] for r in rows]
+            yield ids, self.scores[start : start + size]
 
 
 class Targeter:
@@ -77,11 +92,10 @@ class Targeter:
         # to carry no consent requirement. A users table's consent always applies.
         self.no_consent_data = no_consent_data and not has_users
         self._consent_unknown = not has_users and not no_consent_data
-        self.consent = (
-            consent_mask(bundle.user_table) if has_users else np.ones(len(bundle.users), dtype=bool)
-        )
+        self.consent = bundle.consent if has_users else np.ones(len(bundle.users), dtype=bool)
         self.tolerance = bundle.tolerance
         self.item_risk, self.item_active = bundle.item_rules.risk, bundle.item_rules.active
+        self._lives: weakref.WeakKeyDictionary[Overlay, _Live] = weakref.WeakKeyDictionary()
         # Holders per item: CSR of held pairs transposed, built once.
         held_users = np.repeat(np.arange(len(bundle.users)), np.diff(bundle.indptr))[bundle.held]
         held_items = bundle.indices[bundle.held]
@@ -94,12 +108,12 @@ class Targeter:
     def holders(self, item_row: int) -> np.ndarray:
         return self._holders[self._holder_ptr[item_row] : self._holder_ptr[item_row + 1]]
 
-    def _item_rows(self, item_ids: tuple[str, ...]) -> np.ndarray:
+    def _item_rows(self, item_ids: tuple[str, ...], rules: ItemRules) -> np.ndarray:
         rows = self.bundle.items.indices(item_ids)
         for item_id, row in zip(item_ids, rows, strict=True):
             if row < 0:
                 raise NotFound(f"item_id {item_id!r} is not in model {self.bundle.version}")
-            if not self.item_active[row]:
+            if not rules.active[row]:
                 raise PreconditionFailed(f"item_id {item_id!r} is not an active product")
         return np.unique(rows)
 
@@ -110,20 +124,34 @@ class Targeter:
                 "server with --no-consent-data if this data set carries no consent requirement"
             )
 
-    def target(self, q: TargetQuery) -> Audience:
+    def _live(self, overlay: Overlay | None) -> _Live | None:
+        """The overlay's customers, scored apart from the base (built once per overlay)."""
+        if overlay is None or not (overlay.users or overlay.erased):
+            return None
+        live = self._lives.get(overlay)
+        if live is None:
+            live = self._lives[overlay] = _Live.build(self, overlay)
+        return live
+
+    def target(self, q: TargetQuery, overlay: Overlay | None = None) -> Audience:
         self._check_answerable()
-        items = self._item_rows(q.item_ids)
+        rules = overlay.item_rules if overlay is not None else self.bundle.item_rules
+        items = self._item_rows(q.item_ids, rules)
+        risk = int(rules.risk[items].max())
+        live = self._live(overlay)
         excluded = ExclusionCounts()
-        eligible = self.consent.copy()
-        excluded.no_consent = int(len(eligible) - eligible.sum())
-        suitable = suitable_users(self.tolerance, int(self.item_risk[items].max()))
-        excluded.unsuitable = int((eligible & ~suitable).sum())
-        eligible &= suitable
+        # The base: every customer without a live record, by the bundle's data.
+        base = self.consent if live is None else self.consent & live.outside
+        excluded.no_consent = int(len(base) - base.sum()) - (live.n_rows if live else 0)
+        suitable = suitable_users(self.tolerance, risk)
+        excluded.unsuitable = int((base & ~suitable).sum())
+        eligible = base & suitable
         if not q.include_holders:
             holders = np.unique(np.concatenate([self.holders(r) for r in items]))
             excluded.holders = int(eligible[holders].sum())
             eligible[holders] = False
-        n_eligible = int(eligible.sum())
+        side = live.eligible(items, risk, q.include_holders, excluded) if live else None
+        n_eligible = int(eligible.sum()) + (len(side) if side is not None else 0)
         query = self.bundle.item_index.vectors[items].mean(axis=0)
         size = min(q.audience_size, n_eligible)
         user_index = self.bundle.user_index
@@ -134,7 +162,12 @@ class Targeter:
             scores, rows = user_index.search(query, size, AllowedSet.from_mask(eligible))
         else:
             rows, scores = self._exact(query, eligible, size, q.min_score, excluded)
-        return Audience(rows, scores, self.bundle.version, n_eligible, excluded, indexed)
+        if live is not None and side is not None:
+            rows, scores = live.merge(rows, scores, side, query, size, q.min_score, excluded)
+        sequence = overlay.sequence if overlay is not None else 0
+        new_ids = live.new_ids if live is not None else ()
+        version = self.bundle.version
+        return Audience(rows, scores, version, n_eligible, excluded, indexed, sequence, new_ids)
 
     def _exact(
         self,
@@ -158,7 +191,11 @@ class Targeter:
         return candidates[best], scores[best]
 
     def target_each(
-        self, size: int, include_holders: bool = False, block: int = _EACH_BLOCK
+        self,
+        size: int,
+        include_holders: bool = False,
+        block: int = _EACH_BLOCK,
+        overlay: Overlay | None = None,
     ) -> Iterator[tuple[int, Audience]]:
         """``(item row, audience)`` for every active product: its top ``size`` customers.
 
@@ -171,17 +208,22 @@ class Targeter:
         self._check_answerable()
         check_audience_size(size)
         version = self.bundle.version
+        rules = overlay.item_rules if overlay is not None else self.bundle.item_rules
+        live = self._live(overlay)
+        sequence = overlay.sequence if overlay is not None else 0
+        new_ids = live.new_ids if live is not None else ()
+        consent = self.consent if live is None else self.consent & live.outside
+        no_consent = int(len(consent) - consent.sum()) - (live.n_rows if live else 0)
         vectors, item_vectors = self.bundle.user_index.vectors, self.bundle.item_index.vectors
-        active = np.flatnonzero(self.item_active)
-        no_consent = int(len(self.consent) - self.consent.sum())
-        for risk in np.unique(self.item_risk[active]):
+        active = np.flatnonzero(rules.active)
+        for risk in np.unique(rules.risk[active]):
             suitable = suitable_users(self.tolerance, int(risk))
-            unsuitable = int((self.consent & ~suitable).sum())
-            candidates = np.flatnonzero(self.consent & suitable)
+            unsuitable = int((consent & ~suitable).sum())
+            candidates = np.flatnonzero(consent & suitable)
             base = vectors[candidates].T.copy()  # (dim, candidates), reused by every block
             # Score matrices of about _EACH_BYTES: a block of 32 products at 1M customers.
             step = max(1, min(block, _EACH_BYTES // (4 * max(1, len(candidates)))))
-            group = active[self.item_risk[active] == risk]
+            group = active[rules.risk[active] == risk]
             for start in range(0, len(group), step):
                 products = group[start : start + step]
                 scores = item_vectors[products] @ base  # (products, candidates)
@@ -191,7 +233,17 @@ class Targeter:
                     best = topk(own, min(size, eligible))
                     excluded = ExclusionCounts(no_consent, unsuitable, held)
                     rows, top = candidates[best], own[best]
-                    yield row, Audience(rows, top, version, eligible, excluded)
+                    if live is not None:
+                        side = live.eligible(np.array([row]), int(risk), include_holders, excluded)
+                        eligible += len(side)
+                        k = min(size, eligible)
+                        rows, top = live.merge(
+                            rows, top, side, item_vectors[row], k, None, excluded
+                        )
+                    audience = Audience(
+                        rows, top, version, eligible, excluded, False, sequence, new_ids
+                    )
+                    yield row, audience
             del base, scores  # before the next risk level's copy
 
     def _drop_holders(self, item_row: int, candidates: np.ndarray, scores: np.ndarray) -> int:
@@ -202,3 +254,116 @@ class Targeter:
         at = np.unique(at[inside][candidates[at[inside]] == holders[inside]])
         scores[at] = -np.inf
         return len(at)
+
+
+@dataclass(frozen=True)
+class _Live:
+    """The overlay's customers as targeting sees them: scored apart from the base.
+
+    The base pass covers every bundle customer without a live record (``outside``);
+    these are the rest, each with their live consent, tolerance, holdings and vector
+    (their bundle values where nothing live replaced them). Forgotten customers are
+    in neither: never in an audience, counted as without consent.
+    """
+
+    outside: np.ndarray
+    """Per bundle row: no live record, so the base pass answers for it."""
+    n_rows: int
+    """Bundle rows with a live record (forgotten ones included)."""
+    erased: int
+    """Forgotten customers among them."""
+    rows: np.ndarray
+    """Per live customer: their bundle row, or ``n_users + i`` for ``new_ids[i]``."""
+    vectors: np.ndarray
+    consent: np.ndarray
+    tolerance: np.ndarray
+    held_user: np.ndarray
+    """Per held pair: the live customer (an index into ``rows``) ..."""
+    held_item: np.ndarray
+    """... and the item row they hold."""
+    new_ids: tuple[str, ...]
+
+    @classmethod
+    def build(cls, targeter: Targeter, overlay: Overlay) -> _Live:
+        b = targeter.bundle
+        n = len(b.users)
+        changed = overlay.changed_rows
+        outside = np.ones(n, dtype=bool)
+        outside[changed] = False
+        rows: list[int] = []
+        vectors: list[np.ndarray] = []
+        consent: list[bool] = []
+        tolerance: list[int] = []
+        held_user: list[np.ndarray] = []
+        held_item: list[np.ndarray] = []
+        new_ids: list[str] = []
+        for user_id, live in overlay.users.items():
+            if live.row is not None:
+                row, vector = live.row, (live.vector if live.refolded else None)
+                if vector is None:
+                    vector = b.user_index.vectors[live.row]
+                base_consent, base_tolerance = targeter.consent[row], targeter.tolerance[row]
+            elif live.vector is not None:  # new: a candidate once they have a vector
+                row, vector = n + len(new_ids), live.vector
+                new_ids.append(user_id)
+                base_consent, base_tolerance = False, MIN_LEVEL
+            else:
+                continue
+            held = live.held_rows
+            held_user.append(np.full(len(held), len(rows), dtype=np.int64))
+            held_item.append(held)
+            rows.append(row)
+            vectors.append(vector)
+            consent.append(live.consent if live.consent is not None else base_consent)
+            tolerance.append(live.tolerance if live.tolerance is not None else base_tolerance)
+        dim = b.user_index.vectors.shape[1]
+        return cls(
+            outside=outside,
+            n_rows=len(changed),
+            erased=len(overlay.erased_rows),
+            rows=np.array(rows, dtype=np.int64),
+            vectors=np.array(vectors, dtype=np.float32).reshape(len(rows), dim),
+            consent=np.array(consent, dtype=bool),
+            tolerance=np.array(tolerance, dtype=np.int8),
+            held_user=np.concatenate(held_user) if held_user else np.empty(0, np.int64),
+            held_item=np.concatenate(held_item) if held_item else np.empty(0, np.int64),
+            new_ids=tuple(new_ids),
+        )
+
+    def eligible(
+        self, items: np.ndarray, risk: int, include_holders: bool, excluded: ExclusionCounts
+    ) -> np.ndarray:
+        """Live customers the campaign may reach (indexes), counting the others by rule."""
+        ok = self.consent.copy()
+        excluded.no_consent += int((~ok).sum()) + self.erased
+        suitable = suitable_users(self.tolerance, risk)
+        excluded.unsuitable += int((ok & ~suitable).sum())
+        ok &= suitable
+        if not include_holders:
+            held = np.zeros(len(ok), dtype=bool)
+            held[self.held_user[np.isin(self.held_item, items)]] = True
+            excluded.holders += int((ok & held).sum())
+            ok &= ~held
+        return np.flatnonzero(ok)
+
+    def merge(
+        self,
+        rows: np.ndarray,
+        scores: np.ndarray,
+        side: np.ndarray,
+        query: np.ndarray,
+        size: int,
+        min_score: float | None,
+        excluded: ExclusionCounts,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The base's best ``rows`` merged with the eligible live customers: the top ``size``."""
+        live_scores = (self.vectors[side] @ query).astype(np.float32)
+        live_rows = self.rows[side]
+        if min_score is not None:
+            keep = live_scores >= min_score
+            excluded.below_min_score += int((~keep).sum())
+            live_rows, live_scores = live_rows[keep], live_scores[keep]
+        all_rows = np.concatenate([rows.astype(np.int64), live_rows])
+        all_scores = np.concatenate([scores.astype(np.float32), live_scores])
+        order = np.lexsort((all_rows, -all_scores))[:size]
+        return all_rows[order], all_scores[order]

@@ -14,10 +14,10 @@ import pytest
 
 from recsvc.errors import BundleError
 from recsvc.model.bundle import read_manifest
-from recsvc.model.manifest import FILES, MANIFEST, Manifest, RuleFlags
+from recsvc.model.manifest import FILES, MANIFEST, SCHEMA_VERSION, Manifest, RuleFlags
 
 # Top-level fields a manifest may leave out: they read as their default.
-_OPTIONAL = {"evaluation"}
+_OPTIONAL = {"evaluation", "state_sequence"}
 
 
 @pytest.fixture
@@ -69,6 +69,8 @@ def test_a_renamed_rule_flag_is_rejected_not_read_as_off(raw: dict[str, Any]) ->
         *(((f.name,), f.name) for f in fields(Manifest) if f.name not in _OPTIONAL),
         (("counts", "held"), "counts.held"),
         (("fold_in", "recent_confidence"), "fold_in.recent_confidence"),
+        (("events", "weights"), "events.weights"),
+        (("events", "held"), "events.held"),
         (("indexes", "users", "params"), "indexes.users.params"),
         (("files", FILES.item_factors, "sha256"), f"files[{FILES.item_factors!r}].sha256"),
     ],
@@ -115,7 +117,7 @@ def test_an_unknown_field_is_rejected_naming_it(
     _reject(raw, field, "is unknown")
 
 
-@pytest.mark.parametrize("schema", [None, 2, True, "1"])
+@pytest.mark.parametrize("schema", [None, 1, 3, True, "2"])
 def test_another_schema_is_named_before_any_field(raw: dict[str, Any], schema: object) -> None:
     if schema is None:
         del raw["schema_version"]
@@ -123,7 +125,7 @@ def test_another_schema_is_named_before_any_field(raw: dict[str, Any], schema: o
     else:
         raw["schema_version"] = schema
         raw["a_field_of_that_schema"] = 1
-        with pytest.raises(BundleError, match="is not the supported 1"):
+        with pytest.raises(BundleError, match=f"is not the supported {SCHEMA_VERSION}"):
             Manifest.from_json(raw, raw["version"])
 
 
@@ -134,11 +136,12 @@ def test_a_field_with_a_default_reads_older_manifests_as_the_default(
 
     @dataclass(frozen=True, kw_only=True)
     class Later(Manifest):
-        state_sequence: int = 0
+        retention_days: int = 0
 
     older = Later.from_json(copy.deepcopy(raw), raw["version"])
-    assert older.state_sequence == 0 and older.to_json() == {**raw, "state_sequence": 0}
-    newer = Later.from_json({**raw, "state_sequence": 7}, raw["version"])
-    assert newer.state_sequence == 7
-    del raw["evaluation"]
-    assert Manifest.from_json(raw, raw["version"]).evaluation is False
+    assert older.retention_days == 0 and older.to_json() == {**raw, "retention_days": 0}
+    newer = Later.from_json({**raw, "retention_days": 7}, raw["version"])
+    assert newer.retention_days == 7
+    del raw["evaluation"], raw["state_sequence"]
+    older_manifest = Manifest.from_json(raw, raw["version"])
+    assert older_manifest.evaluation is False and older_manifest.state_sequence == 0

@@ -1,0 +1,319 @@
+"""The live overlay: what changed after a bundle was trained, held in memory.
+
+A bundle is a snapshot; the state store records what happened since (events,
+profile and product updates, erasures), each change with a sequence number. An
+:class:`Overlay` is one immutable view of a bundle plus every change up to
+``sequence``, built by :func:`apply` from the one before: the apply loop swaps in a
+new overlay with one reference assignment, as the model store swaps bundles, so a
+request reads one consistent overlay from start to end.
+
+Its size is bounded by what changed since training, never by the base: one
+:class:`LiveUser` per customer with a change, one override per product with a change,
+one pseudonym per erasure. Per-customer work (re-weighing and re-solving a vector)
+happens once per change, here, never per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from types import MappingProxyType
+
+import numpy as np
+
+from recsvc.model.bundle import Bundle
+from recsvc.model.rules import MAX_LEVEL, MIN_LEVEL, ItemRules
+from recsvc.model.weighting import RowWeighting
+from recsvc.state.base import Changes, StoredEvent
+
+__all__ = ["CLOSE_EVENT", "ERASED", "LiveUser", "Overlay", "OverlayContext", "apply", "empty"]
+
+CLOSE_EVENT = "close"
+"""The customer no longer holds the product (the held events say they do)."""
+
+_NO_ROWS = np.empty(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class LiveUser:
+    """One customer as the live state has them: the bundle's row with changes applied.
+
+    ``rows`` (sorted item rows the customer interacted with), ``strength`` (their raw
+    strengths), ``confidence`` (weighted as the training data was) and ``held`` are
+    aligned. ``vector`` is re-solved whenever their events change; None when only their
+    profile changed (the bundle's own vector stands) or when they have no history.
+    """
+
+    row: int | None
+    """Their bundle row; None for a customer the model does not know."""
+    rows: np.ndarray
+    strength: np.ndarray
+    confidence: np.ndarray
+    held: np.ndarray
+    vector: np.ndarray | None = None
+    refolded: bool = False
+    """Whether ``vector`` replaces the bundle's (their events changed)."""
+    tolerance: int | None = None
+    """A live risk tolerance; None keeps the bundle's (or the unknown default)."""
+    consent: bool | None = None
+    """A live marketing consent; None keeps the bundle's."""
+
+    @property
+    def held_rows(self) -> np.ndarray:
+        return self.rows[self.held]
+
+
+# The answer for a forgotten customer: treated as unknown, everywhere.
+ERASED = LiveUser(
+    None, _NO_ROWS, np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0, bool)
+)
+
+
+@dataclass(frozen=True)
+class OverlayContext:
+    """What applying changes needs of the bundle they apply to; built once per bundle.
+
+    Args:
+        bundle: the served bundle.
+        weighting: its training data's weighting (one customer's row at a time).
+        event_weights: strength of one event of each kind (the trainer's).
+        held_events: events that mean the customer holds the product from now on.
+        fold_in: the bundle's least-squares solve from (rows, confidences) to a vector.
+        pseudonymize: the keyed pseudonym of a customer id (erasures carry only that).
+    """
+
+    bundle: Bundle
+    weighting: RowWeighting
+    event_weights: Mapping[str, float]
+    held_events: frozenset[str]
+    fold_in: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    pseudonymize: Callable[[str], str]
+
+    @cached_property
+    def pseudonym_rows(self) -> Mapping[str, int]:
+        """Bundle row by pseudonym: built on the first erasure (one HMAC per customer)."""
+        p = self.pseudonymize
+        return {p(user_id): row for row, user_id in enumerate(self.bundle.users.ids)}
+
+    def bundle_user(self, user_id: str) -> LiveUser:
+        """A customer as the bundle has them, before any change."""
+        b = self.bundle
+        row = b.users.index(user_id)
+        if row is None:
+            empty_f = np.empty(0, np.float32)
+            return LiveUser(None, _NO_ROWS, empty_f, empty_f, np.empty(0, bool))
+        lo, hi = int(b.indptr[row]), int(b.indptr[row + 1])
+        return LiveUser(
+            row,
+            b.indices[lo:hi].astype(np.int64),
+            b.strength[lo:hi].copy(),
+            b.data[lo:hi].copy(),
+            b.held[lo:hi].copy(),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Overlay:
+    """A bundle's live changes up to ``sequence``. Immutable; :func:`apply` makes the next.
+
+    Compared and hashed by identity: targeting keeps per-overlay work in a weak map.
+    """
+
+    context: OverlayContext
+    sequence: int
+    users: Mapping[str, LiveUser]
+    erased: frozenset[str]
+    """Pseudonyms of every forgotten customer."""
+    erased_rows: np.ndarray
+    """Bundle rows of forgotten customers, sorted."""
+    item_rules: ItemRules
+    """The bundle's item rules with every product update applied."""
+    products_changed: int = 0
+    unknown_item_events: int = 0
+    """Events applied so far on products the bundle does not have (kept for training)."""
+    _by_row: Mapping[int, str] = field(default_factory=dict, repr=False)
+
+    def user(self, user_id: str) -> LiveUser | None:
+        """The live record of ``user_id``: ERASED if forgotten, None if nothing changed."""
+        if not user_id:
+            return None
+        live = self.users.get(user_id)
+        if live is not None:
+            return live
+        if self.erased and self.context.pseudonymize(user_id) in self.erased:
+            return ERASED
+        return None
+
+    @cached_property
+    def changed_rows(self) -> np.ndarray:
+        """Bundle rows of customers with a live record (sorted), erased ones included."""
+        rows = np.fromiter(self._by_row, dtype=np.int64, count=len(self._by_row))
+        return np.union1d(rows, self.erased_rows)
+
+    def live_of_row(self, row: int) -> LiveUser | None:
+        user_id = self._by_row.get(row)
+        return self.users[user_id] if user_id is not None else None
+
+    @cached_property
+    def new_users(self) -> tuple[tuple[str, LiveUser], ...]:
+        """Customers the bundle does not know, in id order."""
+        return tuple(sorted((k, u) for k, u in self.users.items() if u.row is None))
+
+    def tolerance(self, base: np.ndarray) -> np.ndarray:
+        """``base`` (tolerance per bundle row) with live tolerances applied."""
+        return self._override(base, "tolerance")
+
+    def consent(self, base: np.ndarray) -> np.ndarray:
+        """``base`` (consent per bundle row) with live consents applied; erased: never."""
+        out = self._override(base, "consent")
+        if len(self.erased_rows):
+            out = out.copy() if out is base else out
+            out[self.erased_rows] = False
+        return out
+
+    def _override(self, base: np.ndarray, attr: str) -> np.ndarray:
+        out = base
+        for row, user_id in self._by_row.items():
+            value = getattr(self.users[user_id], attr)
+            if value is not None:
+                if out is base:
+                    out = base.copy()
+                out[row] = value
+        return out
+
+
+def empty(context: OverlayContext, sequence: int = 0) -> Overlay:
+    """A bundle with no changes, at the bundle's own state sequence."""
+    b = context.bundle
+    return Overlay(
+        context=context,
+        sequence=sequence,
+        users=MappingProxyType({}),
+        erased=frozenset(),
+        erased_rows=_NO_ROWS,
+        item_rules=b.item_rules,
+    )
+
+
+def apply(overlay: Overlay, changes: Changes) -> Overlay:
+    """The overlay with ``changes`` (every change after ``overlay.sequence``) applied."""
+    if changes.sequence <= overlay.sequence:
+        return overlay
+    ctx = overlay.context
+    users = dict(overlay.users)
+    by_row = dict(overlay._by_row)
+    erased = overlay.erased | frozenset(changes.erased)
+    # Erasures first: any record of a forgotten customer goes, whatever else arrived.
+    if changes.erased:
+        gone = frozenset(changes.erased)
+        for user_id in [u for u in users if ctx.pseudonymize(u) in gone]:
+            live = users.pop(user_id)
+            if live.row is not None:
+                by_row.pop(live.row, None)
+    unknown = overlay.unknown_item_events
+    for user_id, events in _by_user(changes.events).items():
+        if ctx.pseudonymize(user_id) in erased:
+            continue  # the store drops these too; a race must not resurrect a customer
+        before = users.get(user_id) or ctx.bundle_user(user_id)
+        after, skipped = _with_events(ctx, before, events)
+        unknown += skipped
+        users[user_id] = after
+        if after.row is not None:
+            by_row[after.row] = user_id
+    for c in changes.customers:
+        if ctx.pseudonymize(c.user_id) in erased:
+            continue
+        before = users.get(c.user_id) or ctx.bundle_user(c.user_id)
+        users[c.user_id] = replace(
+            before,
+            tolerance=c.risk_tolerance if c.risk_tolerance is not None else before.tolerance,
+            consent=c.marketing_consent if c.marketing_consent is not None else before.consent,
+        )
+        if before.row is not None:
+            by_row[before.row] = c.user_id
+    item_rules, products_changed = overlay.item_rules, overlay.products_changed
+    if changes.products:
+        item_rules, n = _with_products(ctx, item_rules, changes)
+        products_changed += n
+    erased_rows = overlay.erased_rows
+    if len(erased) != len(overlay.erased):
+        rows = [ctx.pseudonym_rows.get(p) for p in erased]
+        erased_rows = np.array(sorted(r for r in rows if r is not None), dtype=np.int64)
+    return Overlay(
+        context=ctx,
+        sequence=changes.sequence,
+        users=MappingProxyType(users),
+        erased=erased,
+        erased_rows=erased_rows,
+        item_rules=item_rules,
+        products_changed=products_changed,
+        unknown_item_events=unknown,
+        _by_row=MappingProxyType(by_row),
+    )
+
+
+def _by_user(events: Iterable[StoredEvent]) -> dict[str, list[StoredEvent]]:
+    out: dict[str, list[StoredEvent]] = {}
+    for e in sorted(events, key=lambda e: (e.sequence, e.time)):
+        out.setdefault(e.user_id, []).append(e)
+    return out
+
+
+def _with_events(
+    ctx: OverlayContext, before: LiveUser, events: list[StoredEvent]
+) -> tuple[LiveUser, int]:
+    """``before`` with ``events`` applied, its vector re-solved; and the unknown-item count."""
+    strength = dict(zip(before.rows.tolist(), before.strength.tolist(), strict=True))
+    held = dict(zip(before.rows.tolist(), before.held.tolist(), strict=True))
+    items, unknown, changed = ctx.bundle.items, 0, False
+    for e in events:
+        row = items.index(e.item_id)
+        if row is None:
+            unknown += 1
+            continue
+        weight = ctx.event_weights.get(e.type)
+        if weight is not None:
+            strength[row] = strength.get(row, 0.0) + (e.weight if e.weight is not None else weight)
+            held.setdefault(row, False)
+            changed = True
+        if e.type in ctx.held_events and row in strength:
+            held[row] = True
+        elif e.type == CLOSE_EVENT and row in held:
+            held[row] = False
+    if not changed and len(held) == len(before.held):
+        return replace(
+            before, held=np.array([held[r] for r in before.rows.tolist()], bool)
+        ), unknown
+    rows = np.array(sorted(strength), dtype=np.int64)
+    s = np.array([strength[r] for r in rows.tolist()], dtype=np.float32)
+    conf = ctx.weighting.row(rows, s)
+    vector = ctx.fold_in(rows, conf) if len(rows) else None
+    after = replace(
+        before,
+        rows=rows,
+        strength=s,
+        confidence=conf,
+        held=np.array([held[r] for r in rows.tolist()], dtype=bool),
+        vector=vector,
+        refolded=True,
+    )
+    return after, unknown
+
+
+def _with_products(
+    ctx: OverlayContext, rules: ItemRules, changes: Changes
+) -> tuple[ItemRules, int]:
+    """Item rules with product updates applied (products the bundle lacks wait for training)."""
+    risk, active = rules.risk.copy(), rules.active.copy()
+    n = 0
+    for p in changes.products:
+        row = ctx.bundle.items.index(p.item_id)
+        if row is None:
+            continue
+        n += 1
+        if p.active is not None:
+            active[row] = p.active
+        if p.risk_level is not None and rules.suitability:
+            risk[row] = min(max(int(p.risk_level), MIN_LEVEL), MAX_LEVEL)
+    return ItemRules.build(risk, active, rules.suitability), n
