@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -422,6 +423,81 @@ def test_workers_share_one_port(models_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _serving_on_a_new_connection(port: int) -> bool:
+    local = [("grpc.use_local_subchannel_pool", 1)]  # a new connection, a new source port
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=local) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: state, parent, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _workers(parent: int) -> list[int]:
+    """The `serve --workers` children of ``parent`` (not its resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[1] == str(parent):
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has exited
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers in /proc")
+def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
+    grace = 2.0
+    port = _free_port()
+    proc = _serve_process(
+        models_dir, port, "--workers", "2", env={"RECSVC_GRACE_SECONDS": str(grace)}
+    )
+    workers: list[int] = []
+    try:
+        _wait_serving(port)
+        deadline = time.monotonic() + 60
+        while len(workers := _workers(proc.pid)) < 2:
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.05)
+        # Every worker serving (a worker still loading a model finishes that first):
+        # 30 new connections in a row answered SERVING, each by a worker the kernel
+        # picks, miss one of 2 workers with odds of about 1 in 500 million.
+        in_a_row = 0
+        while in_a_row < 30:
+            assert time.monotonic() < deadline, "workers never all SERVING"
+            in_a_row = in_a_row + 1 if _serving_on_a_new_connection(port) else 0
+        victim, other = workers
+        os.kill(victim, signal.SIGKILL)  # one worker dies; nothing else is wrong
+        killed = time.monotonic()
+        # The other drains within the grace period; exiting takes about a second more.
+        limit = killed + grace + 3
+        while proc.poll() is None and time.monotonic() < limit:
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+        assert proc.poll() == 1, f"parent still running {took:.1f}s after a worker died"
+        assert not _alive(other)
+        print(f"\none of 2 workers killed: the other stopped and serve exited 1 in {took:.2f}s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:  # never leave a worker behind, whatever the outcome
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
