@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.connection
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import grpc
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from recsvc.logs import Pseudonymizer, configure_logging
 from recsvc.serving.auth import BearerTokenInterceptor, read_token
+from recsvc.serving.drain import DrainGate
 from recsvc.serving.service import RecommenderService
 from recsvc.serving.store import ModelStore
 from recsvc.settings import ServerSettings
@@ -43,6 +45,7 @@ class RunningServer:
     health: health.aio.HealthServicer  # type: ignore[name-defined]  # stubs predate grpc.aio
     settings: ServerSettings
     service: RecommenderService
+    gate: DrainGate
     _reload_task: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
@@ -72,13 +75,25 @@ class RunningServer:
         self._reload_task = asyncio.get_running_loop().create_task(self._poll())
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful stop: health NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
+        """Graceful stop: health NOT_SERVING; take in every call that has reached the
+        server; refuse later ones (UNAVAILABLE) and stop listening; let the calls taken
+        in finish. All within ``grace`` seconds (``settings.grace_seconds`` by default).
+        """
+        grace = self.settings.grace_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         if self._reload_task is not None:
             self._reload_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reload_task
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        # Taking in is quick (it waits for a lull, not for work); the cap leaves at
+        # least half the grace period for the calls taken in to finish.
+        await self.gate.take_in(until=start + grace / 2)
+        # The released calls run once this coroutine yields, and server.stop yields only
+        # after gRPC has stopped taking calls; one matched in between is refused, not lost.
+        self.gate.refuse()
+        await self.server.stop(max(0.0, start + grace - loop.time()))
         self.store.close()
 
 
@@ -107,7 +122,8 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    interceptors = []
+    gate = DrainGate()
+    interceptors: list[Any] = [gate]  # first, so it sees every call
     if settings.auth_token_file is not None:
         interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
     server = grpc.aio.server(
@@ -126,7 +142,7 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     creds = _credentials(settings)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
-    running = RunningServer(server, port, store, health_servicer, settings, service)
+    running = RunningServer(server, port, store, health_servicer, settings, service, gate)
     await running.set_serving(False)
     return running
 
