@@ -8,6 +8,7 @@ index search (``recsvc.model.rules``, ``recsvc.model.index``).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,11 @@ from recsvc.errors import NotFound
 from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
 from recsvc.model.index import IndexSpec, VectorIndex
-from recsvc.model.overlay import ERASED, Overlay
+from recsvc.model.overlay import ERASED, Overlay, OverlayContext, apply, empty
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.rules import MIN_LEVEL, ItemRules
+from recsvc.model.weighting import RowWeighting
+from recsvc.state.base import Changes
 
 __all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source"]
 
@@ -111,6 +114,37 @@ class Recommender:
     @property
     def version(self) -> str:
         return self.bundle.version
+
+    def overlay(
+        self, pseudonymize: Callable[[str], str], changes: Changes | None = None
+    ) -> Overlay:
+        """The live overlay of this bundle, at its own state sequence, with ``changes`` applied.
+
+        Args:
+            pseudonymize: the keyed pseudonym of a customer id (erasures carry only that).
+            changes: what the state store holds after ``manifest.state_sequence``.
+        """
+        m = self.bundle.manifest
+        b = self.bundle
+        weighting = RowWeighting.from_training(
+            str(m.params.get("weighting", "log")),
+            b.indptr,
+            b.indices,
+            b.strength,
+            len(b.items),
+            float(m.params.get("bm25_k1", 100.0)),
+            float(m.params.get("bm25_b", 0.8)),
+        )
+        context = OverlayContext(
+            bundle=b,
+            weighting=weighting,
+            event_weights=m.events.weights,
+            held_events=frozenset(m.events.held),
+            fold_in=self.fold_in,
+            pseudonymize=pseudonymize,
+        )
+        overlay = empty(context, m.state_sequence)
+        return apply(overlay, changes) if changes is not None else overlay
 
     def info(self) -> dict[str, Any]:
         m = self.bundle.manifest
