@@ -19,6 +19,7 @@ from recsvc.model.ranking import Recommender
 from recsvc.serving.server import RunningServer, create_server
 from recsvc.settings import ServerSettings
 from recsvc.v1 import recommender_pb2_grpc
+from tests.postgres import pg_cluster  # noqa: F401  (one throwaway cluster a session)
 from training.data import TrainingData, load_training_data
 from training.fit import FitParams, fit_model
 from training.publish import publish
