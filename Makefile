@@ -34,8 +34,17 @@ $(MODELS)/LATEST: | $(DATA)/interactions.parquet
 sample: $(DATA)/interactions.parquet
 model: $(MODELS)/LATEST
 
-run: install model
-	$(VENV)/bin/recsvc serve --models $(MODELS) --host localhost --port 50051
+# The embedded live state, and its pseudonym key: made once, kept under var/ (never in git).
+STATE   ?= sqlite:///var/state.db
+KEYFILE := var/pseudonym.key
+
+$(KEYFILE):
+	mkdir -p $(dir $@)
+	umask 077 && $(PY) -c "import secrets; print(secrets.token_hex(32))" > $@
+
+run: install model $(KEYFILE)
+	RECSVC_PSEUDONYM_KEY=$$(cat $(KEYFILE)) $(VENV)/bin/recsvc serve --models $(MODELS) \
+		--state $(STATE) --host localhost --port 50051
 
 test: install
 	$(PY) -m pytest -q

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.model.bundle import load_bundle, read_latest
 from recsvc.model.ranking import Recommender
@@ -134,3 +139,25 @@ def server(models_dir: Path) -> Iterator[ServerThread]:
 @pytest.fixture(scope="session")
 def stub(server: ServerThread) -> recommender_pb2_grpc.RecommenderStub:
     return server.stub
+
+
+def serve_process(
+    models_dir: Path, port: int, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`recsvc serve` in its own process on 127.0.0.1:port, quiet."""
+    argv = ["serve", "--models", str(models_dir), "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "recsvc.cli", *argv, *extra],
+        env={**os.environ, "RECSVC_LOG_LEVEL": "WARNING", **(env or {})},
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_serving(port: int, timeout: float = 60) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != 1:
+            assert time.monotonic() < deadline, "never SERVING"
+            time.sleep(0.05)

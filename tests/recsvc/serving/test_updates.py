@@ -13,10 +13,11 @@ from recsvc.logs import Pseudonymizer
 from recsvc.model.bundle import load_bundle
 from recsvc.state import open_store
 from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 from recsvc.v1 import updates_pb2 as upb
 from recsvc.v1 import updates_pb2_grpc
-from tests.conftest import ServerThread, settings_for
-from tests.postgres import Cluster
+from tests.conftest import ServerThread, serve_process, settings_for, wait_serving
+from tests.postgres import Cluster, free_port
 
 KEY = b"updates-test-key"
 
@@ -234,3 +235,73 @@ def test_two_servers_sharing_a_state_see_each_others_writes(
     finally:
         one.close()
         two.close()
+
+
+def _process_env() -> dict[str, str]:
+    return {"RECSVC_PSEUDONYM_KEY": KEY.decode()}
+
+
+def test_workers_share_one_sqlite_state(
+    models_dir: Path, bundle_path: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    state = f"sqlite:///{tmp_path}/workers.db"
+    proc = serve_process(models_dir, port, "--workers", "2", "--state", state, env=_process_env())
+    try:
+        wait_serving(port)
+        user = load_bundle(bundle_path).users.ids[30]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            rec = pb_grpc.RecommenderStub(channel)
+            item = rec.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=10).items[0]
+            upd = updates_pb2_grpc.UpdatesStub(channel)
+            upd.RecordEvents(_events(("w-1", user, item.item_id, "purchase")), timeout=10)
+
+        def excluded_on_fresh_connections() -> bool:
+            # SO_REUSEPORT spreads connections over the workers: ask on many new ones.
+            for _ in range(12):
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as c:
+                    r = pb_grpc.RecommenderStub(c).Recommend(
+                        pb.RecommendRequest(user_id=user, k=3), timeout=10
+                    )
+                    if item.item_id in _ids(r):
+                        return False
+            return True
+
+        _until(excluded_on_fresh_connections, timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_sigkill_after_acknowledged_writes_loses_nothing(
+    models_dir: Path, bundle_path: Path, tmp_path: Path
+) -> None:
+    b = load_bundle(bundle_path)
+    port, url = free_port(), f"sqlite:///{tmp_path}/killed.db"
+    proc = serve_process(models_dir, port, "--state", url, env=_process_env())
+    acked: list[str] = []
+    try:
+        wait_serving(port)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            upd = updates_pb2_grpc.UpdatesStub(channel)
+            for n in range(40):
+                batch = [(f"k-{n}-{j}", b.users.ids[n], b.items.ids[j], "view") for j in range(5)]
+                upd.RecordEvents(_events(*batch), timeout=10)
+                acked += [e for e, *_ in batch]
+            last = upd.UpdateCustomers(
+                upb.UpdateCustomersRequest(
+                    customers=[upb.CustomerUpdate(user_id=b.users.ids[0], risk_tolerance=2)]
+                ),
+                timeout=10,
+            )
+        proc.kill()  # no drain, no shutdown: only what was committed survives
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with open_store(url, Pseudonymizer(KEY)) as store:
+        assert store.sequence() == last.sequence
+        changes = store.changes_since(0)
+        assert {e.event_id for e in changes.events} == set(acked)
+        assert [c.risk_tolerance for c in changes.customers] == [2]
