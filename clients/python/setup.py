@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 PROTO_ROOT = HERE.parent.parent / "proto"
 PACKAGE = "recsvc_client._v1"
 # Only import lines: the stubs also hold method paths ("/recsvc.v1.Recommender/...").
-_IMPORT = re.compile(r"^(from|import) recsvc\.v1\b", re.MULTILINE)
+_IMPORT = re.compile(r"^from recsvc\.v1 import ", re.MULTILINE)
 
 
 def generate(out: Path) -> None:
@@ -50,12 +50,12 @@ def generate(out: Path) -> None:
             sys.exit(f"recsvc-client: protoc failed on {', '.join(p.name for p in protos)}")
         out.mkdir(parents=True, exist_ok=True)
         for path in sorted((Path(tmp) / "recsvc" / "v1").iterdir()):
-            text = _IMPORT.sub(rf"\1 {PACKAGE}", path.read_text())
+            text = _IMPORT.sub(f"from {PACKAGE} import ", path.read_text())
             (out / path.name).write_text(text)
 
 
 class BuildPyWithProto(build_py):
-    """``build_py`` that first generates ``recsvc_client/_v1``.
+    """``build_py`` that also generates ``recsvc_client/_v1``.
 
     An editable install (``pip install -e``) imports from the source tree, so there
     the code is generated in place (ignored by git); a wheel gets it in its build folder.

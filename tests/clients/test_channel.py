@@ -17,9 +17,15 @@ from recsvc_client import (
     TLS,
     DeadlineExceeded,
     Event,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
     RecommenderClient,
     RecsvcClientError,
+    ResourceExhausted,
     Retries,
+    Unauthenticated,
     Unavailable,
     UpdatesClient,
 )
@@ -79,6 +85,33 @@ def test_other_codes_are_not_retried(scripted: Script) -> None:
     assert type(err.value) is RecsvcClientError and err.value.code is grpc.StatusCode.INTERNAL
     assert isinstance(err.value.__cause__, grpc.RpcError)
     assert scripted.attempts["RecordEvents"] == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument),
+        (grpc.StatusCode.NOT_FOUND, NotFound),
+        (grpc.StatusCode.FAILED_PRECONDITION, FailedPrecondition),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted),
+        (grpc.StatusCode.UNAVAILABLE, Unavailable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded),
+        (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDenied),
+        (grpc.StatusCode.INTERNAL, RecsvcClientError),
+        (grpc.StatusCode.UNKNOWN, RecsvcClientError),
+    ],
+)
+def test_each_status_raises_its_error(
+    scripted: Script, code: grpc.StatusCode, error: type[RecsvcClientError]
+) -> None:
+    scripted.fail = {"GetModelInfo": (code, 1)}
+    client = RecommenderClient(f"localhost:{scripted.port}", retries=Retries(max_attempts=1))
+    with client, pytest.raises(RecsvcClientError) as err:
+        client.model_info()
+    assert type(err.value) is error
+    assert (err.value.code, err.value.details) == (code, "GetModelInfo: scripted failure")
+    assert str(err.value) == f"{code.name}: GetModelInfo: scripted failure"
 
 
 def test_every_call_has_a_deadline_by_default(scripted: Script) -> None:

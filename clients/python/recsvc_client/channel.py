@@ -43,10 +43,10 @@ RETRIED: tuple[tuple[str, str | None], ...] = (
 )
 # gRPC caps a retry policy at 5 attempts (more are silently cut to 5).
 _MAX_ATTEMPTS = 5
-# Audiences stream in messages of a few thousand customers; answers up to this size.
+# gRPC's default is 4 MiB; a server run with a larger --max-message-bytes may send more.
 _MAX_RECEIVE = 64 * 1024 * 1024
 
-Self = TypeVar("Self", bound="ServiceClient")
+_Self = TypeVar("_Self", bound="ServiceClient")
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ class ServiceClient:
         """Close the channel; calls in flight are cancelled."""
         self._channel.close()
 
-    def __enter__(self: Self) -> Self:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(
