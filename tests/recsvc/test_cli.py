@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,30 @@ def test_serve_refuses_bad_settings_before_starting(
     assert main(["serve", "--models", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("recsvc: error: ") and flags[0] in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--token-file", "/no/token"], "--token-file: cannot read /no/token"),
+        (["--tls-ca", "/no/ca.pem"], "tls ca: cannot read /no/ca.pem"),
+        (["--tls-cert", "{cert}"], "a client certificate needs its private key"),
+    ],
+)
+def test_client_flags_are_checked_before_any_call(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert = tmp_path / "client.pem"
+    cert.write_text("not used")
+    argv = ["info", "--target", "localhost:1", *(f.format(cert=cert) for f in flags)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recsvc: error: ") and message in err
+
+
+def test_client_commands_say_what_to_install_without_the_client(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "recsvc_client", None)  # as if not installed
+    assert main(["info", "--target", "localhost:1"]) == 2
+    assert "need recsvc-client: pip install clients/python" in capsys.readouterr().err
