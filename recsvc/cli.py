@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,6 +68,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
             recent_item_ids=args.recent or (),
             exclude_item_ids=args.exclude or (),
             explain=args.explain,
+            min_sequence=args.min_sequence,
         )
     source = rec.source.name if rec.source else ""
     print(f"model {rec.model_version}  source {source}  id {rec.recommendation_id}")
@@ -136,6 +138,7 @@ def _cmd_target(args: argparse.Namespace) -> int:
             query.audience_size,
             min_score=query.min_score,
             include_holders=query.include_holders,
+            min_sequence=args.min_sequence,
         )
     table = pa.table(
         {
@@ -157,6 +160,80 @@ def _cmd_target(args: argparse.Namespace) -> int:
     print(f"{wrote} (model {audience.model_version}); sidecar {sidecar}")
     print(json.dumps(meta["excluded"]))
     return 0
+
+
+def _cmd_event(args: argparse.Namespace) -> int:
+    from recsvc_client import Event, UpdatesClient
+
+    event_id = args.id or f"cli-{secrets.token_hex(8)}"
+    event = Event(
+        event_id,
+        args.user,
+        args.item,
+        args.type,
+        weight=args.weight,
+        campaign_id=args.campaign or "",
+        channel=args.channel or "",
+    )
+    with _connect(args, UpdatesClient) as client:
+        done = client.record_events([event])
+    state = "duplicate (recorded before)" if done.duplicates else f"recorded {done.recorded}"
+    extra = " (a product the model does not know yet)" if done.unknown_items else ""
+    if done.dropped_forgotten:
+        state = "dropped: the customer was forgotten"
+    print(f"event {event_id}: {state}{extra}; state sequence {done.sequence}")
+    return 0
+
+
+def _cmd_customer(args: argparse.Namespace) -> int:
+    from recsvc_client import CustomerUpdate, UpdatesClient
+
+    update = CustomerUpdate(args.user, args.risk_tolerance, args.consent)
+    with _connect(args, UpdatesClient) as client:
+        done = client.update_customers([update])
+    print(f"updated {done.updated} customer(s); state sequence {done.sequence}")
+    return 0
+
+
+def _cmd_product(args: argparse.Namespace) -> int:
+    from recsvc_client import ProductUpdate, UpdatesClient
+
+    update = ProductUpdate(args.item, args.active, args.risk_level)
+    with _connect(args, UpdatesClient) as client:
+        done = client.update_products([update])
+    print(f"updated {done.updated} product(s); state sequence {done.sequence}")
+    return 0
+
+
+def _print_receipt(receipt: object) -> None:
+    fields = dataclasses.asdict(receipt)  # type: ignore[call-overload]
+    rows = [(k, v.isoformat() if hasattr(v, "isoformat") else v) for k, v in fields.items()]
+    print(_table(("field", "value"), rows))
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    from recsvc_client import UpdatesClient
+
+    with _connect(args, UpdatesClient) as client:
+        _print_receipt(client.forget_customer(args.user, args.reference or ""))
+    return 0
+
+
+def _cmd_receipt(args: argparse.Namespace) -> int:
+    from recsvc_client import UpdatesClient
+
+    with _connect(args, UpdatesClient) as client:
+        _print_receipt(client.erasure_receipt(args.id))
+    return 0
+
+
+def _yes_no(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("yes", "true", "1", "on"):
+        return True
+    if word in ("no", "false", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -212,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recent", action="append", help="recently seen item (repeatable)")
     p.add_argument("--exclude", action="append", help="item to leave out (repeatable)")
     p.add_argument("--explain", action="store_true")
+    p.add_argument("--min-sequence", type=int, default=0, help="wait for this state sequence")
 
     p = _client_command(sub, "similar", "products similar to a product", _cmd_similar)
     p.add_argument("--item", required=True)
@@ -226,6 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float)
     p.add_argument("--include-holders", action="store_true")
     p.add_argument("--out", required=True)
+    p.add_argument("--min-sequence", type=int, default=0, help="wait for this state sequence")
+
+    p = _client_command(sub, "event", "record a customer event (purchase, close ...)", _cmd_event)
+    p.add_argument("--user", required=True)
+    p.add_argument("--item", required=True)
+    p.add_argument("--type", required=True, help="view, click, apply, purchase, hold, close ...")
+    p.add_argument("--id", help="idempotency key (default: a random one)")
+    p.add_argument("--weight", type=float)
+    p.add_argument("--campaign")
+    p.add_argument("--channel", help="email, sms, push, call, app ...")
+
+    p = _client_command(sub, "customer", "set a customer's tolerance or consent", _cmd_customer)
+    p.add_argument("--user", required=True)
+    p.add_argument("--risk-tolerance", type=int, help="1 (lowest) to 5")
+    p.add_argument("--consent", type=_yes_no, help="marketing consent: yes or no")
+
+    p = _client_command(sub, "product", "withdraw a product or set its risk", _cmd_product)
+    p.add_argument("--item", required=True)
+    p.add_argument("--active", type=_yes_no, help="yes or no")
+    p.add_argument("--risk-level", type=int, help="1 (lowest) to 5")
+
+    p = _client_command(sub, "forget", "erase a customer; prints the receipt", _cmd_forget)
+    p.add_argument("--user", required=True)
+    p.add_argument("--reference", help="the bank's case number")
+
+    p = _client_command(sub, "receipt", "an erasure receipt again", _cmd_receipt)
+    p.add_argument("--id", required=True, help="receipt id (r_...)")
     return parser
 
 
