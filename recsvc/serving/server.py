@@ -11,6 +11,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from recsvc.logs import Pseudonymizer, configure_logging
 from recsvc.serving.auth import BearerTokenInterceptor, read_token
 from recsvc.serving.drain import DrainGate
 from recsvc.serving.live import StateFollower
+from recsvc.serving.metrics import MULTIPROCESS_DIR, Metrics, SharedMetrics
 from recsvc.serving.service import RecommenderService
 from recsvc.serving.store import ModelStore
 from recsvc.serving.updates import UpdatesService
@@ -55,6 +57,8 @@ class RunningServer:
     gate: DrainGate
     follower: StateFollower | None = None
     """With ``--state``: keeps the served overlay current with the state store."""
+    metrics: Metrics | None = None
+    """With ``--metrics-port``: this server's Prometheus metrics."""
     _reload_task: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
@@ -70,6 +74,8 @@ class RunningServer:
         """Look at LATEST once (in a thread: loading must not block the event loop)."""
         swapped = await asyncio.to_thread(self.store.refresh)
         await self.set_serving(self.store.version is not None)
+        if self.metrics is not None:
+            self.metrics.sample()
         return swapped
 
     async def _poll(self) -> None:
@@ -107,6 +113,8 @@ class RunningServer:
         if self.follower is not None:
             await asyncio.to_thread(self.follower.stop)
             self.follower.state.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -144,6 +152,9 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     interceptors: list[Any] = [gate]  # first, so it sees every call
     if settings.auth_token_file is not None:
         interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
+    metrics = Metrics(store, follower) if settings.metrics_port is not None else None
+    if metrics is not None:  # ahead of the gate: the calls it refuses are counted too
+        interceptors.insert(0, metrics.interceptor)
     server = grpc.aio.server(
         options=options,
         interceptors=interceptors,
@@ -166,17 +177,25 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     creds = _credentials(settings)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
-    running = RunningServer(server, port, store, health_servicer, settings, service, gate, follower)
+    running = RunningServer(
+        server, port, store, health_servicer, settings, service, gate, follower, metrics
+    )
     await running.set_serving(False)
     if follower is not None:
         follower.start()
+    if metrics is not None:  # a worker's figures go to the folder its parent serves
+        shared = MULTIPROCESS_DIR in os.environ
+        metrics.start(settings.host, None if shared else settings.metrics_port)
     return running
 
 
 async def serve(settings: ServerSettings, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight RPCs and stop."""
     running = await create_server(settings, reuse_port)
-    log.info("listening", extra={"address": f"{settings.host}:{running.port}"})
+    where = {"address": f"{settings.host}:{running.port}"}
+    if running.metrics is not None and running.metrics.port is not None:
+        where["metrics"] = f"http://{settings.host}:{running.metrics.port}/metrics"
+    log.info("listening", extra=where)
     running.start_polling()  # its first look at LATEST is now, guarded like every later one
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -200,6 +219,19 @@ def serve_forever(settings: ServerSettings) -> int:
     if settings.workers == 1:
         asyncio.run(serve(settings))
         return 0
+    # One port for every worker's metrics, from the parent; made before the workers start.
+    shared = None
+    if settings.metrics_port is not None:
+        shared = SharedMetrics(settings.host, settings.metrics_port)
+        log.info("metrics", extra={"url": f"http://{settings.host}:{shared.port}/metrics"})
+    try:
+        return _run_workers(settings, shared)
+    finally:
+        if shared is not None:
+            shared.close()
+
+
+def _run_workers(settings: ServerSettings, shared: SharedMetrics | None) -> int:
     # gRPC must not be started before fork: use spawn, as gRPC's multiprocessing example warns.
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(settings,)) for _ in range(settings.workers)]
@@ -229,6 +261,8 @@ def serve_forever(settings: ServerSettings) -> int:
         for p in [p for p in running if p.sentinel in done]:
             p.join()
             running.remove(p)
+            if shared is not None and p.pid is not None:
+                shared.worker_exited(p.pid)
             # SIGTERM from us (a worker still importing has no handler yet) is a clean stop.
             clean = p.exitcode == 0 or (stopping and p.exitcode == -signal.SIGTERM)
             if not clean:
