@@ -14,6 +14,7 @@ import multiprocessing.connection
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -22,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsvc.logs import Pseudonymizer, configure_logging
+from recsvc.model.bundle import LATEST, list_versions
 from recsvc.serving.auth import BearerTokenInterceptor, read_token
 from recsvc.serving.drain import DrainGate
 from recsvc.serving.live import StateFollower
@@ -60,6 +62,7 @@ class RunningServer:
     metrics: Metrics | None = None
     """With ``--metrics-port``: this server's Prometheus metrics."""
     _reload_task: asyncio.Task[None] | None = None
+    _no_model: str = ""
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -73,7 +76,15 @@ class RunningServer:
     async def refresh(self) -> bool:
         """Look at LATEST once (in a thread: loading must not block the event loop)."""
         swapped = await asyncio.to_thread(self.store.refresh)
-        await self.set_serving(self.store.version is not None)
+        serving = self.store.version is not None
+        await self.set_serving(serving)
+        reason = "" if serving else _why_no_model(self.settings.models)
+        if reason and reason != self._no_model:  # once, and again only if the reason changes
+            log.warning(
+                "no model to serve yet; looking again every poll",
+                extra={"reason": reason, "poll_interval": self.settings.poll_interval},
+            )
+        self._no_model = reason
         if self.metrics is not None:
             self.metrics.sample()
         return swapped
@@ -115,6 +126,17 @@ class RunningServer:
             self.follower.state.close()
         if self.metrics is not None:
             self.metrics.close()
+
+
+def _why_no_model(models: Path) -> str:
+    """Why a models folder gives nothing to serve, for the log."""
+    if not models.exists():
+        return f"{models} does not exist (is --models right?)"
+    if not models.is_dir():
+        return f"{models} is not a folder"
+    if not (models / LATEST).exists() and not list_versions(models):
+        return f"{models} holds no {LATEST} and no version: publish one (recsvc-train fit)"
+    return f"no version in {models} could be loaded (see the errors logged)"
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -192,7 +214,7 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
 async def serve(settings: ServerSettings, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight RPCs and stop."""
     running = await create_server(settings, reuse_port)
-    where = {"address": f"{settings.host}:{running.port}"}
+    where = {"address": f"{settings.host}:{running.port}", "models": str(settings.models)}
     if running.metrics is not None and running.metrics.port is not None:
         where["metrics"] = f"http://{settings.host}:{running.metrics.port}/metrics"
     log.info("listening", extra=where)

@@ -45,6 +45,7 @@ def test_errors_are_reported_not_raised(
         ["--auth-token-file", "/no/token"],
         ["--workers", "0", "--port", "7000"],
         ["--workers", "2", "--port", "0"],
+        ["--metrics-port", "7000", "--port", "7000"],
     ],
 )
 def test_serve_refuses_bad_settings_before_starting(
