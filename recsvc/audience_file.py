@@ -16,7 +16,7 @@ from recsvc.files import fsync_path
 from recsvc.model.queries import TargetQuery
 from recsvc.model.targeting import ExclusionCounts
 
-__all__ = ["audience_meta", "write_audience"]
+__all__ = ["audience_meta", "shortfall", "write_audience"]
 
 
 def audience_meta(
@@ -37,6 +37,18 @@ def audience_meta(
         "approximate": approximate,
         "source": source,
     }
+
+
+def shortfall(asked: int, rows: int, eligible: int, excluded: ExclusionCounts) -> str:
+    """Why an audience has fewer customers than asked for, by rule; "" when it has them all."""
+    if rows >= asked:
+        return ""
+    return (
+        f"{rows:,} customers, not the {asked:,} asked for: {eligible:,} are eligible; left out "
+        f"{excluded.no_consent:,} without marketing consent, {excluded.unsuitable:,} whose risk "
+        f"tolerance is below the products' risk, {excluded.holders:,} who hold one already, "
+        f"{excluded.below_min_score:,} below the minimum score"
+    )
 
 
 def write_audience(out: Path, table: pa.Table, meta: dict[str, Any]) -> Path:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import secrets
 import sys
 from collections.abc import Callable, Sequence
@@ -17,15 +18,18 @@ from recsvc.settings import ServerSettings
 
 # The client commands import recsvc_client on use: `recsvc serve` never needs it.
 if TYPE_CHECKING:
-    from recsvc_client import ServiceClient
+    from recsvc_client import Recommendation, ServiceClient
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_SERVER", "main"]
+
+DEFAULT_SERVER = "localhost:50051"
+"""Where the client commands find the server unless ``--server`` or ``RECSVC_SERVER`` says."""
 
 _ClientT = TypeVar("_ClientT", bound="ServiceClient")
 
 
 def _connect(args: argparse.Namespace, kind: type[_ClientT]) -> _ClientT:
-    """A client of ``kind`` with the command's target, deadline, token and TLS flags."""
+    """A client of ``kind`` with the command's server, deadline, token and TLS flags."""
     from recsvc_client import TLS
 
     tls = (
@@ -41,13 +45,15 @@ def _connect(args: argparse.Namespace, kind: type[_ClientT]) -> _ClientT:
             raise ValueError(
                 f"--token-file: cannot read {args.token_file}: {exc.strerror}"
             ) from exc
-    return kind(args.target, token=token, tls=tls, timeout=args.timeout)
+    return kind(args.server, token=token, tls=tls, timeout=args.timeout)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -56,6 +62,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from recsvc.serving.server import serve_forever
 
     return serve_forever(ServerSettings.from_args(args))
+
+
+def _print_ranked(rec: Recommendation, explain: bool = False) -> None:
+    """A Recommend or RankItems answer: its model and source, then the items, best first."""
+    source = rec.source.name if rec.source else ""
+    print(f"model {rec.model_version}  source {source}  id {rec.recommendation_id}")
+    if rec.unknown_recent_item_ids:  # on stderr: the table stays the first lines of stdout
+        unknown = ", ".join(rec.unknown_recent_item_ids)
+        print(
+            f"recsvc: not in model {rec.model_version}, not folded in: {unknown}", file=sys.stderr
+        )
+    width = 4 if explain else 3  # no "because" column unless asked for
+    rows = [
+        (i + 1, it.item_id, f"{it.score:.4f}", ", ".join(c.item_id for c in it.because))[:width]
+        for i, it in enumerate(rec.items)
+    ]
+    headers = ("#", "item_id", "score", "because")[:width]
+    print(_table(headers, rows))
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
@@ -68,15 +92,36 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
             recent_item_ids=args.recent or (),
             exclude_item_ids=args.exclude or (),
             explain=args.explain,
+            include_interacted=args.include_interacted,
             min_sequence=args.min_sequence,
         )
-    source = rec.source.name if rec.source else ""
-    print(f"model {rec.model_version}  source {source}  id {rec.recommendation_id}")
-    rows = [
-        (i + 1, it.item_id, f"{it.score:.4f}", ", ".join(c.item_id for c in it.because))
-        for i, it in enumerate(rec.items)
-    ]
-    print(_table(("#", "item_id", "score", "because" if args.explain else ""), rows))
+    _print_ranked(rec, args.explain)
+    return 0
+
+
+_DROPPED = {
+    "UNKNOWN_ITEM": "not in the model's catalogue",
+    "INACTIVE": "an inactive product",
+    "UNSUITABLE": "risk level above the customer's risk tolerance",
+    "INTERACTED": "the customer has it already (--include-interacted shows it)",
+}
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from recsvc_client import RecommenderClient
+
+    with _connect(args, RecommenderClient) as client:
+        rec = client.rank_items(
+            args.user or "",
+            args.item,
+            recent_item_ids=args.recent or (),
+            include_interacted=args.include_interacted,
+            min_sequence=args.min_sequence,
+        )
+    _print_ranked(rec)
+    if rec.dropped:
+        rows = [(d.item_id, d.reason.name, _DROPPED.get(d.reason.name, "")) for d in rec.dropped]
+        print(f"\nleft out\n{_table(('item_id', 'reason', 'why'), rows)}")
     return 0
 
 
@@ -122,7 +167,7 @@ def _cmd_target(args: argparse.Namespace) -> int:
     import pyarrow as pa
     from recsvc_client import RecommenderClient
 
-    from recsvc.audience_file import audience_meta, write_audience
+    from recsvc.audience_file import audience_meta, shortfall, write_audience
     from recsvc.model.queries import TargetQuery
     from recsvc.model.targeting import ExclusionCounts
 
@@ -153,11 +198,14 @@ def _cmd_target(args: argparse.Namespace) -> int:
         audience.eligible_users,
         excluded,
         audience.approximate,
-        f"rpc {args.target}",
+        f"rpc {args.server}",
     )
     sidecar = write_audience(Path(args.out), table, meta)
     wrote = f"wrote {table.num_rows:,} customers to {args.out}"
     print(f"{wrote} (model {audience.model_version}); sidecar {sidecar}")
+    short = shortfall(query.audience_size, table.num_rows, audience.eligible_users, excluded)
+    if short:
+        print(short)
     print(json.dumps(meta["excluded"]))
     return 0
 
@@ -237,7 +285,13 @@ def _yes_no(text: str) -> bool:
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="localhost:50051", help="server host:port")
+    p.add_argument(
+        "--server",
+        default=os.environ.get("RECSVC_SERVER") or DEFAULT_SERVER,
+        help=f"the server's host:port, or any gRPC target [RECSVC_SERVER; {DEFAULT_SERVER}]",
+    )
+    # The old name, kept working for scripts; it read as the product on `recsvc target`.
+    p.add_argument("--target", dest="server", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
     p.add_argument("--token-file", help="bearer token file")
     p.add_argument("--tls-ca", help="CA certificate to trust (enables TLS)")
@@ -275,6 +329,12 @@ def _client_command(
     return p
 
 
+_K_HELP = "how many products (default 10, at most 500)"
+_RECENT_HELP = "an item the customer just saw, folded into their vector (repeatable)"
+_INTERACTED_HELP = "allow products the customer already has or interacted with"
+_SEQUENCE_HELP = "wait until the server has applied this state sequence (read your own write)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,16 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = _client_command(sub, "recommend", "suggestions for a customer", _cmd_recommend)
-    p.add_argument("--user", help="customer id")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--recent", action="append", help="recently seen item (repeatable)")
+    p.add_argument("--user", help="customer id (none: anonymous, by --recent items)")
+    p.add_argument("-k", type=int, default=10, help=_K_HELP)
+    p.add_argument("--recent", action="append", help=_RECENT_HELP)
     p.add_argument("--exclude", action="append", help="item to leave out (repeatable)")
-    p.add_argument("--explain", action="store_true")
-    p.add_argument("--min-sequence", type=int, default=0, help="wait for this state sequence")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="show, for each product, the customer's own products that weighed most",
+    )
+    p.add_argument("--include-interacted", action="store_true", help=_INTERACTED_HELP)
+    p.add_argument("--min-sequence", type=int, default=0, help=_SEQUENCE_HELP)
+
+    p = _client_command(sub, "rank", "a candidate list in a customer's order", _cmd_rank)
+    p.add_argument("--user", help="customer id (none: anonymous, by --recent items)")
+    p.add_argument("--item", action="append", required=True, help="candidate (repeatable)")
+    p.add_argument("--recent", action="append", help=_RECENT_HELP)
+    p.add_argument("--include-interacted", action="store_true", help=_INTERACTED_HELP)
+    p.add_argument("--min-sequence", type=int, default=0, help=_SEQUENCE_HELP)
 
     p = _client_command(sub, "similar", "products similar to a product", _cmd_similar)
     p.add_argument("--item", required=True)
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help=_K_HELP)
     p.add_argument("--user", help="apply this customer's rules")
 
     _client_command(sub, "info", "the served model", _cmd_info)
@@ -304,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float)
     p.add_argument("--include-holders", action="store_true")
     p.add_argument("--out", required=True)
-    p.add_argument("--min-sequence", type=int, default=0, help="wait for this state sequence")
+    p.add_argument("--min-sequence", type=int, default=0, help=_SEQUENCE_HELP)
 
     p = _client_command(sub, "event", "record a customer event (purchase, close ...)", _cmd_event)
     p.add_argument("--user", required=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
-from recsvc.cli import main
+from recsvc.cli import build_parser, main
 from tests.conftest import ServerThread
 
 
@@ -36,6 +37,86 @@ def test_errors_are_reported_not_raised(
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["recommend", "--target", target, "-k", "9999", "--user", "u"]) == 1
     assert "INVALID_ARGUMENT: k:" in capsys.readouterr().err
+
+
+def test_a_because_column_only_with_explain(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ask = ["recommend", "--server", f"localhost:{server.running.port}", "--user", "C00000004"]
+    assert main([*ask, "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["#", "item_id", "score"]
+    assert all(line == line.rstrip() for line in lines)  # no empty column at the end
+    assert main([*ask, "-k", "3", "--explain"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["#", "item_id", "score", "because"]
+
+
+def test_rank_says_why_each_candidate_is_left_out(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    b = server.running.store.current().recommender.bundle
+    user = "C00000004"
+    history = b.user_item_rows(b.users.index(user))
+    had = b.items.ids[int(history[0])]
+    ask = ["rank", "--server", f"localhost:{server.running.port}", "--user", user]
+    items = [f"--item={i}" for i in (*b.items.ids, "ghost")]
+    assert main([*ask, *items, "--recent", "nowhere"]) == 0
+    captured = capsys.readouterr()
+    ranked, _, left_out = captured.out.partition("\nleft out\n")
+    why = {line.split()[0]: line.split()[1] for line in left_out.splitlines()[2:]}
+    assert why["ghost"] == "UNKNOWN_ITEM" and why[had] == "INTERACTED"
+    assert {"UNSUITABLE", "INACTIVE"} <= set(why.values())
+    assert had not in ranked and "not folded in: nowhere" in captured.err
+    assert main([*ask, *items, "--include-interacted"]) == 0
+    ranked = capsys.readouterr().out.partition("\nleft out\n")[0]
+    assert had in ranked
+
+
+def test_unknown_recent_items_are_named_not_silently_dropped(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ask = ["recommend", "--server", f"localhost:{server.running.port}", "--recent", "CC-9"]
+    assert main(ask) == 0
+    captured = capsys.readouterr()
+    assert "source POPULAR" in captured.out
+    assert "not folded in: CC-9" in captured.err
+
+
+def test_every_client_command_names_its_server_the_same_way() -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, command in commands.items():
+        if name == "serve":
+            continue
+        flags = {f for action in command._actions for f in action.option_strings}
+        assert "--server" in flags, name
+        assert "--target" not in command.format_help(), name  # read as the product
+    for name in ("recommend", "similar"):
+        help_text = commands[name].format_help()
+        assert "how many products" in help_text
+    assert "weighed most" in commands["recommend"].format_help()
+
+
+def test_the_server_can_come_from_the_environment(
+    server: ServerThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSVC_SERVER", f"localhost:{server.running.port}")
+    assert main(["info"]) == 0
+    assert "rule: suitability" in capsys.readouterr().out
+
+
+def test_target_says_why_the_audience_is_smaller_than_asked(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "aud.parquet"
+    ask = ["target", "--server", f"localhost:{server.running.port}", "--item", "CC-000001"]
+    assert main([*ask, "--size", "100000", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n = pq.read_metadata(out).num_rows
+    assert f"{n:,} customers, not the 100,000 asked for:" in lines[1]
+    assert "without marketing consent" in lines[1] and "who hold one already" in lines[1]
+    assert main([*ask, "--size", "3", "--out", str(out)]) == 0
+    assert "asked for" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
