@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -18,7 +19,7 @@ from recsvc.settings import ServerSettings
 
 # The client commands import recsvc_client on use: `recsvc serve` never needs it.
 if TYPE_CHECKING:
-    from recsvc_client import Recommendation, ServiceClient
+    from recsvc_client import TLS, Recommendation, ServiceClient
 
 __all__ = ["DEFAULT_SERVER", "main"]
 
@@ -28,15 +29,17 @@ DEFAULT_SERVER = "localhost:50051"
 _ClientT = TypeVar("_ClientT", bound="ServiceClient")
 
 
-def _connect(args: argparse.Namespace, kind: type[_ClientT]) -> _ClientT:
-    """A client of ``kind`` with the command's server, deadline, token and TLS flags."""
+def _tls(args: argparse.Namespace) -> TLS | None:
     from recsvc_client import TLS
 
-    tls = (
-        TLS.from_files(args.tls_ca, args.tls_cert, args.tls_key)
-        if args.tls_ca or args.tls_cert
-        else None
-    )
+    if args.tls_ca or args.tls_cert:
+        return TLS.from_files(args.tls_ca, args.tls_cert, args.tls_key)
+    return None
+
+
+def _connect(args: argparse.Namespace, kind: type[_ClientT]) -> _ClientT:
+    """A client of ``kind`` with the command's server, deadline, token and TLS flags."""
+    tls = _tls(args)
     token = None
     if args.token_file:
         try:
@@ -210,6 +213,34 @@ def _cmd_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    """The server's health status (gRPC health checking); 0 only once it is SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    tls = _tls(args)
+    channel = (
+        grpc.secure_channel(args.server, tls.credentials())
+        if tls is not None
+        else grpc.insecure_channel(args.server)
+    )
+    request = health_pb2.HealthCheckRequest(service=args.service)
+    until = time.monotonic() + args.wait
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(request, timeout=min(args.timeout, 5.0))
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:  # not listening yet, or stopping
+                status = f"{exc.code().name}: {exc.details()}"
+            if status == "SERVING" or time.monotonic() >= until:
+                break
+            time.sleep(0.2)
+    print(f"{args.server}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
 def _cmd_event(args: argparse.Namespace) -> int:
     from recsvc_client import Event, UpdatesClient
 
@@ -369,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="apply this customer's rules")
 
     _client_command(sub, "info", "the served model", _cmd_info)
+
+    p = _client_command(sub, "health", "exit 0 once the server is SERVING, else 1", _cmd_health)
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to keep asking until SERVING (default 0)"
+    )
+    p.add_argument("--service", default="", help="a service's health (default: the server's)")
 
     p = _client_command(sub, "target", "campaign audience to Parquet", _cmd_target)
     p.add_argument("--item", action="append", required=True, help="product (repeatable)")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from recsvc.cli import build_parser, main
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, settings_for
+from tests.postgres import free_port
 
 
 def test_recommend_similar_info_tables(
@@ -105,6 +107,23 @@ def test_the_server_can_come_from_the_environment(
     assert "rule: suitability" in capsys.readouterr().out
 
 
+def test_health_exits_0_only_once_serving(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["health", "--server", f"localhost:{server.running.port}"]) == 0
+    assert capsys.readouterr().out.endswith(": SERVING\n")
+    empty = ServerThread(settings_for(tmp_path, trial_in_child=False), load=False)
+    try:
+        waited = time.monotonic()
+        assert main(["health", "--server", f"localhost:{empty.running.port}", "--wait", "1"]) == 1
+        assert time.monotonic() - waited >= 1
+        assert capsys.readouterr().out.endswith(": NOT_SERVING\n")
+    finally:
+        empty.stop()
+    assert main(["health", "--server", f"127.0.0.1:{free_port()}"]) == 1
+    assert ": UNAVAILABLE: " in capsys.readouterr().out
+
+
 def test_target_says_why_the_audience_is_smaller_than_asked(
     server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -167,8 +186,6 @@ def test_client_commands_say_what_to_install_without_the_client(
 def test_the_write_commands_change_what_the_server_answers(
     models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.conftest import ServerThread, settings_for
-
     live = ServerThread(
         settings_for(models_dir, state=f"sqlite:///{tmp_path}/s.db", pseudonym_key=b"cli-key")
     )
