@@ -19,6 +19,7 @@ from recsvc.model.ranking import Recommender
 from recsvc.serving.server import RunningServer, create_server
 from recsvc.settings import ServerSettings
 from recsvc.v1 import recommender_pb2_grpc
+from tests.pg import Cluster, running_cluster
 from training.data import TrainingData, load_training_data
 from training.fit import FitParams, fit_model
 from training.publish import publish
@@ -31,6 +32,12 @@ PARAMS = FitParams(factors=16, iterations=8, seed=3)
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster (``tests/pg.py``), or a skip saying why there is none."""
+    yield from running_cluster()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ from recsvc.errors import StateError, StateUnavailable
 from recsvc.state import SCHEMA_VERSION, Event, open_store, sqlite_path
 from recsvc.state.postgres import PostgresStore
 from recsvc.state.sqlite import SQLiteStore
-from tests.recsvc.state.conftest import PSEUDONYMIZE, Backend, Cluster, _free_port
+from tests.pg import free_port
+from tests.recsvc.state.conftest import PSEUDONYMIZE, Backend, Cluster
 from tests.recsvc.state.test_contract import ev
 
 
@@ -74,7 +75,7 @@ def test_both_postgresql_schemes_open_a_postgres_store(pg_cluster: Cluster, sche
 
 
 def test_an_unreachable_postgres_is_unavailable() -> None:
-    url = f"postgresql://postgres:pw@127.0.0.1:{_free_port()}/state"
+    url = f"postgresql://postgres:pw@127.0.0.1:{free_port()}/state"
     with pytest.raises(StateUnavailable, match="PostgreSQL") as caught:
         open_store(url, PSEUDONYMIZE)
     assert "pw@" not in str(caught.value)
