@@ -127,14 +127,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.state is None:
         _fit(args, None)
         return 0
+    # The store is opened twice rather than held open through a fit of many minutes.
     with _state_store(args.state) as (store, pseudonymize):
         state = read_state(store, pseudonymize)
-        folder, data = _fit(args, state)
+    folder, data = _fit(args, state)
+    with _state_store(args.state) as (store, _):
         erasure = complete_erasure(store, Path(args.models), folder.name, state)
     report = data.report
     print(
-        f"  state: {report.state_events:,} events folded in up to sequence {state.sequence}; "
-        f"{report.unknown_products} updates of products not in the catalogue ignored"
+        f"  state: {report.state_events:,} events folded in, up to sequence {state.sequence}; "
+        f"product updates ignored (not in the catalogue): {report.unknown_products}"
     )
     print(
         f"  erasure: {report.forgotten_customers} forgotten customers in the inputs, "
@@ -144,7 +146,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     deleted = ", ".join(erasure.versions_deleted) or "none"
     print(
         f"  deleted older versions holding a forgotten customer: {deleted}; "
-        f"{erasure.receipts_completed} erasure receipts complete"
+        f"erasure receipts completed: {erasure.receipts_completed}"
     )
     return 0
 
