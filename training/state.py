@@ -112,6 +112,16 @@ def read_state(store: StateStore, pseudonymize: Callable[[str], str]) -> FoldedS
     changes = store.snapshot(sequence)
     # Read after the snapshot: every erasure it reflects is among them, and maybe later ones.
     forgotten = store.forgotten() | frozenset(changes.erased)
+    log.info(
+        "read the live state",
+        extra={
+            "sequence": sequence,
+            "events": len(changes.events),
+            "customers": len(changes.customers),
+            "products": len(changes.products),
+            "forgotten": len(forgotten),
+        },
+    )
     return FoldedState(changes, forgotten, pseudonymize)
 
 
