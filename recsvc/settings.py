@@ -94,6 +94,13 @@ class ServerSettings:
             "allow TargetUsers on data without a users table (no consent requirement)", _switch
         ),
     )
+    state: str | None = field(
+        default=None,
+        metadata=_declare(
+            "live state store: sqlite:///PATH (embedded) or postgresql://... (shared by "
+            "several servers); needs RECSVC_PSEUDONYM_KEY"
+        ),
+    )
     log_level: str = field(
         default="INFO",
         metadata=_declare("DEBUG, INFO, WARNING, ERROR or CRITICAL", _log_level),
@@ -129,6 +136,12 @@ class ServerSettings:
         values = {name: s.resolve(given.get(name), os.environ) for name, s in SETTINGS.items()}
         if values["models"] is None:
             raise ValueError("no model folder: pass --models or set RECSVC_MODELS")
+        if values["state"] is not None and values["pseudonym_key"] is None:
+            # Tombstones and receipts are keyed pseudonyms: a random key would orphan them.
+            raise ValueError(
+                "--state needs RECSVC_PSEUDONYM_KEY (the key of the erasure tombstones and "
+                "receipts, the same on every server and across restarts)"
+            )
         settings = cls(**{k: v for k, v in values.items() if v is not None})
         settings.check()
         return settings

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,13 +17,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.model.bundle import load_bundle, read_latest
 from recsvc.model.ranking import Recommender
 from recsvc.serving.server import RunningServer, create_server
 from recsvc.settings import ServerSettings
 from recsvc.v1 import recommender_pb2_grpc
-from tests.pg import Cluster, running_cluster
+from tests.postgres import pg_cluster  # noqa: F401  (one throwaway cluster a session)
 from training.data import TrainingData, load_training_data
 from training.fit import FitParams, fit_model
 from training.publish import publish
@@ -32,12 +37,6 @@ PARAMS = FitParams(factors=16, iterations=8, seed=3)
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[Cluster]:
-    """A throwaway PostgreSQL cluster (``tests/pg.py``), or a skip saying why there is none."""
-    yield from running_cluster()
 
 
 @pytest.fixture(scope="session")
@@ -140,3 +139,37 @@ def server(models_dir: Path) -> Iterator[ServerThread]:
 @pytest.fixture(scope="session")
 def stub(server: ServerThread) -> recommender_pb2_grpc.RecommenderStub:
     return server.stub
+
+
+def serve_process(
+    models_dir: Path, port: int, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`recsvc serve` in its own process on 127.0.0.1:port, quiet."""
+    argv = ["serve", "--models", str(models_dir), "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "recsvc.cli", *argv, *extra],
+        env={**os.environ, "RECSVC_LOG_LEVEL": "WARNING", **(env or {})},
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_serving(port: int, timeout: float = 60) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != 1:
+            assert time.monotonic() < deadline, "never SERVING"
+            time.sleep(0.05)
+
+
+# Channels share connections to one target unless told not to: a new connection, a new
+# source port (so SO_REUSEPORT may hand it to another worker).
+NEW_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def serving_on_a_new_connection(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=NEW_CONNECTION) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)

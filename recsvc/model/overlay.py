@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from functools import cached_property
 from types import MappingProxyType
 
@@ -58,6 +59,9 @@ class LiveUser:
     """A live risk tolerance; None keeps the bundle's (or the unknown default)."""
     consent: bool | None = None
     """A live marketing consent; None keeps the bundle's."""
+    held_at: Mapping[int, datetime] = field(default_factory=dict)
+    """Per item row, the time of the latest live held or close event: an older one, recorded
+    late, changes nothing (the latest by time decides, as in training)."""
 
     @property
     def held_rows(self) -> np.ndarray:
@@ -151,37 +155,6 @@ class Overlay:
         rows = np.fromiter(self._by_row, dtype=np.int64, count=len(self._by_row))
         return np.union1d(rows, self.erased_rows)
 
-    def live_of_row(self, row: int) -> LiveUser | None:
-        user_id = self._by_row.get(row)
-        return self.users[user_id] if user_id is not None else None
-
-    @cached_property
-    def new_users(self) -> tuple[tuple[str, LiveUser], ...]:
-        """Customers the bundle does not know, in id order."""
-        return tuple(sorted((k, u) for k, u in self.users.items() if u.row is None))
-
-    def tolerance(self, base: np.ndarray) -> np.ndarray:
-        """``base`` (tolerance per bundle row) with live tolerances applied."""
-        return self._override(base, "tolerance")
-
-    def consent(self, base: np.ndarray) -> np.ndarray:
-        """``base`` (consent per bundle row) with live consents applied; erased: never."""
-        out = self._override(base, "consent")
-        if len(self.erased_rows):
-            out = out.copy() if out is base else out
-            out[self.erased_rows] = False
-        return out
-
-    def _override(self, base: np.ndarray, attr: str) -> np.ndarray:
-        out = base
-        for row, user_id in self._by_row.items():
-            value = getattr(self.users[user_id], attr)
-            if value is not None:
-                if out is base:
-                    out = base.copy()
-                out[row] = value
-        return out
-
 
 def empty(context: OverlayContext, sequence: int = 0) -> Overlay:
     """A bundle with no changes, at the bundle's own state sequence."""
@@ -255,7 +228,7 @@ def apply(overlay: Overlay, changes: Changes) -> Overlay:
 
 def _by_user(events: Iterable[StoredEvent]) -> dict[str, list[StoredEvent]]:
     out: dict[str, list[StoredEvent]] = {}
-    for e in sorted(events, key=lambda e: (e.sequence, e.time)):
+    for e in sorted(events, key=lambda e: (e.time, e.sequence, e.event_id)):
         out.setdefault(e.user_id, []).append(e)
     return out
 
@@ -266,6 +239,7 @@ def _with_events(
     """``before`` with ``events`` applied, its vector re-solved; and the unknown-item count."""
     strength = dict(zip(before.rows.tolist(), before.strength.tolist(), strict=True))
     held = dict(zip(before.rows.tolist(), before.held.tolist(), strict=True))
+    held_at = dict(before.held_at)
     items, unknown, changed = ctx.bundle.items, 0, False
     for e in events:
         row = items.index(e.item_id)
@@ -277,14 +251,14 @@ def _with_events(
             strength[row] = strength.get(row, 0.0) + (e.weight if e.weight is not None else weight)
             held.setdefault(row, False)
             changed = True
-        if e.type in ctx.held_events and row in strength:
-            held[row] = True
-        elif e.type == CLOSE_EVENT and row in held:
-            held[row] = False
+        holds = e.type in ctx.held_events and row in strength
+        closes = e.type == CLOSE_EVENT and row in held
+        if (holds or closes) and not (row in held_at and e.time < held_at[row]):
+            held[row] = holds
+            held_at[row] = e.time
     if not changed and len(held) == len(before.held):
-        return replace(
-            before, held=np.array([held[r] for r in before.rows.tolist()], bool)
-        ), unknown
+        flags = np.array([held[r] for r in before.rows.tolist()], dtype=bool)
+        return replace(before, held=flags, held_at=held_at), unknown
     rows = np.array(sorted(strength), dtype=np.int64)
     s = np.array([strength[r] for r in rows.tolist()], dtype=np.float32)
     conf = ctx.weighting.row(rows, s)
@@ -295,6 +269,7 @@ def _with_events(
         strength=s,
         confidence=conf,
         held=np.array([held[r] for r in rows.tolist()], dtype=bool),
+        held_at=held_at,
         vector=vector,
         refolded=True,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from recsvc.errors import BundleError
 from recsvc.model.bundle import load_bundle
+from recsvc.model.overlay import Overlay
 from recsvc.model.queries import RecommendQuery, SimilarQuery
 from recsvc.model.ranking import Recommender
 from recsvc.model.targeting import Targeter
@@ -20,14 +21,24 @@ __all__ = ["ServedModel", "load_served_model"]
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One version, ready to answer: what a request takes from the store and uses to the end."""
+    """One version, ready to answer: what a request takes from the store and uses to the end.
+
+    With a state store, ``overlay`` holds every live change after the bundle's own state
+    sequence; the follower swaps in a new ``ServedModel`` with the next overlay.
+    """
 
     recommender: Recommender
     targeter: Targeter
+    overlay: Overlay | None = None
 
     @property
     def version(self) -> str:
         return self.recommender.version
+
+    @property
+    def sequence(self) -> int:
+        """The live state sequence answers reflect (0 without a state store)."""
+        return self.overlay.sequence if self.overlay is not None else 0
 
 
 def _warm_up(model: ServedModel) -> None:

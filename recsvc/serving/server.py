@@ -23,16 +23,23 @@ from grpc_reflection.v1alpha import reflection
 from recsvc.logs import Pseudonymizer, configure_logging
 from recsvc.serving.auth import BearerTokenInterceptor, read_token
 from recsvc.serving.drain import DrainGate
+from recsvc.serving.live import StateFollower
 from recsvc.serving.service import RecommenderService
 from recsvc.serving.store import ModelStore
+from recsvc.serving.updates import UpdatesService
+from recsvc.serving.writer import StateWriter
 from recsvc.settings import ServerSettings
+from recsvc.state import open_store
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
+from recsvc.v1 import updates_pb2 as _updates_pb
+from recsvc.v1 import updates_pb2_grpc as _updates_grpc
 
 __all__ = ["RunningServer", "create_server", "serve", "serve_forever"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = _pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+UPDATES_NAME = _updates_pb.DESCRIPTOR.services_by_name["Updates"].full_name
 
 
 @dataclass
@@ -46,6 +53,8 @@ class RunningServer:
     settings: ServerSettings
     service: RecommenderService
     gate: DrainGate
+    follower: StateFollower | None = None
+    """With ``--state``: keeps the served overlay current with the state store."""
     _reload_task: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
@@ -95,6 +104,9 @@ class RunningServer:
         self.gate.refuse()
         await self.server.stop(max(0.0, start + grace - loop.time()))
         self.store.close()
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.stop)
+            self.follower.state.close()
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -112,11 +124,17 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     """Build and start a server (health NOT_SERVING until a model loads)."""
     # One query at a time per request: FAISS's OpenMP threads only fight the event loop.
     faiss.omp_set_num_threads(1)
+    pseudonym = Pseudonymizer(settings.pseudonym_key)
+    follower: StateFollower | None = None
     store = ModelStore(
         settings.models,
         no_consent_data=settings.no_consent_data,
         trial_in_child=settings.trial_in_child,
     )
+    if settings.state is not None:
+        # Opened here, in the serving process: a store is never shared across a fork.
+        follower = StateFollower(store, open_store(settings.state, pseudonym), pseudonym)
+        store.attach = follower.attach
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -131,19 +149,27 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    service = RecommenderService(store, Pseudonymizer(settings.pseudonym_key))
+    service = RecommenderService(store, pseudonym, live=follower is not None)
     _pb_grpc.add_RecommenderServicer_to_server(service, server)
+    writer = None
+    if follower is not None:
+        writer = StateWriter(
+            follower.state, settings.models, follower.event_types, follower.catalogue
+        )
+    _updates_grpc.add_UpdatesServicer_to_server(UpdatesService(writer), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, UPDATES_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.port}"
     creds = _credentials(settings)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
-    running = RunningServer(server, port, store, health_servicer, settings, service, gate)
+    running = RunningServer(server, port, store, health_servicer, settings, service, gate, follower)
     await running.set_serving(False)
+    if follower is not None:
+        follower.start()
     return running
 
 

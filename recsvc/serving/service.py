@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -31,11 +32,12 @@ from recsvc.errors import (
 from recsvc.logs import Pseudonymizer
 from recsvc.model import ranking
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery, TargetQuery
+from recsvc.serving.servable import ServedModel
 from recsvc.serving.store import ModelStore
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
 
-__all__ = ["RecommenderService", "status_for"]
+__all__ = ["MIN_SEQUENCE_WAIT", "Context", "RecommenderService", "edge", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ _STATUS: tuple[tuple[type[RecsvcError], grpc.StatusCode], ...] = (
     (StateError, grpc.StatusCode.INTERNAL),
 )
 _AUDIENCE_BATCH = 5000
+MIN_SEQUENCE_WAIT = 1.0
+"""The longest a request with ``min_sequence`` waits for this server to apply it (seconds)."""
 _SOURCE = {
     ranking.Source.PERSONALIZED: _pb.PERSONALIZED,
     ranking.Source.FOLD_IN: _pb.FOLD_IN,
@@ -84,7 +88,7 @@ def _check_deadline(context: Context) -> None:
         raise DeadlineExpired("deadline expired before any work was done")
 
 
-def _edge(
+def edge(
     method: Callable[[Any, Any, Context], Awaitable[T]],
 ) -> Callable[[Any, Any, Context], Awaitable[T]]:
     """Unary methods: map every exception through ``status_for``."""
@@ -117,23 +121,54 @@ def _answer(response: Answer, result: ranking.Ranked) -> Answer:
             add(item_id=it.item_id, score=it.score)
     response.model_version = result.version
     response.recommendation_id = os.urandom(16).hex()  # 128 random bits (uuid4 has 122)
+    response.state_sequence = result.sequence
     return response
 
 
 class RecommenderService(_pb_grpc.RecommenderServicer):
     """Thin servicer over :class:`recsvc.model.ranking.Recommender` and :class:`Targeter`."""
 
-    def __init__(self, store: ModelStore, pseudonym: Pseudonymizer) -> None:
+    def __init__(self, store: ModelStore, pseudonym: Pseudonymizer, live: bool = False) -> None:
+        """
+        Args:
+            store: the served model.
+            pseudonym: customer ids in logs.
+            live: a state store follows this server's model (``min_sequence`` can be met).
+        """
         self._store = store
         self._pseudonym = pseudonym
+        self._live = live
         self.stats: Counter[tuple[str, str]] = Counter()
         """Answers by (method, status code name), for tests and diagnostics."""
+
+    async def _model(self, min_sequence: int, context: Context) -> ServedModel:
+        """The served model, once it reflects ``min_sequence`` (read your own writes)."""
+        if min_sequence < 0:
+            raise InvalidArgument("min_sequence", f"must not be negative, got {min_sequence}")
+        model = self._store.current()
+        if min_sequence == 0 or model.sequence >= min_sequence:
+            return model
+        if not self._live:
+            raise PreconditionFailed(
+                "min_sequence: this server has no state store (start it with --state URL)"
+            )
+        remaining = context.time_remaining()
+        end = time.monotonic() + min(MIN_SEQUENCE_WAIT, remaining or MIN_SEQUENCE_WAIT)
+        while time.monotonic() < end:
+            await asyncio.sleep(0.002)
+            model = self._store.current()
+            if model.sequence >= min_sequence:
+                return model
+        raise ModelUnavailable(
+            f"min_sequence: this server has applied state sequence {model.sequence}, "
+            f"not yet {min_sequence}; retry"
+        )
 
     def _log(self, method: str, user_id: str, **fields: object) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(method, extra={"user": self._pseudonym(user_id), **fields})
 
-    @_edge
+    @edge
     async def Recommend(
         self, request: _pb.RecommendRequest, context: Context
     ) -> _pb.RecommendResponse:
@@ -145,11 +180,12 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             explain=request.explain,
             include_interacted=request.include_interacted,
         )
-        result = self._store.current().recommender.recommend(query)
+        model = await self._model(request.min_sequence, context)
+        result = model.recommender.recommend(query, model.overlay)
         self._log("Recommend", request.user_id, n=len(result.items), source=result.source.name)
         return _answer(_pb.RecommendResponse(source=_SOURCE[result.source]), result)
 
-    @_edge
+    @edge
     async def SimilarItems(
         self, request: _pb.SimilarItemsRequest, context: Context
     ) -> _pb.SimilarItemsResponse:
@@ -159,10 +195,11 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             user_id=request.user_id,
             exclude_item_ids=tuple(request.exclude_item_ids),
         )
-        result = self._store.current().recommender.similar_items(query)
+        model = self._store.current()
+        result = model.recommender.similar_items(query, model.overlay)
         return _answer(_pb.SimilarItemsResponse(), result)
 
-    @_edge
+    @edge
     async def RankItems(
         self, request: _pb.RankItemsRequest, context: Context
     ) -> _pb.RankItemsResponse:
@@ -172,14 +209,15 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             recent_item_ids=tuple(request.recent_item_ids),
             include_interacted=request.include_interacted,
         )
-        result = self._store.current().recommender.rank_items(query)
+        model = await self._model(request.min_sequence, context)
+        result = model.recommender.rank_items(query, model.overlay)
         self._log("RankItems", request.user_id, n=len(result.items))
         response = _pb.RankItemsResponse(
             source=_SOURCE[result.source], unknown_item_ids=list(result.unknown_item_ids)
         )
         return _answer(response, result)
 
-    @_edge
+    @edge
     async def GetModelInfo(
         self, request: _pb.GetModelInfoRequest, context: Context
     ) -> _pb.ModelInfo:
@@ -202,6 +240,8 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             ),
             item_index=info["item_index"],
             user_index=info["user_index"],
+            state_sequence=model.sequence,
+            model_state_sequence=model.recommender.bundle.manifest.state_sequence,
         )
 
     async def TargetUsers(
@@ -215,9 +255,9 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
                 min_score=request.min_score if request.HasField("min_score") else None,
                 include_holders=request.include_holders,
             )
-            model = self._store.current()
+            model = await self._model(request.min_sequence, context)
             # Large audiences take a while: keep the event loop free for other RPCs.
-            audience = await asyncio.to_thread(model.targeter.target, query)
+            audience = await asyncio.to_thread(model.targeter.target, query, model.overlay)
         except Exception as exc:
             await _abort(context, exc, "TargetUsers", self.stats)
             return
@@ -234,13 +274,16 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             )
             if first:
                 msg.model_version = audience.version
+                msg.state_sequence = audience.sequence
                 first = False
             sent += len(ids)
             if sent == len(audience.rows):
                 self._fill_counts(msg, audience)
             yield msg
         if first:  # an empty audience still reports version and counts
-            msg = _pb.TargetUsersResponse(model_version=audience.version)
+            msg = _pb.TargetUsersResponse(
+                model_version=audience.version, state_sequence=audience.sequence
+            )
             self._fill_counts(msg, audience)
             yield msg
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recsvc.errors import BundleError, BundleUnreadable, ModelUnavailable
+from recsvc.errors import BundleError, BundleUnreadable, ModelUnavailable, StateError
 from recsvc.model.bundle import (
     LATEST,
     VERSION_RE,
@@ -44,15 +45,29 @@ class ModelStore:
     """Holds the served model and follows ``models/LATEST``."""
 
     def __init__(
-        self, models: Path, no_consent_data: bool = False, trial_in_child: bool = True
+        self,
+        models: Path,
+        no_consent_data: bool = False,
+        trial_in_child: bool = True,
+        attach: Callable[[ServedModel], ServedModel] | None = None,
     ) -> None:
+        """
+        Args:
+            models: the models folder.
+            no_consent_data: the data carries no consent requirement (see ``Targeter``).
+            trial_in_child: parse each new version in a throwaway child first.
+            attach: completes a loaded version before it is swapped in (the live
+                overlay); a ``StateError`` from it is retried on the next poll.
+        """
         self.models = models
+        self.attach = attach
         self.no_consent_data = no_consent_data
         self._trials = TrialRunner(no_consent_data) if trial_in_child else None
         self._model: ServedModel | None = None
         self._rejected: set[str] = set()  # defective versions: never tried again
         self._unreadable: dict[str, str] = {}  # what could not be read, and why: retried
         self._lock = threading.Lock()  # one load at a time; reads need no lock
+        self._swap = threading.Lock()  # a reload's swap against the follower's advance
         self.stats = ReloadStats()
 
     def close(self) -> None:
@@ -71,6 +86,18 @@ class ModelStore:
         model = self._model
         return model.version if model is not None else None
 
+    def loaded(self) -> ServedModel | None:
+        """The served model, or None before the first load."""
+        return self._model
+
+    def advance(self, expected: ServedModel, model: ServedModel) -> bool:
+        """Swap in ``model`` (the same version, a newer overlay) if ``expected`` still serves."""
+        with self._swap:
+            if self._model is not expected:
+                return False  # a reload won: the follower catches the new version up
+            self._model = model
+            return True
+
     def _try(self, version: str) -> bool:
         if version in self._rejected:
             return False
@@ -86,7 +113,9 @@ class ModelStore:
             if self._trials is not None:
                 self._trials.trial(folder)
             model = load_served_model(folder, self.no_consent_data, verify=False)
-        except BundleUnreadable as exc:  # an I/O error may pass (a volume not mounted yet)
+            if self.attach is not None:
+                model = self.attach(model)
+        except (BundleUnreadable, StateError) as exc:  # may pass (a volume, a database)
             self._note_unreadable(version, str(exc))
             return False
         except Exception as exc:  # any other failure: this version is never served
@@ -94,7 +123,8 @@ class ModelStore:
             self._reject(version, reason)
             return False
         self._unreadable.pop(version, None)
-        self._model = model
+        with self._swap:
+            self._model = model
         self.stats.loaded += 1
         log.info(
             "serving model version",

@@ -9,8 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,7 +25,14 @@ from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Ranked
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc
-from tests.conftest import ServerThread, settings_for
+from tests.conftest import (
+    ServerThread,
+    serve_process,
+    serving_on_a_new_connection,
+    settings_for,
+    wait_serving,
+)
+from tests.postgres import free_port
 from training.data import load_training_data
 from training.fit import FitParams, fit_model
 from training.publish import publish, write_latest
@@ -249,34 +254,6 @@ def test_drain_gate_holds_calls_then_lets_them_run_and_refuses_later_ones(
         s.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _serve_process(
-    models_dir: Path, port: int, *extra: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """`recsvc serve` in its own process on 127.0.0.1:port, quiet."""
-    argv = ["serve", "--models", str(models_dir), "--host", "127.0.0.1", "--port", str(port)]
-    return subprocess.Popen(
-        [sys.executable, "-m", "recsvc.cli", *argv, *extra],
-        env={**os.environ, "RECSVC_LOG_LEVEL": "WARNING", **(env or {})},
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _wait_serving(port: int, timeout: float = 60) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + timeout
-        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != 1:
-            assert time.monotonic() < deadline, "never SERVING"
-            time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def big_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """100K items under an exact index: a Recommend takes about a millisecond, so with
@@ -315,8 +292,8 @@ class _Drain:
 def _sigterm_under_load(models: Path, clients: int = 16) -> _Drain:
     """`recsvc serve`, ``clients`` threads sending Recommend back to back, each on its
     own connection, a health watcher; SIGTERM after a second of load."""
-    port = _free_port()
-    proc = _serve_process(models, port)
+    port = free_port()
+    proc = serve_process(models, port)
     calls: list[tuple[float, float, str]] = []
     health_seen: list[tuple[float, str]] = []
     stop = threading.Event()
@@ -354,7 +331,7 @@ def _sigterm_under_load(models: Path, clients: int = 16) -> _Drain:
                 health_seen.append((time.monotonic(), err.code().name))  # type: ignore[attr-defined]
 
     try:
-        _wait_serving(port)
+        wait_serving(port)
         with ThreadPoolExecutor(clients + 1) as pool:
             running = [pool.submit(client, i) for i in range(clients)]
             running.append(pool.submit(watcher))
@@ -401,8 +378,8 @@ def test_sigterm_finishes_every_request_sent_before_it(big_models: Path) -> None
 
 @pytest.mark.slow
 def test_workers_share_one_port(models_dir: Path) -> None:
-    port = _free_port()
-    proc = _serve_process(models_dir, port, "--workers", "2")
+    port = free_port()
+    proc = serve_process(models_dir, port, "--workers", "2")
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=60)
@@ -423,14 +400,6 @@ def test_workers_share_one_port(models_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _serving_on_a_new_connection(port: int) -> bool:
-    local = [("grpc.use_local_subchannel_pool", 1)]  # a new connection, a new source port
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=local) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
-        return bool(status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -461,13 +430,13 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers in /proc")
 def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
     grace = 2.0
-    port = _free_port()
-    proc = _serve_process(
+    port = free_port()
+    proc = serve_process(
         models_dir, port, "--workers", "2", env={"RECSVC_GRACE_SECONDS": str(grace)}
     )
     workers: list[int] = []
     try:
-        _wait_serving(port)
+        wait_serving(port)
         deadline = time.monotonic() + 60
         while len(workers := _workers(proc.pid)) < 2:
             assert time.monotonic() < deadline, workers
@@ -478,7 +447,7 @@ def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
         in_a_row = 0
         while in_a_row < 30:
             assert time.monotonic() < deadline, "workers never all SERVING"
-            in_a_row = in_a_row + 1 if _serving_on_a_new_connection(port) else 0
+            in_a_row = in_a_row + 1 if serving_on_a_new_connection(port) else 0
         victim, other = workers
         os.kill(victim, signal.SIGKILL)  # one worker dies; nothing else is wrong
         killed = time.monotonic()
@@ -505,5 +474,5 @@ def test_serve_exits_1_when_a_worker_cannot_start(models_dir: Path) -> None:
     with socket.socket() as taken:  # held without SO_REUSEPORT: no worker can bind
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        proc = _serve_process(models_dir, taken.getsockname()[1], "--workers", "2")
+        proc = serve_process(models_dir, taken.getsockname()[1], "--workers", "2")
         assert proc.wait(timeout=60) == 1

@@ -52,6 +52,13 @@ def _cases(d: Path) -> dict[str, Case]:
         "pseudonym_key": Case("k-env", b"k-env", ["k-flag"], b"k-flag"),
         "trial_in_child": Case("no", False, [], False, under="yes"),
         "no_consent_data": Case("1", True, [], True, under="0"),
+        "state": Case(
+            "sqlite:///env.db",
+            "sqlite:///env.db",
+            ["sqlite:///flag.db"],
+            "sqlite:///flag.db",
+            also={"RECSVC_PSEUDONYM_KEY": "k"},
+        ),
         "log_level": Case("debug", "DEBUG", ["warning"], "WARNING"),
         "auth_token_file": Case(str(other), other, [str(ca)], ca),
         "tls_cert": Case(str(cert), cert, [str(other)], other, also={"RECSVC_TLS_KEY": str(key)}),
@@ -144,3 +151,11 @@ def test_the_readme_names_every_flag_and_variable() -> None:
     assert serving is not None
     for setting in SETTINGS.values():
         assert f"`{setting.flag}" in serving[1] and f"`{setting.variable}`" in serving[1]
+
+
+def test_a_state_store_needs_the_pseudonym_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSVC_MODELS", "var/models")
+    with pytest.raises(ValueError, match="--state needs RECSVC_PSEUDONYM_KEY"):
+        _serve("--state", "sqlite:///state.db")
+    monkeypatch.setenv("RECSVC_PSEUDONYM_KEY", "a key")
+    assert _serve("--state", "sqlite:///state.db").pseudonym_key == b"a key"

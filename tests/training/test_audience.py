@@ -199,7 +199,7 @@ def test_exports_through_the_live_state_name_live_new_customers(
         )
         store.update_customers([CustomerUpdate("NEW-1", risk_tolerance=5, marketing_consent=True)])
         overlay = live_overlay(bundle, store, pseudonymize)
-    assert overlay.new_users and overlay.new_users[0][0] == "NEW-1"
+    assert overlay.users["NEW-1"].row is None  # a customer the bundle does not know
 
     audience, _ = export_audience(
         targeter,

@@ -25,7 +25,7 @@ from recsvc.model.overlay import Overlay
 from recsvc.model.ranking import Recommender
 from recsvc.state import CustomerUpdate, Event, ProductUpdate, StateStore, open_store
 from tests.conftest import PARAMS
-from tests.pg import Cluster
+from tests.postgres import Cluster
 from training.cli import main as train_main
 from training.data import DataConfig, TrainingData, load_training_data
 from training.fit import fit_model

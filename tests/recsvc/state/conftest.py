@@ -1,8 +1,7 @@
 """Backends for the state contract suite: a SQLite file, and a throwaway PostgreSQL cluster.
 
-The cluster (``tests/pg.py``) is started once a session. Each test gets an empty
-database: the shared one with a new schema, or a new one where a test alters it.
-Without the server binaries the PostgreSQL cases are skipped, saying why.
+The cluster (``tests/postgres.py``) is started once a session. Each test gets an
+empty database: the shared one with a new schema, or a new one where a test alters it.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import pytest
 
 from recsvc.logs import Pseudonymizer
 from recsvc.state import StateStore, open_store
-from tests.pg import Cluster
+from tests.postgres import Cluster
 
 PSEUDONYMIZE = Pseudonymizer(b"state-test-key")
 

@@ -12,7 +12,8 @@ import pytest
 
 from recsvc.state.postgres import PostgresStore
 from recsvc.state.sqlite import SQLiteStore
-from tests.recsvc.state.conftest import PSEUDONYMIZE, Cluster
+from tests.postgres import Cluster
+from tests.recsvc.state.conftest import PSEUDONYMIZE
 from tests.recsvc.state.test_contract import ev
 
 AT = datetime(2024, 5, 1, tzinfo=timezone.utc)

@@ -10,8 +10,8 @@ from recsvc.errors import StateError, StateUnavailable
 from recsvc.state import SCHEMA_VERSION, Event, open_store, sqlite_path
 from recsvc.state.postgres import PostgresStore
 from recsvc.state.sqlite import SQLiteStore
-from tests.pg import free_port
-from tests.recsvc.state.conftest import PSEUDONYMIZE, Backend, Cluster
+from tests.postgres import Cluster, free_port
+from tests.recsvc.state.conftest import PSEUDONYMIZE, Backend
 from tests.recsvc.state.test_contract import ev
 
 
