@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsvc.logs import Pseudonymizer, configure_logging
-from recsvc.serving.auth import BearerTokenInterceptor, read_token
+from recsvc.serving.auth import BearerTokenInterceptor, load_tokens
 from recsvc.serving.service import RecommenderService
 from recsvc.serving.store import ModelStore
 from recsvc.settings import ServerSettings
@@ -108,8 +108,9 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     interceptors = []
-    if settings.auth_token_file is not None:
-        interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
+    tokens = load_tokens(settings)
+    if tokens:
+        interceptors.append(BearerTokenInterceptor(tokens))
     server = grpc.aio.server(
         options=options,
         interceptors=interceptors,
