@@ -109,7 +109,7 @@ def test_group_mode_fsyncs_within_the_interval(
         for i in range(10):
             trail.append(an_answer(i))
             size, written = os.fstat(fd).st_size, time.monotonic()
-            while durable.get(fd, 0) < size:
+            while durable.get(fd, 0) < size and time.monotonic() - written < 1:
                 time.sleep(0.002)
             lags.append(time.monotonic() - written)
     # The window is the interval plus one fsync; give a busy machine some slack.
@@ -196,6 +196,48 @@ def test_an_io_error_on_fsync_stops_the_writer(
         trail.close()
     monkeypatch.undo()
     assert verify(tmp_path).ok
+
+
+def test_failures_met_at_once_are_announced_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher's fsync and an append's write both fail: one announcement."""
+    failures: list[AuditUnavailable] = []
+    in_fsync, announced = threading.Event(), threading.Event()
+
+    def announce(failure: AuditUnavailable) -> None:
+        failures.append(failure)
+        announced.set()
+
+    trail = AuditLog(tmp_path, fsync_interval=0.01, on_failure=announce)
+    real_write, real_fsync = os.write, os.fsync
+    segment = trail._segment.fd
+
+    def fsync(fd: int) -> None:
+        if fd != segment:
+            return real_fsync(fd)
+        in_fsync.set()
+        announced.wait(5)  # fails only once the append's failure is announced
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def write(fd: int, data: bytes) -> int:
+        if fd == segment and in_fsync.is_set():
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(recsvc.audit.log.os, "fsync", fsync)
+    monkeypatch.setattr(recsvc.audit.log.os, "write", write)
+    try:
+        trail.append(an_answer(0))
+        assert in_fsync.wait(5)
+        with pytest.raises(AuditUnavailable):
+            trail.append(an_answer(1))
+        trail._flusher.join(5)
+        assert not trail._flusher.is_alive()
+        assert len(failures) == 1
+    finally:
+        monkeypatch.undo()
+        trail.close()
 
 
 def test_a_short_write_leaves_a_torn_line_the_next_start_names(

@@ -129,6 +129,28 @@ def test_an_inserted_forgery_with_a_valid_hash_and_link_is_named(folder: Path) -
     assert _problem(folder) == ("inserted", trail[2][0], 3)
 
 
+def _renumbered(line: bytes, seq: int) -> bytes:
+    """A record given another number, its hash recomputed: its link back stays wrong."""
+    own = json.loads(line)["seq"]
+    return _rehashed(line.replace(b'"seq":%d,' % own, b'"seq":%d,' % seq, 1))
+
+
+def test_a_record_in_front_of_the_genuine_one_is_named(folder: Path) -> None:
+    trail = _read(folder)
+    genuine = json.loads(trail[2][1][2])["seq"]
+    trail[2][1].insert(2, _renumbered(trail[2][1][1], genuine))
+    _write(folder, trail)
+    assert _problem(folder) == ("inserted", trail[2][0], 3)
+
+
+def test_a_removed_record_is_named_even_with_a_look_alike_later(folder: Path) -> None:
+    trail = _read(folder)
+    gone = json.loads(trail[2][1].pop(3))["seq"]
+    trail[5][1].insert(0, _renumbered(trail[4][1][1], gone))  # its number, not its link
+    _write(folder, trail)
+    assert _problem(folder) == ("removed", trail[2][0], 4)
+
+
 def test_two_swapped_records_are_named(folder: Path) -> None:
     trail = _read(folder)
     lines = trail[2][1]
