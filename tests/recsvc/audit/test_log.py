@@ -117,6 +117,30 @@ def test_group_mode_fsyncs_within_the_interval(
     assert max(lags) > 0.01  # appends did not wait for their fsync
 
 
+def test_group_fsyncs_start_an_interval_apart_while_records_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    durable = _durable_sizes(monkeypatch)
+    starts: list[float] = []
+    counted = recsvc.audit.log.os.fsync
+
+    def fsync(fd: int) -> None:
+        starts.append(time.monotonic())
+        counted(fd)
+
+    monkeypatch.setattr(recsvc.audit.log.os, "fsync", fsync)
+    with AuditLog(tmp_path, fsync_interval=0.2) as trail:
+        begin = time.monotonic()
+        n = 0
+        while time.monotonic() - begin < 2.0:  # records waiting all the time
+            trail.append(an_answer(n))
+            n += 1
+            time.sleep(0.005)
+        in_window = [t for t in starts if begin < t < begin + 2.0]
+    assert durable  # fsyncs did happen, of the segment
+    assert 7 <= len(in_window) <= 11, len(in_window)  # one start every 0.2 s: 10
+
+
 def test_always_mode_returns_only_once_its_record_is_fsynced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
