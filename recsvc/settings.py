@@ -18,6 +18,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from recsvc.audit.log import SYNC_MODES
+
 __all__ = ["SETTINGS", "ServerSettings", "Setting"]
 
 _PREFIX = "RECSVC_"
@@ -41,8 +43,8 @@ def _log_level(text: str) -> str:
 
 def _audit_sync(text: str) -> str:
     mode = text.strip().lower()
-    if mode not in ("group", "always"):
-        raise ValueError(f"expected group or always, got {text!r}")
+    if mode not in SYNC_MODES:
+        raise ValueError(f"expected {' or '.join(SYNC_MODES)}, got {text!r}")
     return mode
 
 
@@ -119,7 +121,8 @@ class ServerSettings:
     audit_sync: str = field(
         default="group",
         metadata=_declare(
-            "group: fsync the audit trail at least every 100 ms; always: before each answer",
+            "group: fsync audit records in groups, each on disk within 100 ms; always: "
+            "fsync each before its answer is sent",
             _audit_sync,
         ),
     )

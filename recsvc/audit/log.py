@@ -3,15 +3,15 @@
 ``append`` returns once its record is in the operating system (``write(2)``), so a
 process killed with SIGKILL loses no record it acknowledged. A background thread
 starts an fsync of what was written every ``FSYNC_INTERVAL`` (50 ms) while records
-wait: on power failure the trail loses at most that window plus one fsync. With ``sync="always"``,
-``append`` returns only once its record is fsynced (appends that wait together share
-one fsync).
+wait: on power failure the trail loses at most that window plus one fsync. With
+``sync="always"``, ``append`` returns only once its record is fsynced (appends that
+wait together share one fsync).
 
 One writer at a time holds a folder (a lock on ``audit.lock`` in it). Segments are
-created, appended to and closed, never rewritten. A writer opening a
-trail continues the chain from the newest record on disk in a new segment, whose first
-record (``kind: start``) names any segment a crash left cut short; ``verify`` accepts
-such a torn last line only where a start record names it.
+created, appended to and closed, never rewritten. A writer opening a trail continues
+the chain from the newest record on disk in a new segment, whose first record
+(``kind: start``) names any segment a crash left cut short; ``verify`` accepts such a
+torn last line only where a start record names it.
 
 The first I/O error (a full disk, EIO on write or fsync) stops the writer for good:
 every later ``append`` raises :class:`~recsvc.errors.AuditUnavailable`, ``healthy``
@@ -136,10 +136,11 @@ class AuditLog:
 
     Args:
         folder: where the segments go (created if missing).
-        sync: ``group`` (fsync at least every ``fsync_interval``) or ``always``
+        sync: ``group`` (fsync every ``fsync_interval`` while records wait) or ``always``
             (``append`` waits for its record's fsync).
         rotate_bytes: a segment grows to about this size, then a new one starts.
         rotate_seconds: or once it is this old, at its next record.
+        fsync_interval: ``group``: seconds from one fsync's start to the next.
         on_failure: called once, from the thread that met the first I/O error.
     """
 
@@ -217,7 +218,7 @@ class AuditLog:
                     while self._synced < seq and self._failure is None:
                         self._synced_cv.wait()
                     if self._synced < seq:
-                        raise AuditUnavailable("audit record not synced") from self._failure
+                        raise AuditUnavailable(str(self._failure)) from self._failure
         if failed is not None:
             self._notify(failed)
             raise failed
@@ -275,16 +276,15 @@ class AuditLog:
             os.close(self._segment.fd)
             raise
 
-    # Everything below runs with self._lock held, except the flusher's fsync.
+    # From here to _fail_locked, with self._lock held.
 
     def _write(self, members: str, kind: str) -> int:
         seq = self._seq
         line, digest = encode_record(seq, self._prev, datetime.now(timezone.utc), kind, members)
         written = os.write(self._segment.fd, line)
-        if written != len(line):  # a full disk can take part of a line
-            self._segment.size += written
-            raise OSError(f"short write to {self._segment.path}: {written} of {len(line)} bytes")
         self._segment.size += written
+        if written != len(line):  # a full disk can take part of a line
+            raise OSError(f"short write to {self._segment.path}: {written} of {len(line)} bytes")
         self._seq, self._prev = seq + 1, digest
         return seq
 
@@ -314,6 +314,7 @@ class AuditLog:
         old = self._segment
         self._close_segment(old)
         self._synced = self._seq - 1
+        self._synced_cv.notify_all()
         log.info(
             "audit segment closed",
             extra={"segment": old.path.name, "last_seq": self._seq - 1, "head": self._prev},

@@ -87,23 +87,22 @@ BASES = frozenset({"bundle", "live", "default"})
 
 _ENVELOPE = ("v", "seq", "prev", "time", "kind", "hash")
 _HEAD = re.compile(
-    rb'\{"v":(\d+),"seq":(\d+),"prev":"([0-9a-f]{64})","time":"([^"]*)","kind":"([a-z]+)"[,}]'
+    rb'\{"v":(\d+),"seq":(\d+),"prev":"([0-9a-f]{64})","time":"[^"]*","kind":"([a-z]+)"[,}]'
 )
 _HASH_SUFFIX = re.compile(rb',"hash":"([0-9a-f]{64})"\}')
 _SUFFIX_LEN = len(',"hash":"') + 64 + len('"}')
 _PSEUDONYM = re.compile(r"u_[0-9a-f]{16}|anonymous")  # what recsvc.logs.Pseudonymizer gives
-_SEGMENT = re.compile(r"audit-(\d{12})-(\d{8}T\d{6}\.\d{6}Z)\.jsonl")
+_SEGMENT = re.compile(r"audit-\d{12}-\d{8}T\d{6}\.\d{6}Z\.jsonl")
 
 
 @dataclass(frozen=True)
 class RecordHead:
-    """What verifying needs of one record: its number, its link back, its own hash."""
+    """What verifying needs of a record: its number, its link back, its own hash, its kind."""
 
     seq: int
     prev: str
     hash: str
     kind: str
-    time: str
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,7 @@ def parse_record(line: bytes) -> RecordHead | None:
     digest = suffix[1].decode()
     if hashlib.sha256(line[:-_SUFFIX_LEN] + b"}").hexdigest() != digest:
         return None
-    return RecordHead(int(head[2]), head[3].decode(), digest, head[5].decode(), head[4].decode())
+    return RecordHead(int(head[2]), head[3].decode(), digest, head[4].decode())
 
 
 def segment_name(first_seq: int, created: datetime) -> str:
