@@ -30,9 +30,7 @@ from pathlib import Path
 
 from recsvc.audit.record import GENESIS, Line, RecordHead, lines, parse_record, segments
 
-__all__ = ["KINDS", "Problem", "Torn", "VerifyReport", "verify"]
-
-KINDS = ("edited", "removed", "inserted", "reordered")
+__all__ = ["Problem", "Torn", "VerifyReport", "verify"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class Problem:
     """The first break in a trail, and where it is."""
 
     kind: str
-    """One of :data:`KINDS`."""
+    """``edited``, ``removed``, ``inserted`` or ``reordered``."""
     segment: str
     line: int
     detail: str
