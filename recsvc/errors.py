@@ -67,7 +67,7 @@ class AuditUnavailable(RecsvcError):
     """The audit trail cannot be written (an I/O error, a full disk, a broken chain).
 
     While audit is on, no answer is sent without its record: the RPC fails instead,
-    and the server reports NOT_SERVING until the trail can be written again.
+    and the server reports NOT_SERVING until it is restarted (which resumes the chain).
     """
 
 
