@@ -1,4 +1,5 @@
-"""``recsvc``: run the server, or ask a running one (readable tables for people)."""
+"""``recsvc``: run the server, ask a running one (readable tables for people), or check
+and search an audit trail."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import secrets
 import sys
 from collections.abc import Callable, Sequence
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from recsvc.commands import run_main
-from recsvc.settings import ServerSettings
+from recsvc.settings import SETTINGS, ServerSettings
 
 # The client commands import recsvc_client on use: `recsvc serve` never needs it.
 if TYPE_CHECKING:
@@ -236,6 +238,42 @@ def _yes_no(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
 
 
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from recsvc.audit import verify
+
+    expect = None
+    if args.head:
+        seq, _, digest = args.head.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise ValueError(f"--head {args.head!r}: expected SEQ:HASH (64 hex digits)")
+        expect = (int(seq), digest)
+    report = verify(Path(args.dir), expect)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _cmd_audit_find(args: argparse.Namespace) -> int:
+    from recsvc.audit import find, parse_time
+    from recsvc.logs import Pseudonymizer
+
+    subject = None
+    if args.user is not None:
+        key = SETTINGS["pseudonym_key"]
+        secret = key.resolve(None, os.environ)
+        if secret is None:
+            raise ValueError(f"--user needs the server's pseudonym key in {key.variable}")
+        subject = Pseudonymizer(secret)(args.user)
+    since = parse_time(args.since) if args.since else None
+    found = 0
+    for record in find(
+        Path(args.dir), subject=subject, recommendation_id=args.recommendation_id, since=since
+    ):
+        print(json.dumps(record, separators=(",", ":")))
+        found += 1
+    print(f"{found} records", file=sys.stderr)
+    return 0
+
+
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="localhost:50051", help="server host:port")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
@@ -331,6 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _client_command(sub, "receipt", "an erasure receipt again", _cmd_receipt)
     p.add_argument("--id", required=True, help="receipt id (r_...)")
+    p.set_defaults(func=_cmd_target)
+
+    p = sub.add_parser("audit", help="check or search an audit trail (--audit-dir)")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("verify", help="check the whole hash chain; name the first break")
+    p.add_argument("dir", help="the audit folder")
+    p.add_argument("--head", help="SEQ:HASH of a head kept elsewhere: the trail must hold it")
+    p.set_defaults(func=_cmd_audit_verify)
+    p = audit.add_parser("find", help="print a customer's or an answer's records")
+    p.add_argument("dir", help="the audit folder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", help="customer id (pseudonymized with RECSVC_PSEUDONYM_KEY)")
+    which.add_argument("--recommendation-id", help="an answer's recommendation_id")
+    p.add_argument("--since", help="only records from this ISO 8601 time on (UTC unless given)")
+    p.set_defaults(func=_cmd_audit_find)
     return parser
 
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsvc.logs import Pseudonymizer, configure_logging
-from recsvc.serving.auth import BearerTokenInterceptor, read_token
+from recsvc.serving.auth import BearerTokenInterceptor, load_tokens
 from recsvc.serving.drain import DrainGate
 from recsvc.serving.live import StateFollower
 from recsvc.serving.service import RecommenderService
@@ -142,8 +142,9 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     ]
     gate = DrainGate()
     interceptors: list[Any] = [gate]  # first, so it sees every call
-    if settings.auth_token_file is not None:
-        interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
+    tokens = load_tokens(settings)
+    if tokens:
+        interceptors.append(BearerTokenInterceptor(tokens))
     server = grpc.aio.server(
         options=options,
         interceptors=interceptors,

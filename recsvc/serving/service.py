@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from recsvc.errors import (
+    AuditUnavailable,
     BundleError,
     DeadlineExpired,
     InvalidArgument,
@@ -46,6 +47,7 @@ _STATUS: tuple[tuple[type[RecsvcError], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (AuditUnavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (BundleError, grpc.StatusCode.INTERNAL),
     (StateUnavailable, grpc.StatusCode.UNAVAILABLE),

@@ -248,6 +248,7 @@ _EXPECTED_STATUS = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.BundleError: grpc.StatusCode.INTERNAL,
     errors.BundleUnreadable: grpc.StatusCode.INTERNAL,
