@@ -26,7 +26,7 @@ from recsvc.model.rules import MIN_LEVEL, ItemRules
 from recsvc.model.weighting import RowWeighting
 from recsvc.state.base import Changes
 
-__all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source"]
+__all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source", "Suitability"]
 
 _EXPLAIN_TOP = 3
 _NO_ROWS = np.empty(0, dtype=np.int64)
@@ -65,6 +65,16 @@ class ResolvedUser:
     history: np.ndarray  # item rows to exclude unless include_interacted
     confidence_rows: np.ndarray  # rows used to fold in / explain
     confidence: np.ndarray  # their confidences (before alpha)
+
+
+@dataclass(frozen=True)
+class Suitability:
+    """The suitability basis of an answer: tolerance, its source, products removed by rule."""
+
+    tolerance: int
+    basis: str
+    """``bundle`` (the trained users table), ``live`` (an update) or ``default`` (unknown)."""
+    removed: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -206,6 +216,25 @@ class Recommender:
         return _Known(
             vector, Source.PERSONALIZED, int(self.tolerance[row]), history, b.user_item_data(row)
         )
+
+    def suitability_basis(self, user_id: str, overlay: Overlay | None = None) -> Suitability:
+        """The tolerance an answer for ``user_id`` used, where it came from, and how many
+        products each rule removed (the facts an audit record keeps)."""
+        known = self._known(user_id, overlay)
+        live = overlay.user(user_id) if overlay is not None and user_id else None
+        if live is not None and live.tolerance is not None:
+            basis = "live"
+        elif known is _UNKNOWN or (live is not None and live.row is None):
+            basis = "default"
+        else:
+            basis = "bundle"
+        sets = self._rules(overlay).by_tolerance
+        n = len(self.bundle.items)
+        # Each set holds the active products up to a risk level: counts, not a pass.
+        inactive = n - sets[-1].count
+        unsuitable = sets[-1].count - sets[known.tolerance - MIN_LEVEL].count
+        removed = {"inactive": inactive, "unsuitable": unsuitable, "interacted": len(known.rows)}
+        return Suitability(known.tolerance, basis, removed)
 
     def resolve_user(
         self, user_id: str, recent_item_ids: tuple[str, ...], overlay: Overlay | None = None
