@@ -20,7 +20,10 @@ from typing import Any
 
 from recsvc.audit.log import SYNC_MODES
 
-__all__ = ["SETTINGS", "ServerSettings", "Setting"]
+__all__ = ["EXCLUSIVE_CATEGORIES", "SETTINGS", "ServerSettings", "Setting"]
+
+EXCLUSIVE_CATEGORIES = ("current_account", "mortgage", "pension")
+"""Categories a customer holds one product of at most (the sample bank's catalogue)."""
 
 _PREFIX = "RECSVC_"
 
@@ -46,6 +49,16 @@ def _audit_sync(text: str) -> str:
     if mode not in SYNC_MODES:
         raise ValueError(f"expected {' or '.join(SYNC_MODES)}, got {text!r}")
     return mode
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """Names separated by commas, each once, in the order given; ``none`` for no names."""
+    if text.strip().lower() == "none":
+        return ()
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",")))
+    if "" in names:
+        raise ValueError(f"expected names separated by commas, or none; got {text!r}")
+    return names
 
 
 def _declare(text: str, parse: Callable[[str], Any] = str) -> dict[str, Any]:
@@ -108,6 +121,14 @@ class ServerSettings:
         metadata=_declare(
             "live state store: sqlite:///PATH (embedded) or postgresql://... (shared by "
             "several servers); needs RECSVC_PSEUDONYM_KEY"
+        ),
+    )
+    exclusive_categories: tuple[str, ...] = field(
+        default=EXCLUSIVE_CATEGORIES,
+        metadata=_declare(
+            "product categories (comma-separated, or none) of which a customer who holds "
+            "one product is offered no other",
+            _names,
         ),
     )
     log_level: str = field(

@@ -66,6 +66,7 @@ def _cases(d: Path) -> dict[str, Case]:
             "sqlite:///flag.db",
             also={"RECSVC_PSEUDONYM_KEY": "k"},
         ),
+        "exclusive_categories": Case("mortgage, pension", ("mortgage", "pension"), ["none"], ()),
         "log_level": Case("debug", "DEBUG", ["warning"], "WARNING"),
         "auth_token_file": Case(str(other), other, [str(ca)], ca),
         "auth_tokens": Case(
