@@ -224,6 +224,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             recent_item_ids=tuple(request.recent_item_ids),
             explain=request.explain,
             include_interacted=request.include_interacted,
+            max_per_category=request.max_per_category,
         )
         model = await self._model(request.min_sequence, context)
         result = model.recommender.recommend(query, model.overlay)
