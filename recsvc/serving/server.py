@@ -141,6 +141,7 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
         settings.models,
         no_consent_data=settings.no_consent_data,
         trial_in_child=settings.trial_in_child,
+        exclusive_categories=settings.exclusive_categories,
     )
     if settings.state is not None:
         # Opened here, in the serving process: a store is never shared across a fork.
