@@ -44,17 +44,14 @@ class Oracle:
             held = data.held[m.indptr[u] : m.indptr[u + 1]]
             self.history[uid] = {data.items.ids[c] for c in cols}
             self.held[uid] = {data.items.ids[c] for c, h in zip(cols, held, strict=True) if h}
-        self._closed = {
-            u: {c for c in (self.category[i] for i in held) if c in self.exclusive}
-            for u, held in self.held.items()
-        }
 
     def tol(self, user_id: str) -> int:
         return self.tolerance.get(user_id, 1)
 
     def closed_categories(self, user_id: str) -> set[str]:
-        """The exclusive categories the customer holds a product of."""
-        return self._closed.get(user_id, set())
+        """The exclusive categories the customer holds a product of (live changes apply to held)."""
+        held = {self.category[i] for i in self.held.get(user_id, ())}
+        return {c for c in held if c in self.exclusive}
 
     def allowed(self, user_id: str, item_id: str, exclude: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
         return (
