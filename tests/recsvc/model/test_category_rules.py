@@ -126,7 +126,7 @@ def test_every_customer_under_each_configuration(
     exclude = {"MTG-000001", "ETF-000002"}
     items = bundle.items.ids
     sources = set()
-    for user_id in [*bundle.users.ids, "stranger"]:
+    for n, user_id in enumerate([*bundle.users.ids, "stranger"]):
         q = RecommendQuery(
             user_id=user_id, k=k, exclude_item_ids=tuple(exclude), max_per_category=cap
         )
@@ -134,6 +134,8 @@ def test_every_customer_under_each_configuration(
         sources.add(got.source)
         ids, scores = [it.item_id for it in got.items], [it.score for it in got.items]
         oracle.check_recommended(user_id, k, exclude, ids, scores, cap)
+        if n % 5:
+            continue  # every customer's RankItems is the other suites' (default categories)
         ranked = recommender.rank_items(RankQuery(user_id=user_id, item_ids=tuple(items)))
         assert {it.item_id for it in ranked.items} == {
             i for i in items if oracle.allowed(user_id, i)
