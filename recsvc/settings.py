@@ -23,7 +23,7 @@ from recsvc.audit.log import SYNC_MODES
 __all__ = ["EXCLUSIVE_CATEGORIES", "SETTINGS", "ServerSettings", "Setting"]
 
 EXCLUSIVE_CATEGORIES = ("current_account", "mortgage", "pension")
-"""Categories a customer holds one product of at most (the sample bank's catalogue)."""
+"""The default exclusive categories (the sample bank's names): see ``exclusive_categories``."""
 
 _PREFIX = "RECSVC_"
 

@@ -173,6 +173,11 @@ class Categories:
             names.pop(empty)
         return cls(codes.astype(np.int32), tuple(names))
 
+    def codes_of(self, names: Collection[str]) -> list[int]:
+        """The codes of those of ``names`` the catalogue has, ascending."""
+        wanted = set(names)
+        return [c for c, n in enumerate(self.names) if n in wanted]
+
     def flags(self, codes: Collection[int]) -> np.ndarray:
         """A flag per code, set for ``codes``, and a last one, clear, that NO_CATEGORY indexes."""
         flags = np.zeros(len(self.names) + 1, dtype=bool)
@@ -200,7 +205,7 @@ class ExclusiveCategories:
     """Categories a customer holds one product of at most: no other of it is offered.
 
     Which categories are a deployment's choice (``ServerSettings.exclusive_categories``);
-    names the catalogue does not have are left out. The allowed sets less a customer's
+    a name the catalogue does not have closes nothing. The allowed sets less a customer's
     exclusive categories are built once per (base set, categories) and shared like the
     per-tolerance sets, so the index keeps its search parameters over them; an entry
     goes with its base set.
@@ -212,9 +217,7 @@ class ExclusiveCategories:
 
     def __init__(self, categories: Categories, names: Collection[str]) -> None:
         self.categories = categories
-        wanted = set(names)
-        self.names = tuple(n for n in categories.names if n in wanted)
-        self._codes = frozenset(c for c, n in enumerate(categories.names) if n in wanted)
+        self._codes = frozenset(categories.codes_of(names))
         self._sets: weakref.WeakKeyDictionary[AllowedSet, dict[tuple[int, ...], AllowedSet]] = (
             weakref.WeakKeyDictionary()
         )
