@@ -256,8 +256,15 @@ class Recommender:
         n = len(self.bundle.items)
         # Each set holds the active products up to a risk level: counts, not a pass.
         inactive = n - sets[-1].count
-        unsuitable = sets[-1].count - sets[known.tolerance - MIN_LEVEL].count
-        removed = {"inactive": inactive, "unsuitable": unsuitable, "interacted": len(known.rows)}
+        suitable = sets[known.tolerance - MIN_LEVEL]
+        unsuitable = sets[-1].count - suitable.count
+        closed = self.exclusive.allowed(suitable, self.exclusive.held_categories(known.held))
+        removed = {
+            "inactive": inactive,
+            "unsuitable": unsuitable,
+            "exclusive_category": suitable.count - closed.count,
+            "interacted": len(known.rows),
+        }
         return Suitability(known.tolerance, basis, removed)
 
     def resolve_user(

@@ -214,6 +214,22 @@ def test_a_mortgage_holder_is_offered_no_other_mortgage(
     assert set(_ids(free, RecommendQuery(user_id=user, k=MAX_K))) & mortgages
 
 
+def test_the_audit_counts_what_the_exclusive_categories_removed(
+    recommender: Recommender, oracle: Oracle
+) -> None:
+    user = _holder(oracle, "mortgage")
+    closed = {
+        i
+        for i, c in oracle.category.items()
+        if c in oracle.closed_categories(user)
+        and oracle.active[i]
+        and oracle.risk[i] <= oracle.tol(user)
+    }
+    removed = recommender.suitability_basis(user).removed
+    assert closed and removed["exclusive_category"] == len(closed)
+    assert recommender.suitability_basis("stranger").removed["exclusive_category"] == 0
+
+
 def test_a_held_product_may_come_back_but_no_other_of_its_category(
     recommender: Recommender, oracle: Oracle, bundle: Bundle
 ) -> None:
