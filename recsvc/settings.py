@@ -131,6 +131,14 @@ class ServerSettings:
             _names,
         ),
     )
+    contact_policy: Path | None = field(
+        default=None,
+        metadata=_declare(
+            "contact policy file (JSON): contact caps and "
+            "decline cooldowns; absent, the documented defaults apply",
+            Path,
+        ),
+    )
     log_level: str = field(
         default="INFO",
         metadata=_declare("DEBUG, INFO, WARNING, ERROR or CRITICAL", _log_level),
@@ -211,7 +219,8 @@ class ServerSettings:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "auth_tokens"):
+        files = ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "auth_tokens")
+        for name in (*files, "contact_policy"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{SETTINGS[name].flag} {path}: no such file")

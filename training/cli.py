@@ -183,10 +183,12 @@ def _fit(args: argparse.Namespace, state: FoldedState | None) -> tuple[Path, Tra
 
 
 def _cmd_audience(args: argparse.Namespace) -> int:
+    from recsvc.model.contact import load_policy
     from recsvc.model.queries import TargetQuery
     from training.export import export_all_items, export_audience, open_targeter
 
-    targeter = open_targeter(Path(args.models), no_consent_data=args.no_consent_data)
+    policy = load_policy(Path(args.contact_policy) if args.contact_policy else None)
+    targeter = open_targeter(Path(args.models), args.no_consent_data, policy)
     overlay = None
     if args.state is not None:
         with _state_store(args.state) as (store, pseudonymize):
@@ -209,7 +211,9 @@ def _cmd_audience(args: argparse.Namespace) -> int:
         min_score=args.min_score,
         include_holders=args.include_holders,
     )
-    audience, sidecar = export_audience(targeter, query, out, not args.quiet, overlay)
+    audience, sidecar = export_audience(
+        targeter, query, out, not args.quiet, overlay, channel=args.channel or ""
+    )
     print(f"wrote {len(audience.rows):,} customers to {out} ({model}); sidecar {sidecar}")
     return 0
 
@@ -317,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer through the live state store's changes since the bundle, as servers "
         "do (consent, tolerance, products, new customers, erasures). Needs RECSVC_PSEUDONYM_KEY",
     )
+    p.add_argument(
+        "--contact-policy",
+        metavar="FILE",
+        help="contact policy (JSON), as the server's; absent, "
+        "its defaults. Contacts and declines come from --state",
+    )
+    p.add_argument("--channel", help="the campaign's channel, for its contact cap (with --item)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_audience)
 

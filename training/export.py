@@ -22,6 +22,7 @@ from recsvc.audience_file import audience_meta, write_audience
 from recsvc.errors import BundleError, RecsvcError
 from recsvc.files import fsync_path
 from recsvc.model.bundle import Bundle, load_bundle, read_latest
+from recsvc.model.contact import DEFAULT_POLICY, ContactPolicy
 from recsvc.model.overlay import Overlay
 from recsvc.model.queries import TargetQuery
 from recsvc.model.targeting import Audience, Targeter
@@ -34,11 +35,14 @@ _VERSION_FILE = "_version"  # marks a folder as an all-items export (readers ski
 _SEQUENCE_FILE = "_state_sequence"  # the live state it answered through, if any
 
 
-def open_targeter(models: Path, no_consent_data: bool = False) -> Targeter:
+def open_targeter(
+    models: Path, no_consent_data: bool = False, contact_policy: ContactPolicy = DEFAULT_POLICY
+) -> Targeter:
     version = read_latest(models)
     if version is None:
         raise BundleError(f"{models}: no LATEST; publish a model first")
-    return Targeter(load_bundle(models / version), no_consent_data)
+    bundle = load_bundle(models / version)
+    return Targeter(bundle, no_consent_data, contact_policy=contact_policy)
 
 
 def _member_ids(bundle: Bundle, audience: Audience) -> pa.Array:
@@ -70,9 +74,13 @@ def export_audience(
     out: Path,
     progress: bool = True,
     overlay: Overlay | None = None,
+    channel: str = "",
 ) -> tuple[Audience, Path]:
-    """Write one campaign's audience and its sidecar, through ``overlay`` if given."""
-    audience = targeter.target(query, overlay)
+    """Write one campaign's audience and its sidecar, through ``overlay`` if given.
+
+    ``channel`` is the campaign's, for the contact policy's cap on it.
+    """
+    audience = targeter.target(query, overlay, channel=channel)
     table = audience_table(targeter, audience, progress)
     meta = audience_meta(
         audience.version, query, audience.eligible, audience.excluded, audience.indexed, "offline"

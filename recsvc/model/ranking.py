@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -21,6 +22,7 @@ import scipy.linalg
 from recsvc.errors import NotFound
 from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
+from recsvc.model.contact import DEFAULT_POLICY, ContactPolicy, declined_within_cooldown
 from recsvc.model.index import IndexSpec, VectorIndex
 from recsvc.model.overlay import ERASED, Overlay, OverlayContext, apply, empty
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
@@ -110,12 +112,19 @@ class Recommender:
         bundle: the loaded version.
         exclusive_categories: categories of which a customer who holds one product is
             offered no other (``ServerSettings.exclusive_categories``).
+        contact_policy: its decline cooldowns close a declined product's category to
+            Recommend too (``ServerSettings.contact_policy``).
     """
 
     def __init__(
-        self, bundle: Bundle, *, exclusive_categories: Collection[str] = EXCLUSIVE_CATEGORIES
+        self,
+        bundle: Bundle,
+        *,
+        exclusive_categories: Collection[str] = EXCLUSIVE_CATEGORIES,
+        contact_policy: ContactPolicy = DEFAULT_POLICY,
     ) -> None:
         self.bundle = bundle
+        self.contact_policy = contact_policy
         manifest = bundle.manifest
         self.suitability = bundle.suitability
         self.item_rules = bundle.item_rules
@@ -368,13 +377,25 @@ class Recommender:
         codes = self.exclusive.held_categories(held)
         return self.exclusive.allowed(base, codes, held if show_held else None)
 
-    def recommend(self, q: RecommendQuery, overlay: Overlay | None = None) -> Ranked:
+    def recommend(
+        self, q: RecommendQuery, overlay: Overlay | None = None, now: datetime | None = None
+    ) -> Ranked:
+        """The customer's top k; ``now`` ends decline cooldowns (default: the clock)."""
         user = self.resolve_user(q.user_id, q.recent_item_ids, overlay)
         sequence = overlay.sequence if overlay is not None else 0
         exclude = _NO_ROWS if q.include_interacted else user.history
         if q.exclude_item_ids:
             exclude = np.concatenate([self.bundle.items.indices(q.exclude_item_ids), exclude])
         allowed = self._allowed(overlay, user.tolerance, user.held, q.include_interacted)
+        # Declines live in the overlay alone: a category declined within its cooldown is shut.
+        live = overlay.user(q.user_id) if overlay is not None else None
+        if live is not None and live.declined:
+            when = now if now is not None else datetime.now(timezone.utc)
+            codes, rows = declined_within_cooldown(
+                self.contact_policy, self.bundle.categories, live.declined, when
+            )
+            allowed = self.bundle.categories.without(allowed, codes)
+            exclude = np.concatenate([exclude, rows])
         vector = user.vector
         search: _Search = self._popular if vector is None else partial(self._nearest, vector)
         scores, rows = self._capped(search, q.k, q.max_per_category, allowed, exclude)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from recsvc.errors import BundleError
 from recsvc.model.bundle import load_bundle
+from recsvc.model.contact import DEFAULT_POLICY, ContactPolicy
 from recsvc.model.overlay import Overlay
 from recsvc.model.queries import RecommendQuery, SimilarQuery
 from recsvc.model.ranking import Recommender
@@ -58,6 +59,7 @@ def load_served_model(
     no_consent_data: bool = False,
     verify: bool = True,
     exclusive_categories: Collection[str] = EXCLUSIVE_CATEGORIES,
+    contact_policy: ContactPolicy = DEFAULT_POLICY,
 ) -> ServedModel:
     """Verify (unless told it is done), load and warm one version.
 
@@ -66,14 +68,18 @@ def load_served_model(
         no_consent_data: the data carries no consent requirement (see ``Targeter``).
         verify: check every file against the manifest first.
         exclusive_categories: see ``Recommender``.
+        contact_policy: see ``Recommender`` and ``Targeter``.
 
     Raises:
         BundleError: on any defect, a failed warm-up included.
     """
     bundle = load_bundle(folder, verify=verify)
     try:
-        recommender = Recommender(bundle, exclusive_categories=exclusive_categories)
-        model = ServedModel(recommender, Targeter(bundle, no_consent_data))
+        recommender = Recommender(
+            bundle, exclusive_categories=exclusive_categories, contact_policy=contact_policy
+        )
+        targeter = Targeter(bundle, no_consent_data, contact_policy=contact_policy)
+        model = ServedModel(recommender, targeter)
         _warm_up(model)
     except BundleError:
         raise

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from recsvc.audit import AuditLog
 from recsvc.logs import Pseudonymizer, configure_logging
+from recsvc.model.contact import load_policy
 from recsvc.serving.auth import BearerTokenInterceptor, load_tokens
 from recsvc.serving.drain import DrainGate
 from recsvc.serving.live import StateFollower
@@ -142,6 +143,7 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
         no_consent_data=settings.no_consent_data,
         trial_in_child=settings.trial_in_child,
         exclusive_categories=settings.exclusive_categories,
+        contact_policy=load_policy(settings.contact_policy),
     )
     if settings.state is not None:
         # Opened here, in the serving process: a store is never shared across a fork.

@@ -313,7 +313,9 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             )
             model = await self._model(request.min_sequence, context)
             # Large audiences take a while: keep the event loop free for other RPCs.
-            audience = await asyncio.to_thread(model.targeter.target, query, model.overlay)
+            audience = await asyncio.to_thread(
+                model.targeter.target, query, model.overlay, channel=request.channel
+            )
             user_ids = model.targeter.bundle.users.ids
             recommendation_id = os.urandom(16).hex()
             if self._audit is not None:
@@ -388,6 +390,8 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
                 unsuitable=ex.unsuitable,
                 holders=ex.holders,
                 below_min_score=ex.below_min_score,
+                contact_capped=ex.contact_capped,
+                declined_recently=ex.declined_recently,
             )
         )
         msg.eligible_users = audience.eligible

@@ -24,6 +24,7 @@ from recsvc.model.bundle import (
     read_manifest,
     verify_files,
 )
+from recsvc.model.contact import DEFAULT_POLICY, ContactPolicy
 from recsvc.serving.servable import ServedModel, load_served_model
 from recsvc.serving.trial import TrialRunner
 from recsvc.settings import EXCLUSIVE_CATEGORIES
@@ -52,6 +53,7 @@ class ModelStore:
         trial_in_child: bool = True,
         attach: Callable[[ServedModel], ServedModel] | None = None,
         exclusive_categories: Collection[str] = EXCLUSIVE_CATEGORIES,
+        contact_policy: ContactPolicy = DEFAULT_POLICY,
     ) -> None:
         """
         Args:
@@ -61,12 +63,14 @@ class ModelStore:
             attach: completes a loaded version before it is swapped in (the live
                 overlay); a ``StateError`` from it is retried on the next poll.
             exclusive_categories: see ``Recommender``.
+            contact_policy: see ``Recommender`` and ``Targeter``.
         """
         self.models = models
         self.attach = attach
         self.no_consent_data = no_consent_data
         # Not for the trial child: which categories are exclusive cannot make a version fail.
         self.exclusive_categories = tuple(exclusive_categories)
+        self.contact_policy = contact_policy
         self._trials = TrialRunner(no_consent_data) if trial_in_child else None
         self._model: ServedModel | None = None
         self._rejected: set[str] = set()  # defective versions: never tried again
@@ -122,6 +126,7 @@ class ModelStore:
                 self.no_consent_data,
                 verify=False,
                 exclusive_categories=self.exclusive_categories,
+                contact_policy=self.contact_policy,
             )
             if self.attach is not None:
                 model = self.attach(model)

@@ -68,6 +68,7 @@ def _cases(d: Path) -> dict[str, Case]:
         ),
         "exclusive_categories": Case("mortgage, pension", ("mortgage", "pension"), ["none"], ()),
         "log_level": Case("debug", "DEBUG", ["warning"], "WARNING"),
+        "contact_policy": Case(str(other), other, [str(ca)], ca),
         "auth_token_file": Case(str(other), other, [str(ca)], ca),
         "auth_tokens": Case(
             str(tokens["tokens-env"]),
