@@ -12,6 +12,8 @@ A customer contacted ``max_per_channel[channel]`` times on the campaign's channe
 audience. After a ``decline`` of a product, no campaign of that product's category
 reaches them for the category's cooldown (``decline_cooldown_days`` unless named), and
 Recommend offers none of it. ``never_together`` lists categories no campaign may mix.
+An event dated ahead of the clock (a skewed sender) counts as recent: the cautious side,
+and it lets one latest decline per product stand for all of them.
 
 An absent file means :data:`DEFAULT_POLICY`, never no policy: at most 2 emails, 1 SMS,
 2 pushes and 1 call a week, 4 in all; 30 days after a decline, 60 for credit (cards,
@@ -209,9 +211,7 @@ class ContactHistory:
 
     def capped(self, n: int, policy: ContactPolicy, channel: str, now: datetime) -> np.ndarray:
         """Mask over the ``n`` customers: contacted up to a cap within the window."""
-        recent = (self.contact_time > now.timestamp() - policy.window_days * _DAY) & (
-            self.contact_time <= now.timestamp()
-        )
+        recent = self.contact_time > now.timestamp() - policy.window_days * _DAY
         users = self.contact_user[recent]
         out = np.bincount(users, minlength=n) >= policy.max_all_channels
         cap = policy.max_per_channel.get(channel) if channel else None
@@ -249,8 +249,7 @@ def _open(
     now: datetime,
 ) -> np.ndarray:
     """Mask over declines (their times and item rows): still within their cooldown at ``now``."""
-    at = now.timestamp()
-    return (times > at - policy.cooldown_seconds(categories)[rows]) & (times <= at)
+    return times > now.timestamp() - policy.cooldown_seconds(categories)[rows]
 
 
 def declined_within_cooldown(
