@@ -111,7 +111,7 @@ DEFAULT_POLICY = ContactPolicy()
 """The policy without a file (see the module)."""
 
 
-def _days(data: Mapping[str, Any], key: str, source: str, low: int) -> int:
+def _whole(data: Mapping[str, Any], key: str, source: str, low: int) -> int:
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= HISTORY_DAYS:
         raise ValueError(f"{source}: {key} must be a whole number {low}..{HISTORY_DAYS}")
@@ -133,16 +133,15 @@ def parse_policy(data: Mapping[str, Any], source: str = "contact policy") -> Con
     unknown = sorted(set(data) - set(_KEYS))
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(_KEYS)})")
-    d = DEFAULT_POLICY
     kw: dict[str, Any] = {}
     if "window_days" in data:
-        kw["window_days"] = _days(data, "window_days", source, 1)
+        kw["window_days"] = _whole(data, "window_days", source, 1)
     if "max_all_channels" in data:
-        kw["max_all_channels"] = _days(data, "max_all_channels", source, 0)
+        kw["max_all_channels"] = _whole(data, "max_all_channels", source, 0)
     if "max_per_channel" in data:
         kw["max_per_channel"] = _counts(data, "max_per_channel", source, HISTORY_DAYS)
     if "decline_cooldown_days" in data:
-        kw["decline_cooldown_days"] = _days(data, "decline_cooldown_days", source, 0)
+        kw["decline_cooldown_days"] = _whole(data, "decline_cooldown_days", source, 0)
     if "decline_cooldown_days_by_category" in data:
         by = _counts(data, "decline_cooldown_days_by_category", source, HISTORY_DAYS)
         kw["decline_cooldown_days_by_category"] = by
@@ -155,7 +154,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "contact policy") -> Con
         if not ok:
             raise ValueError(f"{source}: never_together must be a list of category pairs")
         kw["never_together"] = tuple((a, b) for a, b in pairs)
-    return ContactPolicy(**{**{k: getattr(d, k) for k in _KEYS}, **kw})
+    return ContactPolicy(**kw)
 
 
 def load_policy(path: Path | None) -> ContactPolicy:
