@@ -1,0 +1,412 @@
+"""The state store's logic in SQL, once for every backend.
+
+A backend subclasses ``SQLStore`` and supplies only its dialect: connections and
+transactions (``_cursor``, ``_read``, ``_write``), how a time is stored and read
+back, how a query takes a set of keys (``_select_in``), and waiting for a change.
+Queries are written with ``?`` placeholders; ``_PLACEHOLDER`` replaces them.
+Booleans are bound as Python ``bool`` (which SQLite stores as 0 or 1) and read
+back through ``bool``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Protocol
+
+from recsvc.errors import StateError
+from recsvc.state import _prepare
+from recsvc.state.base import (
+    Changes,
+    CustomerState,
+    CustomerUpdate,
+    Event,
+    ProductState,
+    ProductUpdate,
+    Receipt,
+    RecordResult,
+    StateStore,
+    StoredEvent,
+    UpdateResult,
+)
+
+__all__ = ["EVENT_COLUMNS", "RECEIPT_COLUMNS", "Cursor", "SQLStore"]
+
+EVENT_COLUMNS = "event_id, user_id, item_id, type, time, weight, campaign_id, channel, sequence"
+"""The columns of ``state_events``, in the order rows are written and read."""
+
+RECEIPT_COLUMNS = (
+    "receipt_id, reference, subject, received_at, effective_at, sequence,"
+    " events_deleted, profile_deleted, bundles_holding, complete, completed_at"
+)
+"""The columns of ``state_receipts``, in ``Receipt``'s field order."""
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor the shared logic uses (sqlite3's and psycopg's)."""
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the last statement changed."""
+
+    def execute(self, query: str, params: Sequence[Any] = ..., /) -> Any:
+        """Run one statement."""
+
+    def executemany(self, query: str, params: Iterable[Sequence[Any]], /) -> Any:
+        """Run one statement once per parameter row."""
+
+    def fetchone(self) -> Any:
+        """The next row, or None."""
+
+    def fetchall(self) -> list[Any]:
+        """The remaining rows."""
+
+
+def _flag(value: object) -> bool | None:
+    return None if value is None else bool(value)
+
+
+class SQLStore(StateStore):
+    """The state store over one SQL database; see the module docstring.
+
+    Args:
+        pseudonymize: Keyed pseudonyms of customer ids, for tombstones and receipts.
+        poll_interval: Seconds between checks of the sequence while polling.
+    """
+
+    _NAME: ClassVar[str]
+    """The backend's name, in error messages."""
+
+    _PLACEHOLDER: ClassVar[str] = "?"
+
+    def __init__(self, pseudonymize: Callable[[str], str], poll_interval: float) -> None:
+        self._pseudonymize = pseudonymize
+        self._poll_interval = poll_interval
+
+    # The dialect.
+
+    @abc.abstractmethod
+    def _cursor(self) -> contextlib.AbstractContextManager[Cursor]:
+        """A cursor whose each statement commits on its own."""
+
+    @abc.abstractmethod
+    def _write(self) -> contextlib.AbstractContextManager[tuple[Cursor, int]]:
+        """A transaction holding the write lock, and the sequence committed before it."""
+
+    @abc.abstractmethod
+    def _read(self) -> contextlib.AbstractContextManager[tuple[Cursor, int]]:
+        """A read transaction (one snapshot), and the sequence it sees."""
+
+    @abc.abstractmethod
+    def _select_in(self, cur: Cursor, query: str, keys: Iterable[str]) -> list[Any]:
+        """Rows of ``query``, whose one ``{}`` follows a column: "is one of the keys"."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def _store_time(moment: datetime) -> object:
+        """A UTC time as the database stores it."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def _load_time(stored: Any) -> datetime:
+        """A stored time as an aware UTC ``datetime``."""
+
+    # Shared helpers.
+
+    def _sql(self, query: str) -> str:
+        return query.replace("?", self._PLACEHOLDER)
+
+    def _current(self, cur: Cursor, lock: str = "") -> int:
+        """The committed sequence; ``lock`` is appended to the query."""
+        cur.execute(f"SELECT value FROM state_sequence WHERE id = 1{lock}")
+        row = cur.fetchone()
+        if row is None:
+            raise StateError(f"state store ({self._NAME}): the sequence row is missing")
+        return int(row[0])
+
+    def _bump(self, cur: Cursor, sequence: int) -> None:
+        cur.execute(self._sql("UPDATE state_sequence SET value = ? WHERE id = 1"), (sequence,))
+
+    def _tombstoned(self, cur: Cursor, subjects: Iterable[str]) -> set[str]:
+        query = "SELECT subject FROM state_tombstones WHERE subject {}"
+        return {row[0] for row in self._select_in(cur, query, set(subjects))}
+
+    def _receipt(self, row: Sequence[Any]) -> Receipt:
+        return Receipt(
+            receipt_id=row[0],
+            reference=row[1],
+            subject=row[2],
+            received_at=self._load_time(row[3]),
+            effective_at=self._load_time(row[4]),
+            sequence=row[5],
+            events_deleted=row[6],
+            profile_deleted=bool(row[7]),
+            bundles_holding=row[8],
+            complete=bool(row[9]),
+            completed_at=None if row[10] is None else self._load_time(row[10]),
+        )
+
+    def _in_window(
+        self, cur: Cursor, table: str, columns: str, key: str, window: tuple[int, int]
+    ) -> list[Any]:
+        """Rows of ``table`` written in ``(after, end]``, in sequence order, then by ``key``."""
+        cur.execute(
+            self._sql(
+                f"SELECT {columns} FROM {table}"
+                f" WHERE sequence > ? AND sequence <= ? ORDER BY sequence, {key}"
+            ),
+            window,
+        )
+        return cur.fetchall()
+
+    def _poll(self, after: int, deadline: float) -> int:
+        while True:
+            current = self.sequence()
+            remaining = deadline - time.monotonic()
+            if current > after or remaining <= 0:
+                return current
+            time.sleep(min(self._poll_interval, remaining))
+
+    # The interface.
+
+    def record_events(self, events: Iterable[Event]) -> RecordResult:
+        batch = _prepare.prepare_events(events, self._pseudonymize)
+        if not batch.events:
+            return RecordResult(0, (), 0, self.sequence())
+        with self._write() as (cur, sequence):
+            forgotten = self._tombstoned(cur, batch.subjects.values())
+            query = "SELECT event_id FROM state_events WHERE event_id {}"
+            stored = {row[0] for row in self._select_in(cur, query, batch.ids)}
+            keep, duplicates, dropped = batch.classify(forgotten, stored)
+            if keep:
+                sequence += 1
+                cur.executemany(
+                    self._sql(
+                        f"INSERT INTO state_events ({EVENT_COLUMNS})"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    ),
+                    [
+                        (
+                            *(e.event_id, e.user_id, e.item_id, e.type),
+                            *(self._store_time(e.time), e.weight),
+                            *(e.campaign_id, e.channel, sequence),
+                        )
+                        for e in keep
+                    ],
+                )
+                self._bump(cur, sequence)
+        return RecordResult(len(keep), duplicates, dropped, sequence)
+
+    def update_customers(self, updates: Iterable[CustomerUpdate]) -> UpdateResult:
+        checked, subjects = _prepare.prepare_customers(updates, self._pseudonymize)
+        if not checked:
+            return UpdateResult(0, self.sequence())
+        with self._write() as (cur, sequence):
+            forgotten = self._tombstoned(cur, subjects.values())
+            live = [u for u in checked if subjects[u.user_id] not in forgotten]
+            query = (
+                "SELECT user_id, risk_tolerance, marketing_consent FROM state_customers"
+                " WHERE user_id {}"
+            )
+            stored = {
+                row[0]: (row[1], _flag(row[2]))
+                for row in self._select_in(cur, query, {u.user_id for u in live})
+            }
+            changed = _prepare.merge_fields(
+                stored, ((u.user_id, (u.risk_tolerance, u.marketing_consent)) for u in live)
+            )
+            if changed:
+                sequence += 1
+                cur.executemany(
+                    self._sql(
+                        "INSERT INTO state_customers VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT (user_id) DO UPDATE"
+                        " SET risk_tolerance = excluded.risk_tolerance,"
+                        " marketing_consent = excluded.marketing_consent,"
+                        " sequence = excluded.sequence"
+                    ),
+                    [(key, *fields, sequence) for key, fields in changed.items()],
+                )
+                self._bump(cur, sequence)
+        return UpdateResult(len(changed), sequence, len(checked) - len(live))
+
+    def update_products(self, updates: Iterable[ProductUpdate]) -> UpdateResult:
+        checked = _prepare.prepare_products(updates)
+        if not checked:
+            return UpdateResult(0, self.sequence())
+        with self._write() as (cur, sequence):
+            query = "SELECT item_id, active, risk_level FROM state_products WHERE item_id {}"
+            stored = {
+                row[0]: (_flag(row[1]), row[2])
+                for row in self._select_in(cur, query, {u.item_id for u in checked})
+            }
+            changed = _prepare.merge_fields(
+                stored, ((u.item_id, (u.active, u.risk_level)) for u in checked)
+            )
+            if changed:
+                sequence += 1
+                cur.executemany(
+                    self._sql(
+                        "INSERT INTO state_products VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT (item_id) DO UPDATE"
+                        " SET active = excluded.active, risk_level = excluded.risk_level,"
+                        " sequence = excluded.sequence"
+                    ),
+                    [(key, *fields, sequence) for key, fields in changed.items()],
+                )
+                self._bump(cur, sequence)
+        return UpdateResult(len(changed), sequence)
+
+    def forget(self, user_id: str, reference: str, received_at: datetime) -> Receipt:
+        _prepare.check_text("user_id", user_id, required=True)
+        _prepare.check_text("reference", reference, required=False)
+        received = _prepare.check_time("received_at", received_at)
+        subject = self._pseudonymize(user_id)
+        receipt_id = _prepare.new_receipt_id()
+        with self._write() as (cur, sequence):
+            sequence += 1
+            cur.execute(self._sql("DELETE FROM state_events WHERE user_id = ?"), (user_id,))
+            events_deleted = cur.rowcount
+            cur.execute(self._sql("DELETE FROM state_customers WHERE user_id = ?"), (user_id,))
+            profile_deleted = cur.rowcount > 0
+            cur.execute(
+                self._sql(
+                    "INSERT INTO state_tombstones VALUES (?, ?)"
+                    " ON CONFLICT (subject) DO UPDATE SET sequence = excluded.sequence"
+                ),
+                (subject, sequence),
+            )
+            effective = datetime.now(timezone.utc)
+            receipt = Receipt(
+                *(receipt_id, reference, subject, received, effective, sequence),
+                *(events_deleted, profile_deleted, 0, False, None),
+            )
+            cur.execute(
+                self._sql(
+                    f"INSERT INTO state_receipts ({RECEIPT_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                (
+                    *(receipt_id, reference, subject),
+                    *(self._store_time(received), self._store_time(effective), sequence),
+                    *(events_deleted, profile_deleted, 0, False, None),
+                ),
+            )
+            self._bump(cur, sequence)
+        return receipt
+
+    def receipt(self, receipt_id: str) -> Receipt | None:
+        _prepare.check_text("receipt_id", receipt_id, required=True)
+        with self._cursor() as cur:
+            cur.execute(
+                self._sql(f"SELECT {RECEIPT_COLUMNS} FROM state_receipts WHERE receipt_id = ?"),
+                (receipt_id,),
+            )
+            row = cur.fetchone()
+        return None if row is None else self._receipt(row)
+
+    def complete_receipts(
+        self,
+        completed_at: datetime,
+        bundles_holding_by_subject: Mapping[str, int] | None = None,
+        *,
+        upto: int | None = None,
+    ) -> int:
+        completed = self._store_time(_prepare.check_time("completed_at", completed_at))
+        _prepare.check_after(0, upto)
+        holding = None
+        if bundles_holding_by_subject is not None:
+            holding = {
+                _prepare.check_text("subject", s, required=True): _prepare.check_count(
+                    "bundles_holding", n
+                )
+                for s, n in bundles_holding_by_subject.items()
+            }
+        with self._write() as (cur, sequence):
+            limit = sequence if upto is None else upto
+            if holding is None:
+                cur.execute(
+                    self._sql(
+                        "UPDATE state_receipts SET complete = TRUE, completed_at = ?"
+                        " WHERE NOT complete AND sequence <= ?"
+                    ),
+                    (completed, limit),
+                )
+                return cur.rowcount
+            cur.execute(
+                self._sql(
+                    "SELECT receipt_id, subject FROM state_receipts"
+                    " WHERE NOT complete AND sequence <= ?"
+                ),
+                (limit,),
+            )
+            rows = cur.fetchall()
+            cur.executemany(
+                self._sql(
+                    "UPDATE state_receipts SET complete = TRUE, completed_at = ?,"
+                    " bundles_holding = ? WHERE receipt_id = ?"
+                ),
+                [(completed, holding.get(subject, 0), rid) for rid, subject in rows],
+            )
+            return len(rows)
+
+    def set_bundles_holding(self, subject: str, n: int) -> int:
+        _prepare.check_text("subject", subject, required=True)
+        count = _prepare.check_count("n", n)
+        with self._write() as (cur, _):
+            cur.execute(
+                self._sql("UPDATE state_receipts SET bundles_holding = ? WHERE subject = ?"),
+                (count, subject),
+            )
+            return cur.rowcount
+
+    def sequence(self) -> int:
+        with self._cursor() as cur:
+            return self._current(cur)
+
+    def changes_since(self, after: int, upto: int | None = None) -> Changes:
+        _prepare.check_after(after, upto)
+        with self._read() as (cur, current):
+            end = current if upto is None else min(upto, current)
+            if end <= after:
+                return Changes(after, (), (), (), ())
+            window = (after, end)
+            events = tuple(
+                StoredEvent(*(e, u, i, t, self._load_time(at), w, c, ch), sequence=s)
+                for e, u, i, t, at, w, c, ch, s in self._in_window(
+                    cur, "state_events", EVENT_COLUMNS, "event_id", window
+                )
+            )
+            customers = tuple(
+                CustomerState(u, r, _flag(m), s)
+                for u, r, m, s in self._in_window(
+                    cur,
+                    "state_customers",
+                    "user_id, risk_tolerance, marketing_consent, sequence",
+                    "user_id",
+                    window,
+                )
+            )
+            products = tuple(
+                ProductState(i, _flag(a), r, s)
+                for i, a, r, s in self._in_window(
+                    cur,
+                    "state_products",
+                    "item_id, active, risk_level, sequence",
+                    "item_id",
+                    window,
+                )
+            )
+            erased = tuple(
+                row[0]
+                for row in self._in_window(cur, "state_tombstones", "subject", "subject", window)
+            )
+        return Changes(end, events, customers, products, erased)
+
+    def forgotten(self) -> frozenset[str]:
+        with self._cursor() as cur:
+            cur.execute("SELECT subject FROM state_tombstones")
+            return frozenset(row[0] for row in cur.fetchall())
