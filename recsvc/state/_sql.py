@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Protocol
 from recsvc.errors import StateError
 from recsvc.state import _prepare
 from recsvc.state.base import (
+    MAX_TEXT,
+    SCHEMA_VERSION,
     Changes,
     CustomerState,
     CustomerUpdate,
@@ -33,7 +35,7 @@ from recsvc.state.base import (
     UpdateResult,
 )
 
-__all__ = ["EVENT_COLUMNS", "RECEIPT_COLUMNS", "Cursor", "SQLStore"]
+__all__ = ["EVENT_COLUMNS", "RECEIPT_COLUMNS", "Cursor", "SQLStore", "schema"]
 
 EVENT_COLUMNS = "event_id, user_id, item_id, type, time, weight, campaign_id, channel, sequence"
 """The columns of ``state_events``, in the order rows are written and read."""
@@ -69,6 +71,73 @@ def _flag(value: object) -> bool | None:
     return None if value is None else bool(value)
 
 
+def _text(column: str, *, required: bool = False) -> str:
+    low = 1 if required else 0
+    return f"{column} TEXT NOT NULL CHECK (length({column}) BETWEEN {low} AND {MAX_TEXT})"
+
+
+def schema(*, counter: str, moment: str, real: str, flag: Callable[[str], str]) -> tuple[str, ...]:
+    """The statements creating the state tables, in a backend's column types.
+
+    Args:
+        counter: The type of sequence numbers (64-bit integers).
+        moment: The type of times.
+        real: The type of floating-point numbers.
+        flag: A nullable boolean column's definition, given its name.
+    """
+    return (
+        """CREATE TABLE state_schema (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS state_sequence (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        value {counter} NOT NULL CHECK (value >= 0))""",
+        f"""CREATE TABLE IF NOT EXISTS state_events (
+        {_text("event_id", required=True)} PRIMARY KEY,
+        {_text("user_id", required=True)},
+        {_text("item_id", required=True)},
+        {_text("type")},
+        time {moment} NOT NULL,
+        weight {real},
+        {_text("campaign_id")},
+        {_text("channel")},
+        sequence {counter} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS state_events_sequence ON state_events (sequence)",
+        "CREATE INDEX IF NOT EXISTS state_events_user ON state_events (user_id)",
+        f"""CREATE TABLE IF NOT EXISTS state_customers (
+        {_text("user_id", required=True)} PRIMARY KEY,
+        risk_tolerance INTEGER,
+        {flag("marketing_consent")},
+        sequence {counter} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS state_customers_sequence ON state_customers (sequence)",
+        f"""CREATE TABLE IF NOT EXISTS state_products (
+        {_text("item_id", required=True)} PRIMARY KEY,
+        {flag("active")},
+        risk_level INTEGER,
+        sequence {counter} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS state_products_sequence ON state_products (sequence)",
+        f"""CREATE TABLE IF NOT EXISTS state_tombstones (
+        {_text("subject", required=True)} PRIMARY KEY,
+        sequence {counter} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS state_tombstones_sequence ON state_tombstones (sequence)",
+        f"""CREATE TABLE IF NOT EXISTS state_receipts (
+        {_text("receipt_id", required=True)} PRIMARY KEY,
+        {_text("reference")},
+        {_text("subject", required=True)},
+        received_at {moment} NOT NULL,
+        effective_at {moment} NOT NULL,
+        sequence {counter} NOT NULL,
+        events_deleted INTEGER NOT NULL,
+        {flag("profile_deleted")} NOT NULL,
+        bundles_holding INTEGER NOT NULL DEFAULT 0,
+        {flag("complete")} NOT NULL DEFAULT FALSE,
+        completed_at {moment})""",
+        "CREATE INDEX IF NOT EXISTS state_receipts_subject ON state_receipts (subject)",
+        "CREATE INDEX IF NOT EXISTS state_receipts_incomplete ON state_receipts (sequence)"
+        " WHERE NOT complete",
+    )
+
+
 class SQLStore(StateStore):
     """The state store over one SQL database; see the module docstring.
 
@@ -81,6 +150,12 @@ class SQLStore(StateStore):
     """The backend's name, in error messages."""
 
     _PLACEHOLDER: ClassVar[str] = "?"
+
+    _SCHEMA: ClassVar[tuple[str, ...]]
+    """The backend's ``schema()``."""
+
+    _HAS_SCHEMA: ClassVar[str]
+    """A query with a row if the ``state_schema`` table exists, none if not."""
 
     def __init__(self, pseudonymize: Callable[[str], str], poll_interval: float) -> None:
         self._pseudonymize = pseudonymize
@@ -115,6 +190,29 @@ class SQLStore(StateStore):
         """A stored time as an aware UTC ``datetime``."""
 
     # Shared helpers.
+
+    def _schema_version(self, cur: Cursor) -> int | None:
+        """The schema's version (refusing any other than ours), or None if there is none."""
+        cur.execute(self._HAS_SCHEMA)
+        if cur.fetchone() is None:
+            return None
+        cur.execute("SELECT version FROM state_schema")
+        row = cur.fetchone()
+        if row is None:
+            return None
+        if row[0] != SCHEMA_VERSION:
+            raise StateError(
+                f"state store ({self._NAME}): schema version {row[0]}, but this code"
+                f" reads version {SCHEMA_VERSION} only; refusing to open it"
+            )
+        return int(row[0])
+
+    def _create_schema(self, cur: Cursor) -> None:
+        """Creates the tables and their first rows, in the caller's transaction."""
+        for statement in self._SCHEMA:
+            cur.execute(statement)
+        cur.execute(self._sql("INSERT INTO state_schema VALUES (1, ?)"), (SCHEMA_VERSION,))
+        cur.execute("INSERT INTO state_sequence VALUES (1, 0)")
 
     def _sql(self, query: str) -> str:
         return query.replace("?", self._PLACEHOLDER)

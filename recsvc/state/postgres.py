@@ -27,7 +27,6 @@ from psycopg.rows import TupleRow
 from recsvc.errors import StateError, StateUnavailable
 from recsvc.state import _sql
 from recsvc.state._pool import Pool
-from recsvc.state.base import MAX_TEXT, SCHEMA_VERSION
 
 __all__ = ["CHANNEL", "PostgresStore"]
 
@@ -41,59 +40,8 @@ Connection = psycopg.Connection[TupleRow]
 Cursor = psycopg.Cursor[TupleRow]
 
 
-def _text(column: str, *, required: bool = False) -> str:
-    low = 1 if required else 0
-    return f"{column} text NOT NULL CHECK (length({column}) BETWEEN {low} AND {MAX_TEXT})"
-
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS state_sequence (
-        id integer PRIMARY KEY CHECK (id = 1),
-        value bigint NOT NULL CHECK (value >= 0))""",
-    f"""CREATE TABLE IF NOT EXISTS state_events (
-        {_text("event_id", required=True)} PRIMARY KEY,
-        {_text("user_id", required=True)},
-        {_text("item_id", required=True)},
-        {_text("type")},
-        time timestamptz NOT NULL,
-        weight double precision,
-        {_text("campaign_id")},
-        {_text("channel")},
-        sequence bigint NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_events_sequence ON state_events (sequence)",
-    "CREATE INDEX IF NOT EXISTS state_events_user ON state_events (user_id)",
-    f"""CREATE TABLE IF NOT EXISTS state_customers (
-        {_text("user_id", required=True)} PRIMARY KEY,
-        risk_tolerance integer,
-        marketing_consent boolean,
-        sequence bigint NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_customers_sequence ON state_customers (sequence)",
-    f"""CREATE TABLE IF NOT EXISTS state_products (
-        {_text("item_id", required=True)} PRIMARY KEY,
-        active boolean,
-        risk_level integer,
-        sequence bigint NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_products_sequence ON state_products (sequence)",
-    f"""CREATE TABLE IF NOT EXISTS state_tombstones (
-        {_text("subject", required=True)} PRIMARY KEY,
-        sequence bigint NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_tombstones_sequence ON state_tombstones (sequence)",
-    f"""CREATE TABLE IF NOT EXISTS state_receipts (
-        {_text("receipt_id", required=True)} PRIMARY KEY,
-        {_text("reference")},
-        {_text("subject", required=True)},
-        received_at timestamptz NOT NULL,
-        effective_at timestamptz NOT NULL,
-        sequence bigint NOT NULL,
-        events_deleted integer NOT NULL,
-        profile_deleted boolean NOT NULL,
-        bundles_holding integer NOT NULL DEFAULT 0,
-        complete boolean NOT NULL DEFAULT false,
-        completed_at timestamptz)""",
-    "CREATE INDEX IF NOT EXISTS state_receipts_subject ON state_receipts (subject)",
-    "CREATE INDEX IF NOT EXISTS state_receipts_incomplete ON state_receipts (sequence)"
-    " WHERE NOT complete",
-)
+def _flag(column: str) -> str:
+    return f"{column} boolean"
 
 
 def _message(exc: psycopg.Error) -> str:
@@ -132,6 +80,10 @@ class PostgresStore(_sql.SQLStore):
 
     _NAME = "PostgreSQL"
     _PLACEHOLDER = "%s"
+    _SCHEMA = _sql.schema(
+        counter="bigint", moment="timestamptz", real="double precision", flag=_flag
+    )
+    _HAS_SCHEMA = "SELECT 1 WHERE to_regclass('state_schema') IS NOT NULL"
 
     def __init__(
         self,
@@ -176,37 +128,13 @@ class PostgresStore(_sql.SQLStore):
         return conn
 
     def _set_up(self) -> None:
-        with _mapped_errors(), self._pool.connection() as conn:
-            if self._schema_version(conn) is not None:
+        with self._cursor() as cur:
+            if self._schema_version(cur) is not None:
                 return  # no DDL, so a role without CREATE rights may open it
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SET_UP_LOCK,))
-                if self._schema_version(conn) is not None:
-                    return  # another process created it meanwhile
-                conn.execute(
-                    "CREATE TABLE state_schema ("
-                    " id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
-                )
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO state_schema VALUES (1, %s)", (SCHEMA_VERSION,))
-                conn.execute("INSERT INTO state_sequence VALUES (1, 0)")
-
-    @staticmethod
-    def _schema_version(conn: Connection) -> int | None:
-        """The schema's version (refusing any other than ours), or None if there is none."""
-        exists = conn.execute("SELECT to_regclass('state_schema') IS NOT NULL").fetchone()
-        if exists is None or not exists[0]:
-            return None
-        row = conn.execute("SELECT version FROM state_schema").fetchone()
-        if row is None:
-            return None
-        if row[0] != SCHEMA_VERSION:
-            raise StateError(
-                f"state store (PostgreSQL): schema version {row[0]}, but this code"
-                f" reads version {SCHEMA_VERSION} only; refusing to open it"
-            )
-        return int(row[0])
+        with self._transaction() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SET_UP_LOCK,))
+            if self._schema_version(cur) is None:  # not created meanwhile
+                self._create_schema(cur)
 
     @staticmethod
     def _store_time(moment: datetime) -> datetime:
@@ -222,29 +150,29 @@ class PostgresStore(_sql.SQLStore):
             yield cur
 
     @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Cursor]:
+        with (
+            _mapped_errors(),
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            yield cur
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[tuple[Cursor, int]]:
         """See ``SQLStore._write``.
 
         Under READ COMMITTED each later statement sees every commit made before
         the sequence row's lock was granted.
         """
-        with (
-            _mapped_errors(),
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor() as cur,
-        ):
+        with self._transaction() as cur:
             yield cur, self._current(cur, " FOR UPDATE")
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[tuple[Cursor, int]]:
         """See ``SQLStore._read``; read-only, on one snapshot."""
-        with (
-            _mapped_errors(),
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor() as cur,
-        ):
+        with self._transaction() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield cur, self._current(cur)
 

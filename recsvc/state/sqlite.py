@@ -24,8 +24,8 @@ from typing import Any
 
 from recsvc.errors import StateError, StateUnavailable
 from recsvc.state._pool import Pool
-from recsvc.state._sql import Cursor, SQLStore
-from recsvc.state.base import MAX_TEXT, SCHEMA_VERSION, Receipt
+from recsvc.state._sql import Cursor, SQLStore, schema
+from recsvc.state.base import Receipt
 
 __all__ = ["SQLiteStore"]
 
@@ -35,63 +35,8 @@ _MICROSECOND = timedelta(microseconds=1)
 _CHUNK = 500
 
 
-def _text(column: str, *, required: bool = False) -> str:
-    low = 1 if required else 0
-    return f"{column} TEXT NOT NULL CHECK (length({column}) BETWEEN {low} AND {MAX_TEXT})"
-
-
-def _flag(column: str, *, null: bool) -> str:
-    return f"{column} INTEGER {'' if null else 'NOT NULL '}CHECK ({column} IN (0, 1))"
-
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS state_sequence (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        value INTEGER NOT NULL CHECK (value >= 0))""",
-    f"""CREATE TABLE IF NOT EXISTS state_events (
-        {_text("event_id", required=True)} PRIMARY KEY,
-        {_text("user_id", required=True)},
-        {_text("item_id", required=True)},
-        {_text("type")},
-        time INTEGER NOT NULL,
-        weight REAL,
-        {_text("campaign_id")},
-        {_text("channel")},
-        sequence INTEGER NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_events_sequence ON state_events (sequence)",
-    "CREATE INDEX IF NOT EXISTS state_events_user ON state_events (user_id)",
-    f"""CREATE TABLE IF NOT EXISTS state_customers (
-        {_text("user_id", required=True)} PRIMARY KEY,
-        risk_tolerance INTEGER,
-        {_flag("marketing_consent", null=True)},
-        sequence INTEGER NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_customers_sequence ON state_customers (sequence)",
-    f"""CREATE TABLE IF NOT EXISTS state_products (
-        {_text("item_id", required=True)} PRIMARY KEY,
-        {_flag("active", null=True)},
-        risk_level INTEGER,
-        sequence INTEGER NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_products_sequence ON state_products (sequence)",
-    f"""CREATE TABLE IF NOT EXISTS state_tombstones (
-        {_text("subject", required=True)} PRIMARY KEY,
-        sequence INTEGER NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_tombstones_sequence ON state_tombstones (sequence)",
-    f"""CREATE TABLE IF NOT EXISTS state_receipts (
-        {_text("receipt_id", required=True)} PRIMARY KEY,
-        {_text("reference")},
-        {_text("subject", required=True)},
-        received_at INTEGER NOT NULL,
-        effective_at INTEGER NOT NULL,
-        sequence INTEGER NOT NULL,
-        events_deleted INTEGER NOT NULL,
-        {_flag("profile_deleted", null=False)},
-        bundles_holding INTEGER NOT NULL DEFAULT 0,
-        {_flag("complete", null=False)} DEFAULT 0,
-        completed_at INTEGER)""",
-    "CREATE INDEX IF NOT EXISTS state_receipts_subject ON state_receipts (subject)",
-    "CREATE INDEX IF NOT EXISTS state_receipts_incomplete ON state_receipts (sequence)"
-    " WHERE NOT complete",
-)
+def _flag(column: str) -> str:
+    return f"{column} INTEGER CHECK ({column} IN (0, 1))"
 
 
 @contextlib.contextmanager
@@ -118,6 +63,8 @@ class SQLiteStore(SQLStore):
     """
 
     _NAME = "SQLite"
+    _SCHEMA = schema(counter="INTEGER", moment="INTEGER", real="REAL", flag=_flag)
+    _HAS_SCHEMA = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'state_schema'"
 
     def __init__(
         self,
@@ -160,44 +107,15 @@ class SQLiteStore(SQLStore):
         return conn
 
     def _set_up(self) -> None:
-        with _mapped_errors(), self._pool.connection() as conn:
-            if self._schema_version(conn) is not None:
+        with self._cursor() as cur:
+            if self._schema_version(cur) is not None:
                 return  # no writes, so a read-only file may be opened
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            (mode,) = cur.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode != "wal":
                 raise StateError(f"state store (SQLite): cannot use WAL mode (got {mode!r})")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if self._schema_version(conn) is None:  # not created meanwhile
-                    conn.execute(
-                        "CREATE TABLE state_schema ("
-                        " id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
-                    )
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    conn.execute("INSERT INTO state_schema VALUES (1, ?)", (SCHEMA_VERSION,))
-                    conn.execute("INSERT INTO state_sequence VALUES (1, 0)")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    @staticmethod
-    def _schema_version(conn: sqlite3.Connection) -> int | None:
-        """The schema's version (refusing any other than ours), or None if there is none."""
-        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'state_schema'"
-        if conn.execute(query).fetchone() is None:
-            return None
-        row = conn.execute("SELECT version FROM state_schema").fetchone()
-        if row is None:
-            return None
-        if row[0] != SCHEMA_VERSION:
-            raise StateError(
-                f"state store (SQLite): schema version {row[0]}, but this code"
-                f" reads version {SCHEMA_VERSION} only; refusing to open it"
-            )
-        return int(row[0])
+        with self._immediate() as cur:
+            if self._schema_version(cur) is None:  # not created meanwhile
+                self._create_schema(cur)
 
     @staticmethod
     def _store_time(moment: datetime) -> int:
@@ -213,22 +131,26 @@ class SQLiteStore(SQLStore):
             yield conn.cursor()
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[tuple[sqlite3.Cursor, int]]:
-        with _mapped_errors(), self._pool.connection() as conn:
-            cur = conn.cursor()
+    def _immediate(self) -> Iterator[sqlite3.Cursor]:
+        """A transaction holding SQLite's write lock."""
+        with self._cursor() as cur:
             cur.execute("BEGIN IMMEDIATE")
             try:
-                yield cur, self._current(cur)
+                yield cur
                 cur.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
+                if cur.connection.in_transaction:
                     cur.execute("ROLLBACK")
                 raise
 
     @contextlib.contextmanager
+    def _write(self) -> Iterator[tuple[sqlite3.Cursor, int]]:
+        with self._immediate() as cur:
+            yield cur, self._current(cur)
+
+    @contextlib.contextmanager
     def _read(self) -> Iterator[tuple[sqlite3.Cursor, int]]:
-        with _mapped_errors(), self._pool.connection() as conn:
-            cur = conn.cursor()
+        with self._cursor() as cur:
             cur.execute("BEGIN")
             try:
                 yield cur, self._current(cur)
