@@ -232,6 +232,49 @@ class SQLStore(StateStore):
         query = "SELECT subject FROM state_tombstones WHERE subject {}"
         return {row[0] for row in self._select_in(cur, query, set(subjects))}
 
+    def _upsert(
+        self,
+        cur: Cursor,
+        sequence: int,
+        table: str,
+        columns: Sequence[str],
+        updates: Iterable[tuple[str, tuple[Any, ...]]],
+    ) -> tuple[int, int]:
+        """Folds updates into a table's rows; the rows that change get one new sequence.
+
+        Args:
+            cur: The write transaction's cursor.
+            sequence: The sequence committed before it.
+            table: The table, keyed by its first column.
+            columns: The key column, then the fields, in the updates' order.
+            updates: (key, fields) pairs, ``None`` keeping a field (see
+                ``_prepare.merge_fields``).
+
+        Returns:
+            How many rows changed, and the sequence after the write.
+        """
+        updates = list(updates)
+        key, *fields = columns
+        query = f"SELECT {', '.join(columns)} FROM {table} WHERE {key} {{}}"
+        stored = {
+            row[0]: tuple(row[1:]) for row in self._select_in(cur, query, {k for k, _ in updates})
+        }
+        # Stored flags may read back as 0 or 1; they compare equal to False and True.
+        changed = _prepare.merge_fields(stored, updates)
+        if changed:
+            sequence += 1
+            assignments = ", ".join(f"{f} = excluded.{f}" for f in (*fields, "sequence"))
+            cur.executemany(
+                self._sql(
+                    f"INSERT INTO {table} ({', '.join(columns)}, sequence)"
+                    f" VALUES ({', '.join('?' * (len(columns) + 1))})"
+                    f" ON CONFLICT ({key}) DO UPDATE SET {assignments}"
+                ),
+                [(k, *f, sequence) for k, f in changed.items()],
+            )
+            self._bump(cur, sequence)
+        return len(changed), sequence
+
     def _receipt(self, row: Sequence[Any]) -> Receipt:
         return Receipt(
             receipt_id=row[0],
@@ -305,58 +348,28 @@ class SQLStore(StateStore):
         with self._write() as (cur, sequence):
             forgotten = self._tombstoned(cur, subjects.values())
             live = [u for u in checked if subjects[u.user_id] not in forgotten]
-            query = (
-                "SELECT user_id, risk_tolerance, marketing_consent FROM state_customers"
-                " WHERE user_id {}"
+            changed, sequence = self._upsert(
+                cur,
+                sequence,
+                "state_customers",
+                ("user_id", "risk_tolerance", "marketing_consent"),
+                ((u.user_id, (u.risk_tolerance, u.marketing_consent)) for u in live),
             )
-            stored = {
-                row[0]: (row[1], _flag(row[2]))
-                for row in self._select_in(cur, query, {u.user_id for u in live})
-            }
-            changed = _prepare.merge_fields(
-                stored, ((u.user_id, (u.risk_tolerance, u.marketing_consent)) for u in live)
-            )
-            if changed:
-                sequence += 1
-                cur.executemany(
-                    self._sql(
-                        "INSERT INTO state_customers VALUES (?, ?, ?, ?)"
-                        " ON CONFLICT (user_id) DO UPDATE"
-                        " SET risk_tolerance = excluded.risk_tolerance,"
-                        " marketing_consent = excluded.marketing_consent,"
-                        " sequence = excluded.sequence"
-                    ),
-                    [(key, *fields, sequence) for key, fields in changed.items()],
-                )
-                self._bump(cur, sequence)
-        return UpdateResult(len(changed), sequence, len(checked) - len(live))
+        return UpdateResult(changed, sequence, len(checked) - len(live))
 
     def update_products(self, updates: Iterable[ProductUpdate]) -> UpdateResult:
         checked = _prepare.prepare_products(updates)
         if not checked:
             return UpdateResult(0, self.sequence())
         with self._write() as (cur, sequence):
-            query = "SELECT item_id, active, risk_level FROM state_products WHERE item_id {}"
-            stored = {
-                row[0]: (_flag(row[1]), row[2])
-                for row in self._select_in(cur, query, {u.item_id for u in checked})
-            }
-            changed = _prepare.merge_fields(
-                stored, ((u.item_id, (u.active, u.risk_level)) for u in checked)
+            changed, sequence = self._upsert(
+                cur,
+                sequence,
+                "state_products",
+                ("item_id", "active", "risk_level"),
+                ((u.item_id, (u.active, u.risk_level)) for u in checked),
             )
-            if changed:
-                sequence += 1
-                cur.executemany(
-                    self._sql(
-                        "INSERT INTO state_products VALUES (?, ?, ?, ?)"
-                        " ON CONFLICT (item_id) DO UPDATE"
-                        " SET active = excluded.active, risk_level = excluded.risk_level,"
-                        " sequence = excluded.sequence"
-                    ),
-                    [(key, *fields, sequence) for key, fields in changed.items()],
-                )
-                self._bump(cur, sequence)
-        return UpdateResult(len(changed), sequence)
+        return UpdateResult(changed, sequence)
 
     def forget(self, user_id: str, reference: str, received_at: datetime) -> Receipt:
         _prepare.check_text("user_id", user_id, required=True)
