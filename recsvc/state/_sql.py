@@ -1,8 +1,9 @@
 """The state store's logic in SQL, once for every backend.
 
 A backend subclasses ``SQLStore`` and supplies only its dialect: connections and
-transactions (``_cursor``, ``_read``, ``_write``), how a time is stored and read
-back, how a query takes a set of keys (``_select_in``), and waiting for a change.
+transactions (``_cursor``, ``_read``, ``_write``), its column types (``schema``),
+how a time is stored and read back, how a query takes a set of keys
+(``_select_in``), and waiting for a change.
 Queries are written with ``?`` placeholders; ``_PLACEHOLDER`` replaces them.
 Booleans are bound as Python ``bool`` (which SQLite stores as 0 or 1) and read
 back through ``bool``.
@@ -35,16 +36,14 @@ from recsvc.state.base import (
     UpdateResult,
 )
 
-__all__ = ["EVENT_COLUMNS", "RECEIPT_COLUMNS", "Cursor", "SQLStore", "schema"]
+__all__ = ["Cursor", "SQLStore", "schema"]
 
-EVENT_COLUMNS = "event_id, user_id, item_id, type, time, weight, campaign_id, channel, sequence"
-"""The columns of ``state_events``, in the order rows are written and read."""
+_EVENT_COLUMNS = "event_id, user_id, item_id, type, time, weight, campaign_id, channel, sequence"
 
-RECEIPT_COLUMNS = (
+_RECEIPT_COLUMNS = (
     "receipt_id, reference, subject, received_at, effective_at, sequence,"
     " events_deleted, profile_deleted, bundles_holding, complete, completed_at"
 )
-"""The columns of ``state_receipts``, in ``Receipt``'s field order."""
 
 
 class Cursor(Protocol):
@@ -67,7 +66,7 @@ class Cursor(Protocol):
         """The remaining rows."""
 
 
-def _flag(value: object) -> bool | None:
+def _bool(value: object) -> bool | None:
     return None if value is None else bool(value)
 
 
@@ -150,6 +149,7 @@ class SQLStore(StateStore):
     """The backend's name, in error messages."""
 
     _PLACEHOLDER: ClassVar[str] = "?"
+    """The driver's parameter marker, put in place of each ``?``."""
 
     _SCHEMA: ClassVar[tuple[str, ...]]
     """The backend's ``schema()``."""
@@ -177,7 +177,7 @@ class SQLStore(StateStore):
 
     @abc.abstractmethod
     def _select_in(self, cur: Cursor, query: str, keys: Iterable[str]) -> list[Any]:
-        """Rows of ``query``, whose one ``{}`` follows a column: "is one of the keys"."""
+        """Rows of ``query``, whose one ``{}``, after a column, means "is one of ``keys``"."""
 
     @staticmethod
     @abc.abstractmethod
@@ -326,7 +326,7 @@ class SQLStore(StateStore):
                 sequence += 1
                 cur.executemany(
                     self._sql(
-                        f"INSERT INTO state_events ({EVENT_COLUMNS})"
+                        f"INSERT INTO state_events ({_EVENT_COLUMNS})"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     ),
                     [
@@ -397,7 +397,7 @@ class SQLStore(StateStore):
             )
             cur.execute(
                 self._sql(
-                    f"INSERT INTO state_receipts ({RECEIPT_COLUMNS})"
+                    f"INSERT INTO state_receipts ({_RECEIPT_COLUMNS})"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 ),
                 (
@@ -413,7 +413,7 @@ class SQLStore(StateStore):
         _prepare.check_text("receipt_id", receipt_id, required=True)
         with self._cursor() as cur:
             cur.execute(
-                self._sql(f"SELECT {RECEIPT_COLUMNS} FROM state_receipts WHERE receipt_id = ?"),
+                self._sql(f"SELECT {_RECEIPT_COLUMNS} FROM state_receipts WHERE receipt_id = ?"),
                 (receipt_id,),
             )
             row = cur.fetchone()
@@ -488,11 +488,11 @@ class SQLStore(StateStore):
             events = tuple(
                 StoredEvent(*(e, u, i, t, self._load_time(at), w, c, ch), sequence=s)
                 for e, u, i, t, at, w, c, ch, s in self._in_window(
-                    cur, "state_events", EVENT_COLUMNS, "event_id", window
+                    cur, "state_events", _EVENT_COLUMNS, "event_id", window
                 )
             )
             customers = tuple(
-                CustomerState(u, r, _flag(m), s)
+                CustomerState(u, r, _bool(m), s)
                 for u, r, m, s in self._in_window(
                     cur,
                     "state_customers",
@@ -502,7 +502,7 @@ class SQLStore(StateStore):
                 )
             )
             products = tuple(
-                ProductState(i, _flag(a), r, s)
+                ProductState(i, _bool(a), r, s)
                 for i, a, r, s in self._in_window(
                     cur,
                     "state_products",
