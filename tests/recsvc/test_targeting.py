@@ -186,7 +186,9 @@ def test_a_users_table_without_consent_reaches_nobody(
     users = pq.read_table(sample_dir / "users.parquet").drop_columns(["marketing_consent"])
     pq.write_table(users, tmp_path / "users.parquet")
     data = load_training_data(
-        sample_dir / "interactions.parquet", sample_dir / "items.parquet", tmp_path / "users.parquet"
+        sample_dir / "interactions.parquet",
+        sample_dir / "items.parquet",
+        tmp_path / "users.parquet",
     )
     folder = publish(tmp_path / "m", data, fit_model(data.user_items, PARAMS, progress=False))
     targeter = Targeter(load_bundle(folder), no_consent_data=True)  # the waiver cannot apply
