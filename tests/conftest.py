@@ -161,3 +161,15 @@ def wait_serving(port: int, timeout: float = 60) -> None:
         while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != 1:
             assert time.monotonic() < deadline, "never SERVING"
             time.sleep(0.05)
+
+
+# Channels share connections to one target unless told not to: a new connection, a new
+# source port (so SO_REUSEPORT may hand it to another worker).
+NEW_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def serving_on_a_new_connection(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=NEW_CONNECTION) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)

@@ -45,10 +45,11 @@ from training.data import TrainingData
 from training.fit import FittedModel
 from training.indexes import build_index, choose_index_spec
 
-__all__ = ["new_version", "prune", "publish", "write_latest"]
+__all__ = ["erase_versions", "new_version", "prune", "publish", "write_latest"]
 
 log = logging.getLogger(__name__)
 _TMP_PREFIX = ".tmp-"
+_ERASING_PREFIX = ".erasing-"
 
 
 def new_version(now: datetime | None = None) -> str:
@@ -312,3 +313,21 @@ def prune(models: Path, keep: int) -> list[str]:
             else:
                 p.unlink(missing_ok=True)
     return doomed
+
+
+def erase_versions(models: Path, versions: list[str]) -> None:
+    """Delete ``versions`` for good; unlike ``prune``, any failure raises.
+
+    Each is first renamed out of sight, so a crash part-way leaves a hidden
+    ``.erasing-`` folder, never a version that looks whole or one no longer listed
+    yet still on disk; the next call removes such leftovers before anything else.
+    Returns once every removal is on disk.
+    """
+    for leftover in sorted(models.glob(f"{_ERASING_PREFIX}*")):
+        shutil.rmtree(leftover)
+    for version in versions:
+        hidden = models / f"{_ERASING_PREFIX}{version}"
+        os.rename(models / version, hidden)
+        fsync_path(models)
+        shutil.rmtree(hidden)
+    fsync_path(models)

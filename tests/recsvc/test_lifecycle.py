@@ -25,7 +25,13 @@ from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Ranked
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc
-from tests.conftest import ServerThread, serve_process, settings_for, wait_serving
+from tests.conftest import (
+    ServerThread,
+    serve_process,
+    serving_on_a_new_connection,
+    settings_for,
+    wait_serving,
+)
 from tests.postgres import free_port
 from training.data import load_training_data
 from training.fit import FitParams, fit_model
@@ -400,14 +406,6 @@ def test_workers_share_one_port(models_dir: Path) -> None:
             proc.wait()
 
 
-def _serving_on_a_new_connection(port: int) -> bool:
-    local = [("grpc.use_local_subchannel_pool", 1)]  # a new connection, a new source port
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=local) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
-        return bool(status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name: state, parent, ..."""
     try:
@@ -453,7 +451,7 @@ def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
         in_a_row = 0
         while in_a_row < 30:
             assert time.monotonic() < deadline, "workers never all SERVING"
-            in_a_row = in_a_row + 1 if _serving_on_a_new_connection(port) else 0
+            in_a_row = in_a_row + 1 if serving_on_a_new_connection(port) else 0
         victim, other = workers
         os.kill(victim, signal.SIGKILL)  # one worker dies; nothing else is wrong
         killed = time.monotonic()
