@@ -42,17 +42,21 @@ def test_item_risk_reads_levels_and_a_null_is_the_highest() -> None:
 def test_item_risk_is_lowest_everywhere_when_the_rule_is_off_or_there_are_no_levels() -> None:
     np.testing.assert_array_equal(item_risk(ITEMS, False), [1] * 5)
     np.testing.assert_array_equal(item_risk(ITEMS.drop_columns(["risk_level"]), True), [1] * 5)
+    assert item_risk(ITEMS, False).dtype == np.int8
 
 
 def test_item_active_a_null_flag_is_inactive_and_no_column_is_all_active() -> None:
     np.testing.assert_array_equal(item_active(ITEMS), [True, False, True, False, True])
     np.testing.assert_array_equal(item_active(ITEMS.drop_columns(["active"])), [True] * 5)
+    # bool, not ones of another dtype: the rules combine the flags with ``&``.
+    assert item_active(ITEMS.drop_columns(["active"])).dtype == bool
 
 
 def test_user_tolerance_a_null_is_lowest_and_levels_are_clipped_to_one_to_five() -> None:
     np.testing.assert_array_equal(user_tolerance(USERS), [1, 4, 1, 5, 1])
     no_column = USERS.drop_columns(["risk_tolerance"])
     np.testing.assert_array_equal(user_tolerance(no_column), [1] * 5)
+    assert user_tolerance(no_column).dtype == user_tolerance(USERS).dtype == np.int8
 
 
 def test_consent_only_an_explicit_true_counts() -> None:
