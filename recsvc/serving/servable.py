@@ -6,6 +6,7 @@ Both the server (``store``) and the trial child (``trial``) load a version throu
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from recsvc.model.overlay import Overlay
 from recsvc.model.queries import RecommendQuery, SimilarQuery
 from recsvc.model.ranking import Recommender
 from recsvc.model.targeting import Targeter
+from recsvc.settings import EXCLUSIVE_CATEGORIES
 
 __all__ = ["ServedModel", "load_served_model"]
 
@@ -52,7 +54,10 @@ def _warm_up(model: ServedModel) -> None:
 
 
 def load_served_model(
-    folder: Path, no_consent_data: bool = False, verify: bool = True
+    folder: Path,
+    no_consent_data: bool = False,
+    verify: bool = True,
+    exclusive_categories: Collection[str] = EXCLUSIVE_CATEGORIES,
 ) -> ServedModel:
     """Verify (unless told it is done), load and warm one version.
 
@@ -60,13 +65,15 @@ def load_served_model(
         folder: the version's folder.
         no_consent_data: the data carries no consent requirement (see ``Targeter``).
         verify: check every file against the manifest first.
+        exclusive_categories: see ``Recommender``.
 
     Raises:
         BundleError: on any defect, a failed warm-up included.
     """
     bundle = load_bundle(folder, verify=verify)
     try:
-        model = ServedModel(Recommender(bundle), Targeter(bundle, no_consent_data))
+        recommender = Recommender(bundle, exclusive_categories=exclusive_categories)
+        model = ServedModel(recommender, Targeter(bundle, no_consent_data))
         _warm_up(model)
     except BundleError:
         raise

@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.model.bundle import read_latest
+from recsvc.model.overlay import Overlay
 from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Ranked
 from recsvc.v1 import recommender_pb2 as pb
@@ -158,9 +159,9 @@ class _Ranked:
         recommender = s.running.store.current().recommender
         real = recommender.recommend
 
-        def counted(query: RecommendQuery) -> Ranked:
+        def counted(query: RecommendQuery, overlay: Overlay | None = None) -> Ranked:
             self.calls += 1
-            return real(query)
+            return real(query, overlay)
 
         monkeypatch.setattr(recommender, "recommend", counted)
 

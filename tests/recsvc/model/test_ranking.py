@@ -9,10 +9,10 @@ import pytest
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
-from recsvc.errors import InvalidArgument, NotFound
+from recsvc.errors import NotFound
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.ranking import Ranked, Recommender, Source
-from tests.recsvc.rules_oracle import Oracle
+from tests.rules_oracle import Oracle
 
 
 @pytest.fixture(scope="module")
@@ -127,28 +127,6 @@ def test_similar_items_apply_the_customers_rules(recommender: Recommender, oracl
     assert all(oracle.risk[it.item_id] <= 1 for it in anon.items)
     with pytest.raises(NotFound):
         recommender.similar_items(SimilarQuery(item_id="nope"))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"user_id": "u", "k": 501}, "k"),
-        ({"user_id": "u", "k": -1}, "k"),
-        ({"user_id": "x" * 257}, "user_id"),
-        ({"user_id": "bad\x00id"}, "user_id"),
-        ({}, "user_id"),
-        ({"user_id": "u", "exclude_item_ids": ("",)}, "exclude_item_ids[0]"),
-        ({"user_id": "u", "recent_item_ids": ("a",) * 1001}, "recent_item_ids"),
-    ],
-)
-def test_bad_queries_name_the_field(kwargs: dict[str, object], field: str) -> None:
-    with pytest.raises(InvalidArgument) as err:
-        RecommendQuery(**kwargs)  # type: ignore[arg-type]
-    assert err.value.field == field
-
-
-def test_k_zero_means_ten() -> None:
-    assert RecommendQuery(user_id="u", k=0).k == 10
 
 
 def test_recent_items_never_free_a_known_customers_history(

@@ -20,7 +20,7 @@ from recsvc.model.queries import TargetQuery
 from recsvc.model.targeting import Targeter
 from recsvc.v1 import recommender_pb2 as pb
 from tests.conftest import PARAMS, ServerThread, settings_for
-from tests.recsvc.rules_oracle import Oracle
+from tests.rules_oracle import Oracle
 from training.cli import main as train_main
 from training.data import load_training_data
 from training.fit import fit_model
