@@ -94,7 +94,12 @@ def test_hot_reload_and_corrupt_versions_are_never_served(
         assert s.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).version == second.name
         assert health_status(s.channel) == health_pb2.HealthCheckResponse.SERVING
         write_latest(models_copy, "v-does-not-exist")
-        time.sleep(0.6)
+        # Wait for the poller to have judged the new LATEST, not for a span of time: a
+        # poller that never ran would otherwise pass too.
+        deadline = time.time() + 20
+        while "v-does-not-exist" not in s.running.store.stats.rejected_versions:
+            assert time.time() < deadline, s.running.store.stats
+            time.sleep(0.05)
         assert s.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).version == second.name
     finally:
         s.stop()
