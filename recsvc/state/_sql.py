@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Protocol
 
+import recsvc.state._prepare as _prepare
 from recsvc.errors import StateError
-from recsvc.state import _prepare
 from recsvc.state.base import (
     MAX_TEXT,
     SCHEMA_VERSION,

@@ -24,8 +24,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import TupleRow
 
+import recsvc.state._sql as _sql
 from recsvc.errors import StateError, StateUnavailable
-from recsvc.state import _sql
 from recsvc.state._pool import Pool
 
 __all__ = ["CHANNEL", "PostgresStore"]
