@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from recsvc.commands import run_main
-from recsvc.settings import SETTINGS, ServerSettings
+from recsvc.settings import SETTINGS, ServerSettings, parse_switch
 
 # The client commands import recsvc_client on use: `recsvc serve` never needs it.
 if TYPE_CHECKING:
@@ -229,15 +229,6 @@ def _cmd_receipt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _yes_no(text: str) -> bool:
-    word = text.strip().lower()
-    if word in ("yes", "true", "1", "on"):
-        return True
-    if word in ("no", "false", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
-
-
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from recsvc.audit import verify
 
@@ -272,6 +263,13 @@ def _cmd_audit_find(args: argparse.Namespace) -> int:
         found += 1
     print(f"{found} records", file=sys.stderr)
     return 0
+
+
+def _yes_no_flag(text: str) -> bool:
+    try:
+        return parse_switch(text)
+    except ValueError as exc:  # argparse would say only "invalid value"
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -356,11 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client_command(sub, "customer", "set a customer's tolerance or consent", _cmd_customer)
     p.add_argument("--user", required=True)
     p.add_argument("--risk-tolerance", type=int, help="1 (lowest) to 5")
-    p.add_argument("--consent", type=_yes_no, help="marketing consent: yes or no")
+    p.add_argument("--consent", type=_yes_no_flag, help="marketing consent: yes or no")
 
     p = _client_command(sub, "product", "withdraw a product or set its risk", _cmd_product)
     p.add_argument("--item", required=True)
-    p.add_argument("--active", type=_yes_no, help="yes or no")
+    p.add_argument("--active", type=_yes_no_flag, help="yes or no")
     p.add_argument("--risk-level", type=int, help="1 (lowest) to 5")
 
     p = _client_command(sub, "forget", "erase a customer; prints the receipt", _cmd_forget)
@@ -369,7 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _client_command(sub, "receipt", "an erasure receipt again", _cmd_receipt)
     p.add_argument("--id", required=True, help="receipt id (r_...)")
-    p.set_defaults(func=_cmd_target)
 
     p = sub.add_parser("audit", help="check or search an audit trail (--audit-dir)")
     audit = p.add_subparsers(dest="audit_command", required=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from recsvc.audit.log import SYNC_MODES
 
-__all__ = ["EXCLUSIVE_CATEGORIES", "SETTINGS", "ServerSettings", "Setting"]
+__all__ = ["EXCLUSIVE_CATEGORIES", "SETTINGS", "ServerSettings", "Setting", "parse_switch"]
 
 EXCLUSIVE_CATEGORIES = ("current_account", "mortgage", "pension")
 """The default exclusive categories (the sample bank's names): see ``exclusive_categories``."""
@@ -28,7 +28,8 @@ EXCLUSIVE_CATEGORIES = ("current_account", "mortgage", "pension")
 _PREFIX = "RECSVC_"
 
 
-def _switch(text: str) -> bool:
+def parse_switch(text: str) -> bool:
+    """A yes/no word (1, true, yes, on; 0, false, no, off) as a bool."""
     word = text.strip().lower()
     if word in ("1", "true", "yes", "on"):
         return True
@@ -107,13 +108,13 @@ class ServerSettings:
         default=True,
         metadata=_declare(
             "parse each new version in a throwaway child process before loading it here",
-            _switch,
+            parse_switch,
         ),
     )
     no_consent_data: bool = field(
         default=False,
         metadata=_declare(
-            "allow TargetUsers on data without a users table (no consent requirement)", _switch
+            "allow TargetUsers on data without a users table (no consent requirement)", parse_switch
         ),
     )
     state: str | None = field(
@@ -256,7 +257,7 @@ class Setting:
 
     @property
     def is_switch(self) -> bool:
-        return self.parse is _switch
+        return self.parse is parse_switch
 
     @property
     def flag(self) -> str:

@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from recsvc.settings import ServerSettings
-
 __all__ = [
     "METHOD_SCOPES",
     "MIN_TOKEN_LENGTH",
@@ -156,12 +154,13 @@ def read_tokens(path: Path) -> tuple[Token, ...]:
     return tokens
 
 
-def load_tokens(settings: ServerSettings) -> tuple[Token, ...]:
-    """The tokens the settings name: none (no auth), one, or a file of them."""
-    if settings.auth_tokens is not None:
-        return read_tokens(settings.auth_tokens)
-    if settings.auth_token_file is not None:
-        return (read_token(settings.auth_token_file),)
+def load_tokens(auth_tokens: Path | None, auth_token_file: Path | None) -> tuple[Token, ...]:
+    """The tokens the settings name: none (no auth), one (``--auth-token-file``, every
+    scope), or a file of named, scoped ones (``--auth-tokens``)."""
+    if auth_tokens is not None:
+        return read_tokens(auth_tokens)
+    if auth_token_file is not None:
+        return (read_token(auth_token_file),)
     return ()
 
 

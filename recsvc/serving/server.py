@@ -156,7 +156,7 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     ]
     gate = DrainGate()
     interceptors: list[Any] = [gate]  # first, so it sees every call
-    tokens = load_tokens(settings)
+    tokens = load_tokens(settings.auth_tokens, settings.auth_token_file)
     if tokens:
         interceptors.append(BearerTokenInterceptor(tokens))
     server = grpc.aio.server(

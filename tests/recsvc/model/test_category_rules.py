@@ -34,7 +34,7 @@ from recsvc.state.base import Changes, StoredEvent
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc
 from tests.conftest import ServerThread, settings_for
-from tests.recsvc.rules_oracle import Oracle
+from tests.rules_oracle import Oracle
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery, Target
 from recsvc.model.ranking import Recommender
 from recsvc.model.targeting import Targeter
 from recsvc.state import CustomerUpdate, Event, ProductUpdate, StateStore, open_store
-from tests.recsvc.rules_oracle import Oracle
+from tests.rules_oracle import Oracle
 
 PSEUDONYM = Pseudonymizer(b"live-rules-key")
 WEIGHTED = ("view", "click", "apply", "purchase", "hold")
