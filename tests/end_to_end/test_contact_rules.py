@@ -32,7 +32,7 @@ from recsvc.state import Event, open_store
 from recsvc.state.base import Changes, StoredEvent
 from recsvc.v1 import recommender_pb2 as pb
 from tests.conftest import ServerThread, settings_for
-from tests.recsvc.rules_oracle import Oracle
+from tests.rules_oracle import Oracle
 from training.cli import main as train_main
 
 POLICY_DATA: dict[str, object] = {
