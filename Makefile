@@ -9,7 +9,7 @@ PROTO_SRC := proto/recsvc/v1/recommender.proto proto/recsvc/v1/updates.proto
 PROTO_OUT := recsvc/v1/recommender_pb2.py recsvc/v1/updates_pb2.py
 CLIENT_OUT := clients/python/recsvc_client/_v1/recommender_pb2.py clients/python/recsvc_client/_v1/updates_pb2.py
 
-.PHONY: install proto client run test lint bench bench-quick sample model reproduce-ml100k clean
+.PHONY: install proto client run test lint mutation bench bench-quick sample model reproduce-ml100k clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,13 @@ lint: install
 	$(VENV)/bin/ruff format --check recsvc training tests bench clients
 	$(VENV)/bin/mypy recsvc training clients/python/recsvc_client
 
+# Mutation testing of the guarantee code ([tool.mutmut] in pyproject.toml). Slow: run it
+# by module, e.g. make mutation MUTANTS='recsvc.model.rules.*'; results are kept in mutants/.
+MUTANTS ?=
+mutation: install
+	$(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
 bench: install
 	$(PY) -m bench.run
 
@@ -72,5 +79,5 @@ reproduce-ml100k: install
 	$(PY) -m bench.ml100k --data $(ML100K)
 
 clean:
-	rm -rf $(VENV) var recsvc/v1/*_pb2*.py* .pytest_cache .mypy_cache .ruff_cache \
+	rm -rf $(VENV) var mutants recsvc/v1/*_pb2*.py* .pytest_cache .mypy_cache .ruff_cache \
 		clients/python/recsvc_client/_v1/*_pb2*.py* clients/python/build

@@ -19,6 +19,17 @@ from recsvc.model.targeting import ExclusionCounts
 __all__ = ["audience_meta", "shortfall", "write_audience"]
 
 
+_LEFT_OUT = {
+    "no_consent": "without marketing consent",
+    "unsuitable": "whose risk tolerance is below the products' risk",
+    "holders": "who hold one already",
+    "below_min_score": "below the minimum score",
+    "contact_capped": "contacted up to the contact policy's cap",
+    "declined_recently": "who declined one within the cooldown",
+}
+"""What each of ``ExclusionCounts``' rules leaves out, in words."""
+
+
 def audience_meta(
     version: str,
     query: TargetQuery,
@@ -43,11 +54,13 @@ def shortfall(asked: int, rows: int, eligible: int, excluded: ExclusionCounts) -
     """Why an audience has fewer customers than asked for, by rule; "" when it has them all."""
     if rows >= asked:
         return ""
+    left_out = ", ".join(
+        f"{getattr(excluded, f.name):,} {_LEFT_OUT.get(f.name, f.name)}"
+        for f in dataclasses.fields(excluded)
+    )
     return (
-        f"{rows:,} customers, not the {asked:,} asked for: {eligible:,} are eligible; left out "
-        f"{excluded.no_consent:,} without marketing consent, {excluded.unsuitable:,} whose risk "
-        f"tolerance is below the products' risk, {excluded.holders:,} who hold one already, "
-        f"{excluded.below_min_score:,} below the minimum score"
+        f"{rows:,} customers, not the {asked:,} asked for: {eligible:,} are eligible; "
+        f"left out {left_out}"
     )
 
 

@@ -1,4 +1,5 @@
-"""``recsvc``: run the server, or ask a running one (readable tables for people)."""
+"""``recsvc``: run the server, ask a running one (readable tables for people), or check
+and search an audit trail."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from recsvc.commands import run_main
-from recsvc.settings import ServerSettings
+from recsvc.settings import SETTINGS, ServerSettings, parse_switch
 
 # The client commands import recsvc_client on use: `recsvc serve` never needs it.
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ _DROPPED = {
     "UNKNOWN_ITEM": "not in the model's catalogue",
     "INACTIVE": "an inactive product",
     "UNSUITABLE": "risk level above the customer's risk tolerance",
+    "EXCLUSIVE_CATEGORY": "they hold another product of this exclusive category",
     "INTERACTED": "the customer has it already (--include-interacted shows it)",
 }
 
@@ -306,13 +308,47 @@ def _cmd_receipt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _yes_no(text: str) -> bool:
-    word = text.strip().lower()
-    if word in ("yes", "true", "1", "on"):
-        return True
-    if word in ("no", "false", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from recsvc.audit import verify
+
+    expect = None
+    if args.head:
+        seq, _, digest = args.head.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise ValueError(f"--head {args.head!r}: expected SEQ:HASH (64 hex digits)")
+        expect = (int(seq), digest)
+    report = verify(Path(args.dir), expect)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _cmd_audit_find(args: argparse.Namespace) -> int:
+    from recsvc.audit import find, parse_time
+    from recsvc.logs import Pseudonymizer
+
+    subject = None
+    if args.user is not None:
+        key = SETTINGS["pseudonym_key"]
+        secret = key.resolve(None, os.environ)
+        if secret is None:
+            raise ValueError(f"--user needs the server's pseudonym key in {key.variable}")
+        subject = Pseudonymizer(secret)(args.user)
+    since = parse_time(args.since) if args.since else None
+    found = 0
+    for record in find(
+        Path(args.dir), subject=subject, recommendation_id=args.recommendation_id, since=since
+    ):
+        print(json.dumps(record, separators=(",", ":")))
+        found += 1
+    print(f"{found} records", file=sys.stderr)
+    return 0
+
+
+def _yes_no_flag(text: str) -> bool:
+    try:
+        return parse_switch(text)
+    except ValueError as exc:  # argparse would say only "invalid value"
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -427,11 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client_command(sub, "customer", "set a customer's tolerance or consent", _cmd_customer)
     p.add_argument("--user", required=True)
     p.add_argument("--risk-tolerance", type=int, help="1 (lowest) to 5")
-    p.add_argument("--consent", type=_yes_no, help="marketing consent: yes or no")
+    p.add_argument("--consent", type=_yes_no_flag, help="marketing consent: yes or no")
 
     p = _client_command(sub, "product", "withdraw a product or set its risk", _cmd_product)
     p.add_argument("--item", required=True)
-    p.add_argument("--active", type=_yes_no, help="yes or no")
+    p.add_argument("--active", type=_yes_no_flag, help="yes or no")
     p.add_argument("--risk-level", type=int, help="1 (lowest) to 5")
 
     p = _client_command(sub, "forget", "erase a customer; prints the receipt", _cmd_forget)
@@ -440,6 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _client_command(sub, "receipt", "an erasure receipt again", _cmd_receipt)
     p.add_argument("--id", required=True, help="receipt id (r_...)")
+
+    p = sub.add_parser("audit", help="check or search an audit trail (--audit-dir)")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("verify", help="check the whole hash chain; name the first break")
+    p.add_argument("dir", help="the audit folder")
+    p.add_argument("--head", help="SEQ:HASH of a head kept elsewhere: the trail must hold it")
+    p.set_defaults(func=_cmd_audit_verify)
+    p = audit.add_parser("find", help="print a customer's or an answer's records")
+    p.add_argument("dir", help="the audit folder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", help="customer id (pseudonymized with RECSVC_PSEUDONYM_KEY)")
+    which.add_argument("--recommendation-id", help="an answer's recommendation_id")
+    p.add_argument("--since", help="only records from this ISO 8601 time on (UTC unless given)")
+    p.set_defaults(func=_cmd_audit_find)
     return parser
 
 

@@ -35,6 +35,8 @@ BLOCKS = {
     "M=Mrecsvc/v1/recommender.proto": "needs protoc with the Go, Java and TypeScript plugins "
     "(tests/clients runs the Python client)",
     ".venv/bin/recsvc serve --models var/models [": "a synopsis of what this test runs",
+    ".venv/bin/recsvc serve --models var/models --audit-dir": "a synopsis, [options] and all "
+    "(tests/recsvc/audit runs verify and find on trails a server wrote)",
     ".venv/bin/recsvc-train sample-data": RUN,
     ".venv/bin/recsvc-eval": RUN,
     ".venv/bin/recsvc-train import-movielens": "needs the MovieLens-100K download "

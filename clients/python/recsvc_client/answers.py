@@ -64,7 +64,9 @@ class DropReason(enum.Enum):
     INACTIVE = 2
     UNSUITABLE = 3
     """Its risk level is above the customer's risk tolerance."""
-    INTERACTED = 4
+    EXCLUSIVE_CATEGORY = 4
+    """Another product of an exclusive category the customer holds one of."""
+    INTERACTED = 5
     """The customer already has it or interacted with it (``include_interacted`` allows it)."""
 
 
@@ -131,6 +133,10 @@ class ExclusionCounts:
     unsuitable: int = 0
     holders: int = 0
     below_min_score: int = 0
+    contact_capped: int = 0
+    """Contacted up to a cap of the contact policy within its window."""
+    declined_recently: int = 0
+    """Declined a product of a campaign category within its cooldown."""
 
 
 @dataclass(frozen=True, slots=True)

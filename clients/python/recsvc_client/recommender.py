@@ -169,7 +169,14 @@ class RecommenderClient(ServiceClient):
             sequence = msg.state_sequence or sequence
             if msg.HasField("excluded"):  # the last message
                 e = msg.excluded
-                excluded = ExclusionCounts(e.no_consent, e.unsuitable, e.holders, e.below_min_score)
+                excluded = ExclusionCounts(
+                    e.no_consent,
+                    e.unsuitable,
+                    e.holders,
+                    e.below_min_score,
+                    e.contact_capped,
+                    e.declined_recently,
+                )
                 eligible, approximate = msg.eligible_users, msg.approximate
         return Audience(
             user_ids=tuple(user_ids),
