@@ -398,8 +398,15 @@ def _backend(
         writers = [_store_writer(store) for _ in range(plan.threads)]
         rates = [_throughput(backend, "store", writers, catalogue, plan)]
 
+    def created() -> str:
+        # Made here, before the servers start: several recsvc processes opening one fresh
+        # PostgreSQL database at once can collide in its schema set-up (42P07).
+        url = new_url()
+        open_store(url, pseudonymize).close()
+        return url
+
     # One server writes to a store of its own, two more share another; all start at once.
-    writing, shared = _state_env(new_url(), key), _state_env(new_url(), key)
+    writing, shared = _state_env(created(), key), _state_env(created(), key)
     with _servers(models, logs, [writing, shared, shared]) as (server, a, b):
         log(f"live {backend}: RecordEvents on recsvc serve --state, {plan.threads} threads")
         with contextlib.ExitStack() as opened:
