@@ -29,6 +29,7 @@ import contextlib
 import gc
 import itertools
 import json
+import math
 import os
 import secrets
 import shutil
@@ -152,10 +153,11 @@ class OverlayCost:
     """Anonymous memory the changes added (RssAnon before and after, collected)."""
     apply_one_ms: float
     """One more commit (one event, one customer) applied over the full overlay: median."""
-    recommend_us_without: float
-    """CPU a ``Recommender.recommend`` call takes without an overlay (best of rounds)."""
-    recommend_us_with: float
-    """The same calls with the full overlay."""
+    changed_us: tuple[float, float]
+    """CPU microseconds a ``Recommender.recommend`` call takes for the load's customers
+    with a live record, without the overlay and with it (medians, see ``_ranking_us``)."""
+    unchanged_us: tuple[float, float]
+    """The same for the load's other customers."""
 
     @property
     def bytes_per_customer(self) -> float:
@@ -545,7 +547,8 @@ def measure_live(
     child = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if child.returncode != 0:
         raise RuntimeError(f"bench.live overlay failed:\n{child.stderr[-2000:]}")
-    cost = OverlayCost(**json.loads(child.stdout.strip().splitlines()[-1]))
+    fields = json.loads(child.stdout.strip().splitlines()[-1])
+    cost = OverlayCost(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     # Then the servers, which write to the same store.
     serving, spread = _serving(
         url, key, changed, models, work, users_file, concurrency, catalogue, plan, log
@@ -554,14 +557,13 @@ def measure_live(
     return LiveFigures(tuple(rates), tuple(spreads), serving, cost, why_not_postgres)
 
 
-def overlay_cost(models: Path, url: str, users: list[str], rounds: int = 3) -> OverlayCost:
+def overlay_cost(models: Path, url: str, users: list[str]) -> OverlayCost:
     """Apply every change in the store at ``url`` to the bundle's overlay, in this process.
 
     Args:
         models: the models folder.
         url: the state store.
         users: customers to rank with the overlay and without.
-        rounds: of ranking every customer both ways, interleaved; the best of each is kept.
     """
     faiss.omp_set_num_threads(1)  # as the server runs it
     bundle = load_bundle(latest_bundle(models))
@@ -596,10 +598,8 @@ def overlay_cost(models: Path, url: str, users: list[str], rounds: int = 3) -> O
         apply(full, more)
         times.append(time.perf_counter() - t0)
     queries = [RecommendQuery(user_id=u, k=10) for u in users]
-    without, with_ = [], []
-    for _ in range(rounds):
-        without.append(_recommend_us(recommender, queries, None))
-        with_.append(_recommend_us(recommender, queries, full))
+    changed = [q for q in queries if q.user_id in full.users]
+    unchanged = [q for q in queries if q.user_id not in full.users]
     return OverlayCost(
         customers=len(full.users),
         events=len(changes.events),
@@ -608,19 +608,36 @@ def overlay_cost(models: Path, url: str, users: list[str], rounds: int = 3) -> O
         build_s=round(build_s, 3),
         overlay_bytes=after - empty,
         apply_one_ms=round(statistics.median(times) * 1000, 2),
-        recommend_us_without=round(min(without), 1),
-        recommend_us_with=round(min(with_), 1),
+        changed_us=_ranking_us(recommender, changed, full),
+        unchanged_us=_ranking_us(recommender, unchanged, full),
     )
 
 
-def _recommend_us(
-    recommender: Recommender, queries: list[RecommendQuery], overlay: Overlay | None
-) -> float:
-    """CPU microseconds per ``recommend`` call, this thread's."""
-    start = time.thread_time()
-    for q in queries:
-        recommender.recommend(q, overlay)
-    return (time.thread_time() - start) / len(queries) * 1e6
+def _ranking_us(
+    recommender: Recommender, queries: list[RecommendQuery], overlay: Overlay, chunk: int = 25
+) -> tuple[float, float]:
+    """CPU microseconds per ``recommend`` call without ``overlay`` and with it.
+
+    Each chunk of queries is timed without, with, with, without: on a shared machine,
+    drift and other work then fall on both sides alike. Returns the medians over chunks.
+    """
+
+    def cpu_ns(part: list[RecommendQuery], o: Overlay | None) -> int:
+        start = time.thread_time_ns()
+        for q in part:
+            recommender.recommend(q, o)
+        return time.thread_time_ns() - start
+
+    without, with_ = [], []
+    for i in range(0, len(queries), chunk):
+        part = queries[i : i + chunk]
+        a, b = cpu_ns(part, None), cpu_ns(part, overlay)
+        b, a = b + cpu_ns(part, overlay), a + cpu_ns(part, None)
+        without.append(a / 2 / len(part) / 1000)
+        with_.append(b / 2 / len(part) / 1000)
+    if not without:
+        return math.nan, math.nan
+    return round(statistics.median(without), 1), round(statistics.median(with_), 1)
 
 
 def _rss_anon() -> int:
