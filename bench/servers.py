@@ -4,7 +4,8 @@
   ceiling any handler on this stack can reach.
 - ``naive``: ``Recommend`` calls implicit's own brute-force ``model.recommend``
   with the customer's CSR row (``filter_already_liked_items``) and the bank's
-  item rules as ``filter_items``: the exact answer under the same rules.
+  item rules and the customer's exclusive categories as ``filter_items``: the exact
+  answer under the same rules.
 
 Both are built like ``recsvc.serving.server.create_server``: a ``grpc.aio`` server with
 the same options, health and reflection, the default event loop; one process, or
@@ -32,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 
 from bench.bundles import latest_bundle
 from recsvc.model.bundle import load_bundle
-from recsvc.settings import ServerSettings
+from recsvc.settings import EXCLUSIVE_CATEGORIES, ServerSettings
 from recsvc.v1 import recommender_pb2 as _pb
 from recsvc.v1 import recommender_pb2_grpc as _pb_grpc
 
@@ -57,7 +58,7 @@ class NaiveService(_pb_grpc.RecommenderServicer):
         from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
-        from recsvc.model.rules import ItemRules, user_tolerance
+        from recsvc.model.rules import ExclusiveCategories, ItemRules, user_tolerance
 
         b = load_bundle(latest_bundle(models))
         self.version = b.version
@@ -67,6 +68,8 @@ class NaiveService(_pb_grpc.RecommenderServicer):
         # Everything a customer of tolerance t may not see, as implicit's filter_items.
         self.filter_by_tolerance = [np.flatnonzero(~s.mask()) for s in rules.by_tolerance]
         self.tolerance = user_tolerance(b.user_table)
+        self.bundle = b
+        self.exclusive = ExclusiveCategories(b.categories, EXCLUSIVE_CATEGORIES)
         n_users, n_items = len(b.users), len(b.items)
         self.user_items = sp.csr_matrix(
             (b.data, b.indices, b.indptr), shape=(n_users, n_items), dtype=np.float32
@@ -83,12 +86,18 @@ class NaiveService(_pb_grpc.RecommenderServicer):
         if row is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown user")
         t = int(self.tolerance[row]) - 1
+        b = self.bundle
+        lo, hi = b.indptr[row], b.indptr[row + 1]
+        closed = self.exclusive.held_categories(b.indices[lo:hi][b.held[lo:hi]])
+        hidden = self.filter_by_tolerance[t]
+        if closed:
+            hidden = np.union1d(hidden, np.flatnonzero(b.categories.member(closed)))
         ids, scores = self.model.recommend(
             row,
             self.user_items[row],
             N=request.k or 10,
             filter_already_liked_items=True,
-            filter_items=self.filter_by_tolerance[t],
+            filter_items=hidden,
         )
         return _pb.RecommendResponse(
             items=[

@@ -1,39 +1,49 @@
-"""``recsvc``: run the server, or ask a running one (readable tables for people)."""
+"""``recsvc``: run the server, ask a running one (readable tables for people), or check
+and search an audit trail."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
+import os
+import secrets
 import sys
-from collections.abc import Sequence
-from dataclasses import fields
-from datetime import timezone
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import grpc
+from typing import TYPE_CHECKING, TypeVar
 
 from recsvc.commands import run_main
-from recsvc.settings import ServerSettings
+from recsvc.settings import SETTINGS, ServerSettings, parse_switch
+
+# The client commands import recsvc_client on use: `recsvc serve` never needs it.
+if TYPE_CHECKING:
+    from recsvc_client import ServiceClient
 
 __all__ = ["main"]
 
-
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    if args.tls_ca or args.tls_cert:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
-            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
-            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
-        )
-        return grpc.secure_channel(args.target, creds, options=options)
-    return grpc.insecure_channel(args.target, options=options)
+_ClientT = TypeVar("_ClientT", bound="ServiceClient")
 
 
-def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _connect(args: argparse.Namespace, kind: type[_ClientT]) -> _ClientT:
+    """A client of ``kind`` with the command's target, deadline, token and TLS flags."""
+    from recsvc_client import TLS
+
+    tls = (
+        TLS.from_files(args.tls_ca, args.tls_cert, args.tls_key)
+        if args.tls_ca or args.tls_cert
+        else None
+    )
+    token = None
     if args.token_file:
-        return [("authorization", f"Bearer {Path(args.token_file).read_text().strip()}")]
-    return []
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"--token-file: cannot read {args.token_file}: {exc.strerror}"
+            ) from exc
+    return kind(args.target, token=token, tls=tls, timeout=args.timeout)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -44,12 +54,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _stub(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from recsvc.v1 import recommender_pb2_grpc
-
-    return recommender_pb2_grpc.RecommenderStub(_channel(args))
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     from recsvc.serving.server import serve_forever
 
@@ -57,58 +61,50 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
-    from recsvc.v1 import recommender_pb2 as pb
+    from recsvc_client import RecommenderClient
 
-    resp = _stub(args).Recommend(
-        pb.RecommendRequest(
-            user_id=args.user or "",
-            k=args.k,
-            recent_item_ids=args.recent or [],
-            exclude_item_ids=args.exclude or [],
+    with _connect(args, RecommenderClient) as client:
+        rec = client.recommend(
+            args.user or "",
+            args.k,
+            recent_item_ids=args.recent or (),
+            exclude_item_ids=args.exclude or (),
             explain=args.explain,
-        ),
-        metadata=_metadata(args),
-        timeout=args.timeout,
-    )
-    print(
-        f"model {resp.model_version}  source {pb.Source.Name(resp.source)}  "
-        f"id {resp.recommendation_id}"
-    )
+            min_sequence=args.min_sequence,
+        )
+    source = rec.source.name if rec.source else ""
+    print(f"model {rec.model_version}  source {source}  id {rec.recommendation_id}")
     rows = [
         (i + 1, it.item_id, f"{it.score:.4f}", ", ".join(c.item_id for c in it.because))
-        for i, it in enumerate(resp.items)
+        for i, it in enumerate(rec.items)
     ]
     print(_table(("#", "item_id", "score", "because" if args.explain else ""), rows))
     return 0
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
-    from recsvc.v1 import recommender_pb2 as pb
+    from recsvc_client import RecommenderClient
 
-    resp = _stub(args).SimilarItems(
-        pb.SimilarItemsRequest(item_id=args.item, k=args.k, user_id=args.user or ""),
-        metadata=_metadata(args),
-        timeout=args.timeout,
-    )
-    print(f"model {resp.model_version}")
+    with _connect(args, RecommenderClient) as client:
+        rec = client.similar_items(args.item, args.k, user_id=args.user or "")
+    print(f"model {rec.model_version}")
     print(
         _table(
             ("#", "item_id", "similarity"),
-            [(i + 1, it.item_id, f"{it.score:.4f}") for i, it in enumerate(resp.items)],
+            [(i + 1, it.item_id, f"{it.score:.4f}") for i, it in enumerate(rec.items)],
         )
     )
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from recsvc.v1 import recommender_pb2 as pb
+    from recsvc_client import RecommenderClient
 
-    info = _stub(args).GetModelInfo(
-        pb.GetModelInfoRequest(), metadata=_metadata(args), timeout=args.timeout
-    )
+    with _connect(args, RecommenderClient) as client:
+        info = client.model_info()
     rows = [
         ("version", info.version),
-        ("created_at", info.created_at.ToDatetime(timezone.utc).isoformat()),
+        ("created_at", info.created_at.isoformat() if info.created_at else ""),
         ("algorithm", info.algorithm),
         ("users", f"{info.n_users:,}"),
         ("items", f"{info.n_items:,}"),
@@ -126,11 +122,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_target(args: argparse.Namespace) -> int:
     import pyarrow as pa
+    from recsvc_client import RecommenderClient
 
     from recsvc.audience_file import audience_meta, write_audience
     from recsvc.model.queries import TargetQuery
     from recsvc.model.targeting import ExclusionCounts
-    from recsvc.v1 import recommender_pb2 as pb
 
     query = TargetQuery(  # checked here too, so a typo fails before the call
         item_ids=tuple(args.item),
@@ -138,32 +134,142 @@ def _cmd_target(args: argparse.Namespace) -> int:
         min_score=args.min_score,
         include_holders=args.include_holders,
     )
-    request = pb.TargetUsersRequest(
-        item_ids=query.item_ids,
-        audience_size=query.audience_size,
-        include_holders=query.include_holders,
-    )
-    if query.min_score is not None:
-        request.min_score = query.min_score
-    ids: list[str] = []
-    scores: list[float] = []
-    version, excluded, eligible, approximate = "", ExclusionCounts(), 0, False
-    for msg in _stub(args).TargetUsers(request, metadata=_metadata(args), timeout=args.timeout):
-        ids.extend(u.user_id for u in msg.users)
-        scores.extend(u.score for u in msg.users)
-        version = msg.model_version or version
-        if msg.HasField("excluded"):
-            counts = {f.name: getattr(msg.excluded, f.name) for f in fields(ExclusionCounts)}
-            excluded = ExclusionCounts(**counts)
-            eligible, approximate = msg.eligible_users, msg.approximate
+    with _connect(args, RecommenderClient) as client:
+        audience = client.target_users(
+            query.item_ids,
+            query.audience_size,
+            min_score=query.min_score,
+            include_holders=query.include_holders,
+            min_sequence=args.min_sequence,
+        )
     table = pa.table(
-        {"user_id": pa.array(ids, pa.string()), "score": pa.array(scores, pa.float32())}
+        {
+            "user_id": pa.array(audience.user_ids, pa.string()),
+            "score": pa.array(audience.scores, pa.float32()),
+        }
     )
-    meta = audience_meta(version, query, eligible, excluded, approximate, f"rpc {args.target}")
+    excluded = ExclusionCounts(**dataclasses.asdict(audience.excluded))
+    meta = audience_meta(
+        audience.model_version,
+        query,
+        audience.eligible_users,
+        excluded,
+        audience.approximate,
+        f"rpc {args.target}",
+    )
     sidecar = write_audience(Path(args.out), table, meta)
-    print(f"wrote {len(ids):,} customers to {args.out} (model {version}); sidecar {sidecar}")
+    wrote = f"wrote {table.num_rows:,} customers to {args.out}"
+    print(f"{wrote} (model {audience.model_version}); sidecar {sidecar}")
     print(json.dumps(meta["excluded"]))
     return 0
+
+
+def _cmd_event(args: argparse.Namespace) -> int:
+    from recsvc_client import Event, UpdatesClient
+
+    event_id = args.id or f"cli-{secrets.token_hex(8)}"
+    event = Event(
+        event_id,
+        args.user,
+        args.item,
+        args.type,
+        weight=args.weight,
+        campaign_id=args.campaign or "",
+        channel=args.channel or "",
+    )
+    with _connect(args, UpdatesClient) as client:
+        done = client.record_events([event])
+    state = "duplicate (recorded before)" if done.duplicates else f"recorded {done.recorded}"
+    extra = " (a product the model does not know yet)" if done.unknown_items else ""
+    if done.dropped_forgotten:
+        state = "dropped: the customer was forgotten"
+    print(f"event {event_id}: {state}{extra}; state sequence {done.sequence}")
+    return 0
+
+
+def _cmd_customer(args: argparse.Namespace) -> int:
+    from recsvc_client import CustomerUpdate, UpdatesClient
+
+    update = CustomerUpdate(args.user, args.risk_tolerance, args.consent)
+    with _connect(args, UpdatesClient) as client:
+        done = client.update_customers([update])
+    print(f"updated {done.updated} customer(s); state sequence {done.sequence}")
+    return 0
+
+
+def _cmd_product(args: argparse.Namespace) -> int:
+    from recsvc_client import ProductUpdate, UpdatesClient
+
+    update = ProductUpdate(args.item, args.active, args.risk_level)
+    with _connect(args, UpdatesClient) as client:
+        done = client.update_products([update])
+    print(f"updated {done.updated} product(s); state sequence {done.sequence}")
+    return 0
+
+
+def _print_receipt(receipt: object) -> None:
+    fields = dataclasses.asdict(receipt)  # type: ignore[call-overload]
+    rows = [(k, v.isoformat() if hasattr(v, "isoformat") else v) for k, v in fields.items()]
+    print(_table(("field", "value"), rows))
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    from recsvc_client import UpdatesClient
+
+    with _connect(args, UpdatesClient) as client:
+        _print_receipt(client.forget_customer(args.user, args.reference or ""))
+    return 0
+
+
+def _cmd_receipt(args: argparse.Namespace) -> int:
+    from recsvc_client import UpdatesClient
+
+    with _connect(args, UpdatesClient) as client:
+        _print_receipt(client.erasure_receipt(args.id))
+    return 0
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from recsvc.audit import verify
+
+    expect = None
+    if args.head:
+        seq, _, digest = args.head.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise ValueError(f"--head {args.head!r}: expected SEQ:HASH (64 hex digits)")
+        expect = (int(seq), digest)
+    report = verify(Path(args.dir), expect)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _cmd_audit_find(args: argparse.Namespace) -> int:
+    from recsvc.audit import find, parse_time
+    from recsvc.logs import Pseudonymizer
+
+    subject = None
+    if args.user is not None:
+        key = SETTINGS["pseudonym_key"]
+        secret = key.resolve(None, os.environ)
+        if secret is None:
+            raise ValueError(f"--user needs the server's pseudonym key in {key.variable}")
+        subject = Pseudonymizer(secret)(args.user)
+    since = parse_time(args.since) if args.since else None
+    found = 0
+    for record in find(
+        Path(args.dir), subject=subject, recommendation_id=args.recommendation_id, since=since
+    ):
+        print(json.dumps(record, separators=(",", ":")))
+        found += 1
+    print(f"{found} records", file=sys.stderr)
+    return 0
+
+
+def _yes_no_flag(text: str) -> bool:
+    try:
+        return parse_switch(text)
+    except ValueError as exc:  # argparse would say only "invalid value"
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -175,6 +281,36 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="client key (mutual TLS)")
 
 
+def _ask(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)``, a client command: a failed call is one line on stderr and status 1."""
+    try:
+        from recsvc_client import RecsvcClientError
+    except ModuleNotFoundError as exc:
+        if exc.name != "recsvc_client":
+            raise
+        raise ValueError(
+            "the client commands need recsvc-client: pip install clients/python"
+        ) from exc
+    try:
+        return run(args)
+    except RecsvcClientError as exc:
+        print(f"recsvc: {exc}", file=sys.stderr)
+        return 1
+
+
+def _client_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    run: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """A command that asks a running server: the client flags, then ``run``'s own."""
+    p = sub.add_parser(name, help=summary)
+    _client_args(p)
+    p.set_defaults(func=functools.partial(_ask, run))
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,43 +319,73 @@ def build_parser() -> argparse.ArgumentParser:
     ServerSettings.add_flags(p)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("recommend", help="suggestions for a customer")
-    _client_args(p)
+    p = _client_command(sub, "recommend", "suggestions for a customer", _cmd_recommend)
     p.add_argument("--user", help="customer id")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--recent", action="append", help="recently seen item (repeatable)")
     p.add_argument("--exclude", action="append", help="item to leave out (repeatable)")
     p.add_argument("--explain", action="store_true")
-    p.set_defaults(func=_cmd_recommend)
+    p.add_argument("--min-sequence", type=int, default=0, help="wait for this state sequence")
 
-    p = sub.add_parser("similar", help="products similar to a product")
-    _client_args(p)
+    p = _client_command(sub, "similar", "products similar to a product", _cmd_similar)
     p.add_argument("--item", required=True)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--user", help="apply this customer's rules")
-    p.set_defaults(func=_cmd_similar)
 
-    p = sub.add_parser("info", help="the served model")
-    _client_args(p)
-    p.set_defaults(func=_cmd_info)
+    _client_command(sub, "info", "the served model", _cmd_info)
 
-    p = sub.add_parser("target", help="campaign audience to Parquet")
-    _client_args(p)
+    p = _client_command(sub, "target", "campaign audience to Parquet", _cmd_target)
     p.add_argument("--item", action="append", required=True, help="product (repeatable)")
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--min-score", type=float)
     p.add_argument("--include-holders", action="store_true")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_cmd_target)
+    p.add_argument("--min-sequence", type=int, default=0, help="wait for this state sequence")
+
+    p = _client_command(sub, "event", "record a customer event (purchase, close ...)", _cmd_event)
+    p.add_argument("--user", required=True)
+    p.add_argument("--item", required=True)
+    p.add_argument("--type", required=True, help="view, click, apply, purchase, hold, close ...")
+    p.add_argument("--id", help="idempotency key (default: a random one)")
+    p.add_argument("--weight", type=float)
+    p.add_argument("--campaign")
+    p.add_argument("--channel", help="email, sms, push, call, app ...")
+
+    p = _client_command(sub, "customer", "set a customer's tolerance or consent", _cmd_customer)
+    p.add_argument("--user", required=True)
+    p.add_argument("--risk-tolerance", type=int, help="1 (lowest) to 5")
+    p.add_argument("--consent", type=_yes_no_flag, help="marketing consent: yes or no")
+
+    p = _client_command(sub, "product", "withdraw a product or set its risk", _cmd_product)
+    p.add_argument("--item", required=True)
+    p.add_argument("--active", type=_yes_no_flag, help="yes or no")
+    p.add_argument("--risk-level", type=int, help="1 (lowest) to 5")
+
+    p = _client_command(sub, "forget", "erase a customer; prints the receipt", _cmd_forget)
+    p.add_argument("--user", required=True)
+    p.add_argument("--reference", help="the bank's case number")
+
+    p = _client_command(sub, "receipt", "an erasure receipt again", _cmd_receipt)
+    p.add_argument("--id", required=True, help="receipt id (r_...)")
+
+    p = sub.add_parser("audit", help="check or search an audit trail (--audit-dir)")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("verify", help="check the whole hash chain; name the first break")
+    p.add_argument("dir", help="the audit folder")
+    p.add_argument("--head", help="SEQ:HASH of a head kept elsewhere: the trail must hold it")
+    p.set_defaults(func=_cmd_audit_verify)
+    p = audit.add_parser("find", help="print a customer's or an answer's records")
+    p.add_argument("dir", help="the audit folder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", help="customer id (pseudonymized with RECSVC_PSEUDONYM_KEY)")
+    which.add_argument("--recommendation-id", help="an answer's recommendation_id")
+    p.add_argument("--since", help="only records from this ISO 8601 time on (UTC unless given)")
+    p.set_defaults(func=_cmd_audit_find)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        return int(args.func(args))
-    except grpc.RpcError as exc:
-        print(f"recsvc: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+    return int(args.func(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ and becomes INTERNAL with a generic message.
     ├── NotFound               NOT_FOUND: an item the served model does not have
     ├── PreconditionFailed     FAILED_PRECONDITION: valid, but the data cannot answer safely
     ├── ModelUnavailable       UNAVAILABLE: no model loaded yet
+    ├── AuditUnavailable       UNAVAILABLE: the audit trail cannot be written (no answer without it)
     ├── DeadlineExpired        DEADLINE_EXCEEDED: the deadline passed before any work
     ├── BundleError            INTERNAL: a version missing, corrupt or inconsistent
     │   └── BundleUnreadable   (an I/O error: retried, not a verdict)
@@ -23,6 +24,7 @@ and ``StateUnavailable`` in one place each (``recsvc.state``).
 from __future__ import annotations
 
 __all__ = [
+    "AuditUnavailable",
     "BundleError",
     "BundleUnreadable",
     "DataError",
@@ -59,6 +61,14 @@ class PreconditionFailed(RecsvcError):
 
 class ModelUnavailable(RecsvcError):
     """No model is loaded yet."""
+
+
+class AuditUnavailable(RecsvcError):
+    """The audit trail cannot be written (an I/O error, a full disk, a broken chain).
+
+    While audit is on, no answer is sent without its record: the RPC fails instead,
+    and the server reports NOT_SERVING until it is restarted (which resumes the chain).
+    """
 
 
 class DeadlineExpired(RecsvcError):

@@ -18,12 +18,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["SETTINGS", "ServerSettings", "Setting"]
+from recsvc.audit.log import SYNC_MODES
+
+__all__ = ["EXCLUSIVE_CATEGORIES", "SETTINGS", "ServerSettings", "Setting", "parse_switch"]
+
+EXCLUSIVE_CATEGORIES = ("current_account", "mortgage", "pension")
+"""The default exclusive categories (the sample bank's names): see ``exclusive_categories``."""
 
 _PREFIX = "RECSVC_"
 
 
-def _switch(text: str) -> bool:
+def parse_switch(text: str) -> bool:
+    """A yes/no word (1, true, yes, on; 0, false, no, off) as a bool."""
     word = text.strip().lower()
     if word in ("1", "true", "yes", "on"):
         return True
@@ -37,6 +43,23 @@ def _log_level(text: str) -> str:
     if not isinstance(logging.getLevelName(level), int):  # a known name maps to its number
         raise ValueError(f"{text!r} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
     return level
+
+
+def _audit_sync(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in SYNC_MODES:
+        raise ValueError(f"expected {' or '.join(SYNC_MODES)}, got {text!r}")
+    return mode
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """Names separated by commas, each once, in the order given; ``none`` for no names."""
+    if text.strip().lower() == "none":
+        return ()
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",")))
+    if "" in names:
+        raise ValueError(f"expected names separated by commas, or none; got {text!r}")
+    return names
 
 
 def _declare(text: str, parse: Callable[[str], Any] = str) -> dict[str, Any]:
@@ -85,13 +108,13 @@ class ServerSettings:
         default=True,
         metadata=_declare(
             "parse each new version in a throwaway child process before loading it here",
-            _switch,
+            parse_switch,
         ),
     )
     no_consent_data: bool = field(
         default=False,
         metadata=_declare(
-            "allow TargetUsers on data without a users table (no consent requirement)", _switch
+            "allow TargetUsers on data without a users table (no consent requirement)", parse_switch
         ),
     )
     state: str | None = field(
@@ -101,12 +124,44 @@ class ServerSettings:
             "several servers); needs RECSVC_PSEUDONYM_KEY"
         ),
     )
+    exclusive_categories: tuple[str, ...] = field(
+        default=EXCLUSIVE_CATEGORIES,
+        metadata=_declare(
+            "product categories (comma-separated, or none) of which a customer who holds "
+            "one product is offered no other",
+            _names,
+        ),
+    )
+    contact_policy: Path | None = field(
+        default=None,
+        metadata=_declare(
+            "contact policy file (JSON): contact caps and "
+            "decline cooldowns; absent, the documented defaults apply",
+            Path,
+        ),
+    )
     log_level: str = field(
         default="INFO",
         metadata=_declare("DEBUG, INFO, WARNING, ERROR or CRITICAL", _log_level),
     )
     auth_token_file: Path | None = field(
         default=None, metadata=_declare("bearer token every RPC must carry (a file)", Path)
+    )
+    auth_tokens: Path | None = field(
+        default=None,
+        metadata=_declare("JSON file of named tokens, each with its scopes (owner-only)", Path),
+    )
+    audit_dir: Path | None = field(
+        default=None,
+        metadata=_declare("folder of the audit trail: one hash-chained record per answer", Path),
+    )
+    audit_sync: str = field(
+        default="group",
+        metadata=_declare(
+            "group: fsync audit records in groups, each on disk within 100 ms; always: "
+            "fsync each before its answer is sent",
+            _audit_sync,
+        ),
     )
     tls_cert: Path | None = field(
         default=None, metadata=_declare("server certificate: serve TLS (with --tls-key)", Path)
@@ -142,6 +197,11 @@ class ServerSettings:
                 "--state needs RECSVC_PSEUDONYM_KEY (the key of the erasure tombstones and "
                 "receipts, the same on every server and across restarts)"
             )
+        if values["audit_dir"] is not None and values["pseudonym_key"] is None:
+            raise ValueError(
+                "--audit-dir needs a fixed --pseudonym-key (RECSVC_PSEUDONYM_KEY): under a "
+                "random key no one could find a customer's audit records"
+            )
         settings = cls(**{k: v for k, v in values.items() if v is not None})
         settings.check()
         return settings
@@ -160,10 +220,23 @@ class ServerSettings:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        files = ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "auth_tokens")
+        for name in (*files, "contact_policy"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{SETTINGS[name].flag} {path}: no such file")
+        if self.auth_tokens is not None:
+            if self.auth_token_file is not None:
+                raise ValueError("--auth-tokens and --auth-token-file: give one")
+            from recsvc.serving.auth import read_tokens  # grpc, only where tokens are given
+
+            read_tokens(self.auth_tokens)  # a bad file stops start-up here, not in a worker
+        _audit_sync(self.audit_sync)
+        if self.audit_dir is not None:
+            if self.audit_dir.exists() and not self.audit_dir.is_dir():
+                raise ValueError(f"--audit-dir {self.audit_dir}: not a folder")
+            if self.workers > 1:
+                raise ValueError("--audit-dir takes one writer: not yet with --workers above 1")
 
 
 @dataclass(frozen=True)
@@ -184,7 +257,7 @@ class Setting:
 
     @property
     def is_switch(self) -> bool:
-        return self.parse is _switch
+        return self.parse is parse_switch
 
     @property
     def flag(self) -> str:

@@ -161,3 +161,28 @@ def wait_serving(port: int, timeout: float = 60) -> None:
         while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != 1:
             assert time.monotonic() < deadline, "never SERVING"
             time.sleep(0.05)
+
+
+# Channels share connections to one target unless told not to: a new connection, a new
+# source port (so SO_REUSEPORT may hand it to another worker).
+NEW_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def serving_on_a_new_connection(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=NEW_CONNECTION) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def rpc_code(call, request) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    """The status code ``call(request)`` fails with (the test fails if it succeeds)."""
+    with pytest.raises(grpc.RpcError) as err:
+        call(request, timeout=10)
+    return err.value.code()  # type: ignore[no-any-return]
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    """What ``grpc.health.v1.Health/Check`` says of ``service``."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status  # type: ignore[no-any-return]

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from recsvc.commands import run_main
 from recsvc.errors import RecsvcError
-from training.data import DataConfig, load_training_data
+from recsvc.logs import Pseudonymizer
+from recsvc.state import StateStore, open_store
+from training.data import DataConfig, TrainingData, load_training_data
 from training.fit import FitParams, fit_model
 from training.publish import publish
 from training.sample import SampleSpec, write_sample
+from training.state import (
+    FoldedState,
+    complete_erasure,
+    live_overlay,
+    pseudonymizer_from_env,
+    read_state,
+)
 
 __all__ = ["main"]
 
@@ -104,11 +115,48 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _state_store(url: str) -> Iterator[tuple[StateStore, Pseudonymizer]]:
+    """The store ``--state`` names, with the servers' pseudonyms (the key is checked first)."""
+    pseudonymize = pseudonymizer_from_env(os.environ)
+    with open_store(url, pseudonymize) as store:
+        yield store, pseudonymize
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
+    if args.state is None:
+        _fit(args, None)
+        return 0
+    # The store is opened twice rather than held open through a fit of many minutes.
+    with _state_store(args.state) as (store, pseudonymize):
+        state = read_state(store, pseudonymize)
+    folder, data = _fit(args, state)
+    with _state_store(args.state) as (store, _):
+        erasure = complete_erasure(store, Path(args.models), folder.name, state)
+    report = data.report
+    print(
+        f"  state: {report.state_events:,} events folded in, up to sequence {state.sequence}; "
+        f"product updates ignored (not in the catalogue): {report.unknown_products}"
+    )
+    print(
+        f"  erasure: {report.forgotten_customers} forgotten customers in the inputs, "
+        f"{report.forgotten_rows:,} of their log rows dropped (the source logs still "
+        "hold them: purging those is the bank's)"
+    )
+    deleted = ", ".join(erasure.versions_deleted) or "none"
+    print(
+        f"  deleted older versions holding a forgotten customer: {deleted}; "
+        f"erasure receipts completed: {erasure.receipts_completed}"
+    )
+    return 0
+
+
+def _fit(args: argparse.Namespace, state: FoldedState | None) -> tuple[Path, TrainingData]:
+    """Load, fit and publish; print the summary. Returns the bundle folder and the data."""
     params = fit_params_from_args(args)
     t0 = time.perf_counter()
     data = load_training_data(
-        args.interactions, args.items, args.users, data_config_from_args(args)
+        args.interactions, args.items, args.users, data_config_from_args(args), state
     )
     t_load = time.perf_counter() - t0
     model = fit_model(data.user_items, params, progress=not args.quiet)
@@ -131,23 +179,29 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         f"{report.unknown_events} unknown events"
     )
     print(f"  load {t_load:.2f}s, fit {model.seconds:.2f}s, index+publish {t_publish:.2f}s")
-    return 0
+    return folder, data
 
 
 def _cmd_audience(args: argparse.Namespace) -> int:
+    from recsvc.model.contact import load_policy
     from recsvc.model.queries import TargetQuery
     from training.export import export_all_items, export_audience, open_targeter
 
-    targeter = open_targeter(Path(args.models), no_consent_data=args.no_consent_data)
+    policy = load_policy(Path(args.contact_policy) if args.contact_policy else None)
+    targeter = open_targeter(Path(args.models), args.no_consent_data, policy)
+    overlay = None
+    if args.state is not None:
+        with _state_store(args.state) as (store, pseudonymize):
+            overlay = live_overlay(targeter.bundle, store, pseudonymize)
+    model = f"model {targeter.bundle.version}" + (
+        f", state sequence {overlay.sequence}" if overlay is not None else ""
+    )
     out = Path(args.out)
     if args.all_items:
         rows = export_all_items(
-            targeter, args.size, out, args.include_holders, progress=not args.quiet
+            targeter, args.size, out, args.include_holders, not args.quiet, overlay
         )
-        print(
-            f"wrote {rows:,} rows for every active product to {out}/ "
-            f"(model {targeter.bundle.version})"
-        )
+        print(f"wrote {rows:,} rows for every active product to {out}/ ({model})")
         return 0
     if not args.item:
         raise RecsvcError("give --item (repeatable) or --all-items")
@@ -157,11 +211,10 @@ def _cmd_audience(args: argparse.Namespace) -> int:
         min_score=args.min_score,
         include_holders=args.include_holders,
     )
-    audience, sidecar = export_audience(targeter, query, out, progress=not args.quiet)
-    print(
-        f"wrote {len(audience.rows):,} customers to {out} (model {audience.version}); "
-        f"sidecar {sidecar}"
+    audience, sidecar = export_audience(
+        targeter, query, out, not args.quiet, overlay, channel=args.channel or ""
     )
+    print(f"wrote {len(audience.rows):,} customers to {out} ({model}); sidecar {sidecar}")
     return 0
 
 
@@ -241,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_args(p)
     p.add_argument("--models", required=True, help="bundle folder (DIR/<version>/, DIR/LATEST)")
     p.add_argument("--keep", type=int, default=5, help="versions to keep")
+    p.add_argument(
+        "--state",
+        metavar="URL",
+        help="fold in the live state store (sqlite:///PATH, postgresql://...): its events, "
+        "updates and erasures; older versions holding a forgotten customer are deleted. "
+        "Needs RECSVC_PSEUDONYM_KEY",
+    )
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("audience", help="campaign audience from the latest bundle, offline")
@@ -255,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="data without a users table carries no consent requirement",
     )
+    p.add_argument(
+        "--state",
+        metavar="URL",
+        help="answer through the live state store's changes since the bundle, as servers "
+        "do (consent, tolerance, products, new customers, erasures). Needs RECSVC_PSEUDONYM_KEY",
+    )
+    p.add_argument(
+        "--contact-policy",
+        metavar="FILE",
+        help="contact policy (JSON), as the server's; absent, "
+        "its defaults. Contacts and declines come from --state",
+    )
+    p.add_argument("--channel", help="the campaign's channel, for its contact cap (with --item)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_audience)
 

@@ -5,6 +5,7 @@ items (optional): item_id, [category], [risk_level 1..5], [active], other metada
 users (optional): user_id, [risk_tolerance 1..5], [marketing_consent], other columns
 
 Errors name the input and the column; rows we drop are counted, never silently lost.
+The live state store's events and updates can be folded in (``training.state``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import glob
 import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -23,13 +25,19 @@ import pyarrow.dataset as ds
 import scipy.sparse as sp
 
 from recsvc.errors import DataError
+from recsvc.model.overlay import CLOSE_EVENT
 from recsvc.model.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from training.state import FoldedState
 
 __all__ = [
     "DEFAULT_EVENT_WEIGHTS",
     "DEFAULT_HELD_EVENTS",
+    "NON_INTERACTION_EVENTS",
     "DataConfig",
     "DropReport",
+    "Inputs",
     "TrainingData",
     "load_training_data",
     "read_parquet",
@@ -45,6 +53,12 @@ DEFAULT_EVENT_WEIGHTS: Mapping[str, float] = {
     "hold": 8.0,
 }
 DEFAULT_HELD_EVENTS = frozenset({"purchase", "hold"})
+NON_INTERACTION_EVENTS = frozenset({CLOSE_EVENT, "decline", "contacted"})
+"""Events that record no interest in the product: no strength, unless given a weight.
+
+``close`` ends a holding; ``decline`` and ``contacted`` are campaign outcomes. An
+event in ``DataConfig.event_weights`` counts all the same, as live events do.
+"""
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,14 @@ class DropReport:
     unknown_items: int = 0
     unknown_events: int = 0
     duplicates_merged: int = 0
+    state_events: int = 0
+    """Events folded in from the live state."""
+    unknown_products: int = 0
+    """Live product updates for products the catalogue lacks, ignored."""
+    forgotten_customers: int = 0
+    """Erased customers found in the inputs: every row of theirs is dropped."""
+    forgotten_rows: int = 0
+    """Interaction rows of erased customers dropped from the logs."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -105,6 +127,18 @@ class TrainingData:
         for vocab in (self.users, self.items):
             h.update("\x00".join(vocab.ids).encode())
         return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The inputs as read and checked, before ids become rows: what a fold may change."""
+
+    interactions: pa.Table
+    """The logs: ``user_id`` and ``item_id`` (strings, never null), [event], [weight], [ts]."""
+    items: pa.Table | None
+    users: pa.Table | None
+    live_events: pa.Table | None = None
+    """Events from the live state, in the logs' schema with every weight set."""
 
 
 def _expand(path: str | Path) -> str | list[str]:
@@ -192,26 +226,47 @@ def _read_table(
     return table
 
 
-def _row_strength(
-    table: pa.Table, path: object, config: DataConfig, report: DropReport
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row strength and held flag."""
-    events = _event_codes(table, path)
-    held = np.zeros(table.num_rows, dtype=bool)
-    if events is not None:
-        names, idx = events
-        held = np.array([name in config.held_events for name in names] + [False])[idx]
+def _flags(names: list[str], idx: np.ndarray, flagged: set[str]) -> np.ndarray:
+    """Per row, whether its event (``names[idx]``; -1 for none) is one of ``flagged``."""
+    return np.array([name in flagged for name in names] + [False])[idx]
+
+
+def _events(
+    table: pa.Table, path: object, config: DataConfig, report: DropReport, timed: bool
+) -> _Events:
+    """Each row's ids, strength (before decay) and kind of event; its time if ``timed``.
+
+    Times matter to decay and to ordering a pair's held and close events: a table
+    with close events is always timed. Where times do not matter, a ``ts`` column
+    is not read (nor checked) at all.
+    """
+    n = table.num_rows
+    held = close = np.zeros(n, dtype=bool)
+    interaction = np.ones(n, dtype=bool)
+    codes = _event_codes(table, path)
+    if codes is not None:
+        names, idx = codes
+        held = _flags(names, idx, set(config.held_events))
+        close = _flags(names, idx, {CLOSE_EVENT})
+        interaction = ~_flags(names, idx, set(NON_INTERACTION_EVENTS - set(config.event_weights)))
     if "weight" in table.column_names:
         weight = _weight_column(table, path)
-    elif events is not None:
-        weight = _event_weights(*events, config, report)
+    elif codes is not None:
+        weight = _event_weights(*codes, config, report)
     else:
-        weight = np.ones(table.num_rows)
-    if config.half_life_days and "ts" in table.column_names:
-        weight = weight * _decay(table, path, config.half_life_days)
+        weight = np.ones(n)
     if np.any(weight < 0) or not np.all(np.isfinite(weight)):
         raise DataError(f"interactions {path}: column 'weight' holds negative or non-finite values")
-    return weight, held
+    timed = timed or bool(close.any())
+    return _Events(
+        table.column("user_id"),
+        table.column("item_id"),
+        weight,
+        interaction,
+        held,
+        close,
+        _seconds(table, path) if timed else None,
+    )
 
 
 def _event_codes(table: pa.Table, path: object) -> tuple[list[str], np.ndarray] | None:
@@ -237,21 +292,35 @@ def _event_weights(
     names: list[str], idx: np.ndarray, config: DataConfig, report: DropReport
 ) -> np.ndarray:
     """Each row's strength by its event; an unknown or null event counts 1 (and is counted)."""
-    known = [name in config.event_weights for name in names]
+    known = [name in config.event_weights or name in NON_INTERACTION_EVENTS for name in names]
     lut = np.array([config.event_weights.get(name, 1.0) for name in names] + [1.0])
-    report.unknown_events = int((~np.array([*known, True]))[idx].sum())
+    report.unknown_events += int((~np.array([*known, True]))[idx].sum())
     return np.asarray(lut[idx])
 
 
-def _decay(table: pa.Table, path: object, half_life_days: float) -> np.ndarray:
-    """Each row's decay factor by its age relative to the newest event."""
+_PER_SECOND = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
+
+
+def _seconds(table: pa.Table, path: object) -> np.ndarray | None:
+    """Each row's time in seconds since the epoch, NaN where null; None without a ``ts``."""
+    if "ts" not in table.column_names:
+        return None
     ts = table.column("ts")
     if not pa.types.is_timestamp(ts.type):
         raise _mistyped("interactions", path, "ts", ts.type, "timestamp")
-    secs = ts.cast(pa.timestamp("s")).cast(pa.int64())
-    newest = pc.max(secs).as_py()
+    ticks = ts.cast(pa.int64())
+    secs = np.asarray(ticks.fill_null(0).to_numpy(), dtype=np.float64) / _PER_SECOND[ts.type.unit]
+    secs[~np.asarray(pc.is_valid(ticks).to_numpy(zero_copy_only=False), dtype=bool)] = np.nan
+    return secs
+
+
+def _decay(seconds: np.ndarray, half_life_days: float) -> np.ndarray:
+    """Each row's decay factor by its age relative to the newest event."""
+    if np.isnan(seconds).all():
+        return np.ones(len(seconds))
+    newest = np.nanmax(seconds)
     # An event without a time is taken as current: decay never inflates strength.
-    age_days = (newest - secs.fill_null(newest).to_numpy()) / 86400.0
+    age_days = (newest - np.where(np.isnan(seconds), newest, seconds)) / 86400.0
     return np.asarray(np.power(0.5, age_days / half_life_days))
 
 
@@ -274,26 +343,52 @@ def _aligned_user_table(users: Vocabulary, table: pa.Table | None) -> pa.Table:
 
 @dataclass(frozen=True)
 class _Events:
-    """The interaction rows with both ids present: the ids, strength and held flag of each."""
+    """Event rows with both ids present: the ids, strength and kind of each, and its time."""
 
     users: pa.ChunkedArray
     items: pa.ChunkedArray
     weight: np.ndarray
+    interaction: np.ndarray
+    """Counts toward the pair's strength (``NON_INTERACTION_EVENTS`` do not)."""
     held: np.ndarray
+    """A held event: the customer holds the product from then on."""
+    close: np.ndarray
+    """A close event: the customer no longer holds the product."""
+    seconds: np.ndarray | None
+    """Time since the epoch, NaN where unknown; None where no row has one."""
+
+    def __add__(self, other: _Events) -> _Events:
+        """These rows, then ``other``'s."""
+        if self.seconds is None and other.seconds is None:
+            seconds = None
+        else:
+            seconds = np.concatenate([_times(self), _times(other)])
+        return _Events(
+            pa.chunked_array(self.users.chunks + other.users.chunks, pa.string()),
+            pa.chunked_array(self.items.chunks + other.items.chunks, pa.string()),
+            np.concatenate([self.weight, other.weight]),
+            np.concatenate([self.interaction, other.interaction]),
+            np.concatenate([self.held, other.held]),
+            np.concatenate([self.close, other.close]),
+            seconds,
+        )
 
 
-def _read_events(path: str | Path, config: DataConfig, report: DropReport) -> _Events:
-    """Read the interactions; rows with a null id are dropped and counted."""
+def _times(events: _Events) -> np.ndarray:
+    return events.seconds if events.seconds is not None else np.full(len(events.weight), np.nan)
+
+
+def _read_interactions(path: str | Path, report: DropReport) -> pa.Table:
+    """Read the interactions with ids as strings; rows with a null id are dropped and counted."""
     table = read_parquet(path, "interactions", ["user_id", "item_id", "event", "weight", "ts"])
     report.rows_read = table.num_rows
     u_col = _id_column(table, "interactions", path, "user_id")
     i_col = _id_column(table, "interactions", path, "item_id")
+    table = table.set_column(table.schema.get_field_index("user_id"), "user_id", u_col)
+    table = table.set_column(table.schema.get_field_index("item_id"), "item_id", i_col)
     valid = pc.and_(pc.is_valid(u_col), pc.is_valid(i_col))
     report.null_ids = table.num_rows - pc.sum(valid.cast(pa.int64())).as_py()
-    if report.null_ids:
-        table, u_col, i_col = table.filter(valid), u_col.filter(valid), i_col.filter(valid)
-    weight, held = _row_strength(table, path, config, report)
-    return _Events(u_col, i_col, weight, held)
+    return table.filter(valid) if report.null_ids else table
 
 
 def _item_vocabulary(table: pa.Table | None, item_ids: pa.ChunkedArray) -> Vocabulary:
@@ -315,8 +410,8 @@ def _user_vocabulary(table: pa.Table | None, user_ids: pa.ChunkedArray) -> Vocab
 
 def _pair_keys(
     events: _Events, users: Vocabulary, items: Vocabulary, path: object, report: DropReport
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each event's pair as ``user row * len(items) + item row``, its weight and held flag.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each event's pair as ``user row * len(items) + item row``, and which events to keep.
 
     Events naming an item outside the catalogue are dropped and counted.
     """
@@ -324,32 +419,59 @@ def _pair_keys(
     user_rows = users.indices_arrow(events.users)
     keep = item_rows >= 0
     report.unknown_items = int((~keep).sum())
-    if not keep.any():
+    if not (keep & events.interaction).any():
         raise DataError(f"interactions {path}: no interaction names a known item")
-    keys = user_rows[keep] * len(items) + item_rows[keep]
-    return keys, events.weight[keep], events.held[keep]
+    return user_rows * len(items) + item_rows, keep
 
 
 def _merge_pairs(
     keys: np.ndarray,
-    weight: np.ndarray,
-    held: np.ndarray,
+    keep: np.ndarray,
+    events: _Events,
     n_users: int,
     n_items: int,
     report: DropReport,
 ) -> tuple[sp.csr_matrix, np.ndarray]:
-    """The users x items matrix of summed strengths, and whether each pair is held."""
-    pairs, inverse = np.unique(keys, return_inverse=True)
-    report.duplicates_merged = int(len(keys) - len(pairs))
+    """The users x items matrix of summed strengths, and whether each pair is held.
+
+    Only the events to ``keep`` count, and of those only interactions make a pair.
+    """
+    counted = keep & events.interaction
+    interacting = keys[counted]
+    pairs, inverse = np.unique(interacting, return_inverse=True)
+    report.duplicates_merged = int(len(interacting) - len(pairs))
+    weight = events.weight[counted]
     strength = np.bincount(inverse, weights=weight, minlength=len(pairs)).astype(np.float32)
-    pair_held = np.bincount(inverse, weights=held, minlength=len(pairs)) > 0
     rows = pairs // n_items
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_users))])
     matrix = sp.csr_matrix(
         (strength, (pairs % n_items).astype(np.int32), indptr.astype(np.int64)),
         shape=(n_users, n_items),
     )
-    return matrix, pair_held
+    return matrix, _pair_held(pairs, keys, keep, events)
+
+
+def _pair_held(
+    pairs: np.ndarray, keys: np.ndarray, keep: np.ndarray, events: _Events
+) -> np.ndarray:
+    """Whether each pair is held: its latest held or close event decides.
+
+    Latest by time, then by position (the logs in order, then the live state in
+    sequence order); an event without a time counts as older than any with one.
+    """
+    marks = np.flatnonzero((events.held | events.close) & keep)
+    held = np.zeros(len(pairs), dtype=bool)
+    if len(marks) == 0:
+        return held
+    when = np.zeros(len(marks)) if events.seconds is None else events.seconds[marks]
+    when = np.where(np.isnan(when), -np.inf, when)
+    ordered = marks[np.lexsort((marks, when, keys[marks]))]
+    ordered_keys = keys[ordered]
+    latest = ordered[np.append(ordered_keys[1:] != ordered_keys[:-1], True)]
+    at = np.minimum(np.searchsorted(pairs, keys[latest]), len(pairs) - 1)  # pairs: never empty
+    found = pairs[at] == keys[latest]  # a held or close event on no interaction: no pair
+    held[at[found]] = events.held[latest[found]]
+    return held
 
 
 def _aligned_item_table(items: Vocabulary, table: pa.Table | None) -> pa.Table:
@@ -375,37 +497,56 @@ def load_training_data(
     items: str | Path | None = None,
     users: str | Path | None = None,
     config: DataConfig | None = None,
+    state: FoldedState | None = None,
 ) -> TrainingData:
-    """Read and check the three inputs; build the strength matrix.
+    """Read and check the three inputs, fold in the live state; build the strength matrix.
+
+    Args:
+        state: The live state up to one sequence (``training.state.read_state``): its
+            events join the logs, its updates apply over the tables, and every row of
+            a forgotten customer is dropped. The data records its sequence.
 
     Raises:
         DataError: a missing or mistyped column, an unreadable or empty input.
     """
     report = DropReport()
     config = config or DataConfig()
-    events = _read_events(interactions, config, report)
+    log_table = _read_interactions(interactions, report)
     item_table: pa.Table | None = None
     if items is not None:
         item_table = _read_table(items, "items", "item_id", "risk_level", "active")
     user_table: pa.Table | None = None
     if users is not None:
         user_table = _read_table(users, "users", "user_id", "risk_tolerance", "marketing_consent")
-    item_vocab = _item_vocabulary(item_table, events.items)
-    user_vocab = _user_vocabulary(user_table, events.users)
-    keys, weight, held = _pair_keys(events, user_vocab, item_vocab, interactions, report)
-    matrix, pair_held = _merge_pairs(keys, weight, held, len(user_vocab), len(item_vocab), report)
+    inputs = Inputs(log_table, item_table, user_table)
+    if state is not None:
+        inputs = state.fold(inputs, config, report)
+    # Live events come with times: the logs' are needed to order them against those.
+    timed = bool(config.half_life_days) or inputs.live_events is not None
+    events = _events(inputs.interactions, interactions, config, report, timed)
+    if inputs.live_events is not None:
+        events += _events(inputs.live_events, "(live state)", config, report, timed)
+    if config.half_life_days and events.seconds is not None:
+        events = replace(
+            events, weight=events.weight * _decay(events.seconds, config.half_life_days)
+        )
+    item_vocab = _item_vocabulary(inputs.items, events.items)
+    user_vocab = _user_vocabulary(inputs.users, events.users)
+    keys, keep = _pair_keys(events, user_vocab, item_vocab, interactions, report)
+    matrix, pair_held = _merge_pairs(keys, keep, events, len(user_vocab), len(item_vocab), report)
     data = TrainingData(
         users=user_vocab,
         items=item_vocab,
         user_items=matrix,
         held=pair_held,
-        item_table=_aligned_item_table(item_vocab, item_table),
-        user_table=_aligned_user_table(user_vocab, user_table),
+        item_table=_aligned_item_table(item_vocab, inputs.items),
+        user_table=_aligned_user_table(user_vocab, inputs.users),
         report=report,
-        has_risk_levels=_has_risk_levels(item_table),
-        has_active=item_table is not None and "active" in item_table.column_names,
-        has_users_table=user_table is not None,
+        has_risk_levels=_has_risk_levels(inputs.items),
+        has_active=inputs.items is not None and "active" in inputs.items.column_names,
+        has_users_table=inputs.users is not None,
         config=config,
+        state_sequence=state.sequence if state is not None else 0,
     )
     log.info("loaded training data", extra={"report": report.as_dict()})
     return data

@@ -10,19 +10,24 @@ leaves ``LATEST`` naming a complete bundle.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from recsvc.errors import RecsvcError
 from recsvc.files import fsync_path
 from recsvc.model.bundle import LATEST, list_versions, read_latest, sha256_file
 from recsvc.model.manifest import (
@@ -40,10 +45,11 @@ from training.data import TrainingData
 from training.fit import FittedModel
 from training.indexes import build_index, choose_index_spec
 
-__all__ = ["new_version", "prune", "publish", "write_latest"]
+__all__ = ["erase_versions", "new_version", "prune", "publish", "write_latest"]
 
 log = logging.getLogger(__name__)
 _TMP_PREFIX = ".tmp-"
+_ERASING_PREFIX = ".erasing-"
 
 
 def new_version(now: datetime | None = None) -> str:
@@ -52,17 +58,81 @@ def new_version(now: datetime | None = None) -> str:
     return now.strftime("v%Y%m%d-%H%M%S-%f")
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether a writer failed for want of space: numpy and pyarrow raise OSError with the
+    errno; FAISS raises RuntimeError with only the system's message in its text."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    return isinstance(exc, RuntimeError) and any(os.strerror(e) in str(exc) for e in _DISK_FULL)
+
+
+@contextmanager
+def _writing(path: Path, needed: Callable[[], int]) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into one line naming the file and the space.
+
+    Args:
+        path: the file being written.
+        needed: its size in bytes, asked only once the disk is full.
+    """
+    free = shutil.disk_usage(path.parent).free  # before this file took any of it
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not _is_disk_full(exc):
+            raise
+        raise RecsvcError(
+            f"no space left on device while writing {path.name} "
+            f"({_size(needed())} needed, {_size(free)} free)"
+        ) from exc
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kB"
+
+
 def _write_npy(folder: Path, name: str, array: np.ndarray) -> None:
-    np.save(folder / name, np.ascontiguousarray(array), allow_pickle=False)
+    array = np.ascontiguousarray(array)
+    with _writing(folder / name, lambda: array.nbytes + 128):  # + the .npy header
+        np.save(folder / name, array, allow_pickle=False)
+
+
+def _write_parquet(folder: Path, name: str, table: pa.Table) -> None:
+    with _writing(folder / name, lambda: _parquet_size(table)):
+        pq.write_table(table, folder / name)
+
+
+def _parquet_size(table: pa.Table) -> int:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return int(sink.getvalue().size)
+
+
+def _write_index(folder: Path, name: str, index: faiss.Index) -> None:
+    with _writing(folder / name, lambda: int(faiss.serialize_index(index).nbytes)):
+        faiss.write_index(index, str(folder / name))
 
 
 def write_latest(models: Path, version: str) -> None:
     """Point ``models/LATEST`` at ``version`` by atomic rename."""
     tmp = models / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}"
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(version + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    text = version + "\n"
+    try:
+        with (
+            _writing(models / LATEST, lambda: len(text.encode())),
+            tmp.open("w", encoding="utf-8") as f,
+        ):
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, models / LATEST)
     fsync_path(models)
 
@@ -104,7 +174,11 @@ def publish(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_latest(models, version)
+    try:
+        write_latest(models, version)
+    except RecsvcError:  # the disk filled before LATEST changed: never named, so never published
+        shutil.rmtree(final, ignore_errors=True)
+        raise
     prune(models, keep)
     return final
 
@@ -127,8 +201,8 @@ def _write_payload(folder: Path, data: TrainingData, model: FittedModel) -> Inde
         items=choose_index_spec(len(data.items), params.item_index, params.exact_max),
         users=choose_index_spec(len(data.users), params.user_index, params.exact_max),
     )
-    pq.write_table(data.item_table, folder / FILES.items)
-    pq.write_table(data.user_table, folder / FILES.users)
+    _write_parquet(folder, FILES.items, data.item_table)
+    _write_parquet(folder, FILES.users, data.user_table)
     _write_npy(folder, FILES.item_factors, model.item_factors)
     _write_npy(folder, FILES.user_factors, model.user_factors)
     conf = model.confidence
@@ -142,7 +216,7 @@ def _write_payload(folder: Path, data: TrainingData, model: FittedModel) -> Inde
         (model.item_factors, indexes.items, FILES.item_index),
         (model.user_factors, indexes.users, FILES.user_index),
     ):
-        faiss.write_index(build_index(factors, spec, params.seed), str(folder / name))
+        _write_index(folder, name, build_index(factors, spec, params.seed))
     return indexes
 
 
@@ -156,13 +230,16 @@ def _raw_strengths(data: TrainingData, conf: sp.csr_matrix) -> np.ndarray:
 
 def _sync_and_hash(folder: Path) -> dict[str, FileEntry]:
     """Every file in ``folder``, flushed to disk, with its size and sha256."""
-    files = {}
-    for p in sorted(folder.iterdir()):
-        # On disk before the manifest that vouches for it: after a power loss,
-        # LATEST must never name a bundle whose files came back empty.
-        fsync_path(p)
-        files[p.name] = FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
-    return files
+    return {p.name: _synced_entry(p) for p in sorted(folder.iterdir())}
+
+
+def _synced_entry(path: Path) -> FileEntry:
+    # On disk before the manifest that vouches for it: after a power loss, LATEST must
+    # never name a bundle whose files came back empty. Some file systems only find the
+    # disk full here.
+    with _writing(path, lambda: path.stat().st_size):
+        fsync_path(path)
+    return FileEntry(size=path.stat().st_size, sha256=sha256_file(path))
 
 
 def _build_manifest(
@@ -207,8 +284,10 @@ def _build_manifest(
 
 def _commit(tmp: Path, final: Path, manifest: Manifest) -> Path:
     """Write the manifest last, flush, and rename ``tmp`` into place as ``final``."""
-    with (tmp / MANIFEST).open("w", encoding="utf-8") as f:
-        json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
+    text = json.dumps(manifest.to_json(), indent=2, sort_keys=True)
+    path = tmp / MANIFEST
+    with _writing(path, lambda: len(text.encode())), path.open("w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     fsync_path(tmp)
@@ -234,3 +313,21 @@ def prune(models: Path, keep: int) -> list[str]:
             else:
                 p.unlink(missing_ok=True)
     return doomed
+
+
+def erase_versions(models: Path, versions: list[str]) -> None:
+    """Delete ``versions`` for good; unlike ``prune``, any failure raises.
+
+    Each is first renamed out of sight, so a crash part-way leaves a hidden
+    ``.erasing-`` folder, never a version that looks whole or one no longer listed
+    yet still on disk; the next call removes such leftovers before anything else.
+    Returns once every removal is on disk.
+    """
+    for leftover in sorted(models.glob(f"{_ERASING_PREFIX}*")):
+        shutil.rmtree(leftover)
+    for version in versions:
+        hidden = models / f"{_ERASING_PREFIX}{version}"
+        os.rename(models / version, hidden)
+        fsync_path(models)
+        shutil.rmtree(hidden)
+    fsync_path(models)

@@ -1,9 +1,11 @@
 """The model and the bank's rules: plain Python over a loaded bundle, no gRPC.
 
-``bundle`` (a verified version on disk), ``vocab`` (ids <-> rows), ``index``
-(FAISS search among allowed rows), ``rules`` (suitability, activity, consent),
-``queries`` (validated request objects), ``ranking`` (Recommend, SimilarItems,
-RankItems) and ``targeting`` (TargetUsers audiences).
+``manifest`` (the bundle format), ``bundle`` (a verified version on disk), ``vocab``
+(ids <-> rows), ``allowed`` and ``topk`` (allowed-row sets, top-k), ``index`` (FAISS
+search among allowed rows), ``rules`` (suitability, activity, consent), ``weighting``
+(confidences from strengths), ``overlay`` (live changes over a bundle), ``queries``
+(validated request objects), ``ranking`` (Recommend, SimilarItems, RankItems) and
+``targeting`` (TargetUsers audiences).
 """
 
 from __future__ import annotations

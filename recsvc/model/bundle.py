@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from recsvc.errors import BundleError, BundleUnreadable
 from recsvc.model.index import VectorIndex, read_index
 from recsvc.model.manifest import FILES, MANIFEST, Counts, Manifest
-from recsvc.model.rules import ItemRules, consent_mask, user_tolerance
+from recsvc.model.rules import Categories, ItemRules, consent_mask, user_tolerance
 from recsvc.model.vocab import Vocabulary
 
 __all__ = [
@@ -224,6 +224,11 @@ class Bundle:
     def item_rules(self) -> ItemRules:
         """The catalogue's rules: risk levels, active flags, one allowed set per tolerance."""
         return ItemRules.from_table(self.item_table, self.suitability)
+
+    @cached_property
+    def categories(self) -> Categories:
+        """The catalogue's category per item row (see ``rules.Categories``)."""
+        return Categories.from_table(self.item_table)
 
     @cached_property
     def tolerance(self) -> np.ndarray:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cached_property
 from types import MappingProxyType
 
 import numpy as np
 
 from recsvc.model.bundle import Bundle
+from recsvc.model.contact import CONTACTED_EVENT, DECLINE_EVENT, HISTORY_DAYS
 from recsvc.model.rules import MAX_LEVEL, MIN_LEVEL, ItemRules
 from recsvc.model.weighting import RowWeighting
 from recsvc.state.base import Changes, StoredEvent
@@ -62,6 +63,11 @@ class LiveUser:
     held_at: Mapping[int, datetime] = field(default_factory=dict)
     """Per item row, the time of the latest live held or close event: an older one, recorded
     late, changes nothing (the latest by time decides, as in training)."""
+    contacts: tuple[tuple[datetime, str], ...] = ()
+    """Time and channel of each live ``contacted`` event, within ``HISTORY_DAYS`` of the latest
+    event (no contact policy looks further back)."""
+    declined: Mapping[int, datetime] = field(default_factory=dict)
+    """Per item row, the time of the latest live ``decline`` of it."""
 
     @property
     def held_rows(self) -> np.ndarray:
@@ -240,12 +246,18 @@ def _with_events(
     strength = dict(zip(before.rows.tolist(), before.strength.tolist(), strict=True))
     held = dict(zip(before.rows.tolist(), before.held.tolist(), strict=True))
     held_at = dict(before.held_at)
+    contacts = list(before.contacts)
+    declined = dict(before.declined)
     items, unknown, changed = ctx.bundle.items, 0, False
     for e in events:
+        if e.type == CONTACTED_EVENT:  # counts whatever the product: a contact is a contact
+            contacts.append((e.time, e.channel))
         row = items.index(e.item_id)
         if row is None:
             unknown += 1
             continue
+        if e.type == DECLINE_EVENT and not (row in declined and e.time < declined[row]):
+            declined[row] = e.time
         weight = ctx.event_weights.get(e.type)
         if weight is not None:
             strength[row] = strength.get(row, 0.0) + (e.weight if e.weight is not None else weight)
@@ -256,9 +268,15 @@ def _with_events(
         if (holds or closes) and not (row in held_at and e.time < held_at[row]):
             held[row] = holds
             held_at[row] = e.time
+    if events:  # bounded: drop what no policy window reaches (events come sorted by time)
+        since = events[-1].time - timedelta(days=HISTORY_DAYS)
+        contacts = [c for c in contacts if c[0] > since]
+        declined = {r: t for r, t in declined.items() if t > since}
+    kept = tuple(contacts)
     if not changed and len(held) == len(before.held):
         flags = np.array([held[r] for r in before.rows.tolist()], dtype=bool)
-        return replace(before, held=flags, held_at=held_at), unknown
+        after = replace(before, held=flags, held_at=held_at, contacts=kept, declined=declined)
+        return after, unknown
     rows = np.array(sorted(strength), dtype=np.int64)
     s = np.array([strength[r] for r in rows.tolist()], dtype=np.float32)
     conf = ctx.weighting.row(rows, s)
@@ -272,6 +290,8 @@ def _with_events(
         held_at=held_at,
         vector=vector,
         refolded=True,
+        contacts=kept,
+        declined=declined,
     )
     return after, unknown
 

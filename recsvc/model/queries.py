@@ -83,9 +83,14 @@ class RecommendQuery:
     recent_item_ids: tuple[str, ...] = ()
     explain: bool = False
     include_interacted: bool = False
+    max_per_category: int = 0
+    """At most this many products of any one category; 0: no cap."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k", check_k(self.k))
+        if not 0 <= self.max_per_category <= MAX_K:
+            message = f"must be between 0 and {MAX_K} (0 means no cap), got {self.max_per_category}"
+            raise InvalidArgument("max_per_category", message)
         check_id(self.user_id, "user_id", required=False)
         check_ids(self.exclude_item_ids, "exclude_item_ids")
         check_ids(self.recent_item_ids, "recent_item_ids")

@@ -6,23 +6,28 @@ which equals the inner product with the products' mean vector: one query.
 
 Rules, with no override: no marketing consent, never in an audience; a customer
 whose risk tolerance is below any campaign product's risk level, never; holders
-of any campaign product, only with ``include_holders``.
+of any campaign product, only with ``include_holders``; a customer the contact policy
+caps on the campaign's channel, or who declined a product of a campaign category within
+its cooldown, never (``recsvc.model.contact``); a campaign mixing categories the policy
+keeps apart is refused.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 
 from recsvc.errors import NotFound, PreconditionFailed
 from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
+from recsvc.model.contact import DEFAULT_POLICY, ContactHistory, ContactPolicy
 from recsvc.model.overlay import Overlay
 from recsvc.model.queries import TargetQuery, check_audience_size
-from recsvc.model.rules import MIN_LEVEL, ItemRules, suitable_users
+from recsvc.model.rules import MIN_LEVEL, NO_CATEGORY, Categories, ItemRules, suitable_users
 from recsvc.model.topk import topk
 
 __all__ = ["EXACT_MAX_BASE", "Audience", "ExclusionCounts", "Targeter"]
@@ -49,6 +54,10 @@ class ExclusionCounts:
     unsuitable: int = 0
     holders: int = 0
     below_min_score: int = 0
+    contact_capped: int = 0
+    """Contacted up to a cap of the contact policy within its window."""
+    declined_recently: int = 0
+    """Declined a product of a campaign category within its cooldown."""
 
 
 @dataclass
@@ -83,9 +92,14 @@ class Targeter:
     """Audiences from one immutable bundle."""
 
     def __init__(
-        self, bundle: Bundle, no_consent_data: bool = False, exact_max_base: int = EXACT_MAX_BASE
+        self,
+        bundle: Bundle,
+        no_consent_data: bool = False,
+        exact_max_base: int = EXACT_MAX_BASE,
+        contact_policy: ContactPolicy = DEFAULT_POLICY,
     ) -> None:
         self.bundle = bundle
+        self.contact_policy = contact_policy
         self.exact_max_base = exact_max_base
         has_users = bundle.manifest.rules.users_table
         # Without a users table consent is unknowable: refused, unless the data is declared
@@ -133,10 +147,34 @@ class Targeter:
             live = self._lives[overlay] = _Live.build(self, overlay)
         return live
 
-    def target(self, q: TargetQuery, overlay: Overlay | None = None) -> Audience:
+    def _contact(self, channel: str, now: datetime | None) -> _Contact:
+        when = now if now is not None else datetime.now(timezone.utc)
+        return _Contact(self.contact_policy, self.bundle.categories, channel, when)
+
+    def target(
+        self,
+        q: TargetQuery,
+        overlay: Overlay | None = None,
+        *,
+        channel: str = "",
+        now: datetime | None = None,
+    ) -> Audience:
+        """The campaign's audience.
+
+        Args:
+            channel: the campaign's channel, for the contact policy's cap on it ("": only
+                the cap across channels).
+            now: the time contact windows and cooldowns end at (default: the clock).
+        """
         self._check_answerable()
         rules = overlay.item_rules if overlay is not None else self.bundle.item_rules
         items = self._item_rows(q.item_ids, rules)
+        categories = self.bundle.categories
+        codes = categories.codes[items]
+        self.contact_policy.check_together(
+            {categories.names[c] for c in codes[codes != NO_CATEGORY]}
+        )
+        contact = self._contact(channel, now)
         risk = int(rules.risk[items].max())
         live = self._live(overlay)
         excluded = ExclusionCounts()
@@ -150,7 +188,7 @@ class Targeter:
             holders = np.unique(np.concatenate([self.holders(r) for r in items]))
             excluded.holders = int(eligible[holders].sum())
             eligible[holders] = False
-        side = live.eligible(items, risk, q.include_holders, excluded) if live else None
+        side = live.eligible(items, risk, q.include_holders, contact, excluded) if live else None
         n_eligible = int(eligible.sum()) + (len(side) if side is not None else 0)
         query = self.bundle.item_index.vectors[items].mean(axis=0)
         size = min(q.audience_size, n_eligible)
@@ -196,6 +234,7 @@ class Targeter:
         include_holders: bool = False,
         block: int = _EACH_BLOCK,
         overlay: Overlay | None = None,
+        now: datetime | None = None,
     ) -> Iterator[tuple[int, Audience]]:
         """``(item row, audience)`` for every active product: its top ``size`` customers.
 
@@ -204,9 +243,11 @@ class Targeter:
         every customer per product. Exact, like ``target`` below ``exact_max_base``; a
         block's matrix product may round the last bit of a score differently from
         ``target``'s, so customers within about 1e-6 of each other can swap places.
+        The contact policy applies with no channel (its cap across channels).
         """
         self._check_answerable()
         check_audience_size(size)
+        contact = self._contact("", now)
         version = self.bundle.version
         rules = overlay.item_rules if overlay is not None else self.bundle.item_rules
         live = self._live(overlay)
@@ -234,7 +275,8 @@ class Targeter:
                     excluded = ExclusionCounts(no_consent, unsuitable, held)
                     rows, top = candidates[best], own[best]
                     if live is not None:
-                        side = live.eligible(np.array([row]), int(risk), include_holders, excluded)
+                        one = np.array([row])
+                        side = live.eligible(one, int(risk), include_holders, contact, excluded)
                         eligible += len(side)
                         k = min(size, eligible)
                         rows, top = live.merge(
@@ -254,6 +296,16 @@ class Targeter:
         at = np.unique(at[inside][candidates[at[inside]] == holders[inside]])
         scores[at] = -np.inf
         return len(at)
+
+
+@dataclass(frozen=True)
+class _Contact:
+    """The contact policy as one request applies it."""
+
+    policy: ContactPolicy
+    categories: Categories
+    channel: str
+    now: datetime
 
 
 @dataclass(frozen=True)
@@ -282,6 +334,8 @@ class _Live:
     held_item: np.ndarray
     """... and the item row they hold."""
     new_ids: tuple[str, ...]
+    history: ContactHistory
+    """Their contacts and declines (customers as indexes into ``rows``)."""
 
     @classmethod
     def build(cls, targeter: Targeter, overlay: Overlay) -> _Live:
@@ -297,6 +351,8 @@ class _Live:
         held_user: list[np.ndarray] = []
         held_item: list[np.ndarray] = []
         new_ids: list[str] = []
+        contacts: list[tuple[tuple[datetime, str], ...]] = []
+        declines: list[Mapping[int, datetime]] = []
         for user_id, live in overlay.users.items():
             if live.row is not None:
                 row, vector = live.row, (live.vector if live.refolded else None)
@@ -316,6 +372,8 @@ class _Live:
             vectors.append(vector)
             consent.append(live.consent if live.consent is not None else base_consent)
             tolerance.append(live.tolerance if live.tolerance is not None else base_tolerance)
+            contacts.append(live.contacts)
+            declines.append(live.declined)
         dim = b.user_index.vectors.shape[1]
         return cls(
             outside=outside,
@@ -328,10 +386,16 @@ class _Live:
             held_user=np.concatenate(held_user) if held_user else np.empty(0, np.int64),
             held_item=np.concatenate(held_item) if held_item else np.empty(0, np.int64),
             new_ids=tuple(new_ids),
+            history=ContactHistory.build(contacts, declines),
         )
 
     def eligible(
-        self, items: np.ndarray, risk: int, include_holders: bool, excluded: ExclusionCounts
+        self,
+        items: np.ndarray,
+        risk: int,
+        include_holders: bool,
+        contact: _Contact,
+        excluded: ExclusionCounts,
     ) -> np.ndarray:
         """Live customers the campaign may reach (indexes), counting the others by rule."""
         ok = self.consent.copy()
@@ -344,6 +408,14 @@ class _Live:
             held[self.held_user[np.isin(self.held_item, items)]] = True
             excluded.holders += int((ok & held).sum())
             ok &= ~held
+        # Only live customers have contacts and declines: the base pass has none to check.
+        n, policy = len(ok), contact.policy
+        capped = self.history.capped(n, policy, contact.channel, contact.now)
+        excluded.contact_capped += int((ok & capped).sum())
+        ok &= ~capped
+        cooling = self.history.cooling(n, policy, contact.categories, items, contact.now)
+        excluded.declined_recently += int((ok & cooling).sum())
+        ok &= ~cooling
         return np.flatnonzero(ok)
 
     def merge(

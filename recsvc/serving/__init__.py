@@ -1,10 +1,12 @@
 """Serving: the gRPC edge over the model, the server process, and which version serves.
 
-``service`` (protobuf <-> domain, errors -> status codes), ``server`` (process,
-health, reflection, reload loop, shutdown, workers), ``auth`` (bearer tokens),
-``servable`` (what a served version is: loaded and warmed), ``store`` (which
-version serves: verify, trial, load, swap) and ``trial`` (the throwaway child that
-parses an untrusted version first).
+``service`` and ``updates`` (protobuf <-> domain, errors -> status codes),
+``writer`` (the write path's data plane), ``live`` (the follower that keeps the
+served overlay current), ``server`` and ``drain`` (process, health, reflection,
+reload loop, SIGTERM drain, workers), ``auth`` (bearer tokens), ``servable`` (what a
+served version is: loaded and warmed), ``store`` (which version serves: verify,
+trial, load, swap) and ``trial`` (the throwaway child that parses an untrusted
+version first).
 """
 
 from __future__ import annotations

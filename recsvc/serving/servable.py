@@ -6,15 +6,18 @@ Both the server (``store``) and the trial child (``trial``) load a version throu
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from recsvc.errors import BundleError
 from recsvc.model.bundle import load_bundle
+from recsvc.model.contact import DEFAULT_POLICY, ContactPolicy
 from recsvc.model.overlay import Overlay
 from recsvc.model.queries import RecommendQuery, SimilarQuery
 from recsvc.model.ranking import Recommender
 from recsvc.model.targeting import Targeter
+from recsvc.settings import EXCLUSIVE_CATEGORIES
 
 __all__ = ["ServedModel", "load_served_model"]
 
@@ -52,7 +55,11 @@ def _warm_up(model: ServedModel) -> None:
 
 
 def load_served_model(
-    folder: Path, no_consent_data: bool = False, verify: bool = True
+    folder: Path,
+    no_consent_data: bool = False,
+    verify: bool = True,
+    exclusive_categories: Collection[str] = EXCLUSIVE_CATEGORIES,
+    contact_policy: ContactPolicy = DEFAULT_POLICY,
 ) -> ServedModel:
     """Verify (unless told it is done), load and warm one version.
 
@@ -60,13 +67,19 @@ def load_served_model(
         folder: the version's folder.
         no_consent_data: the data carries no consent requirement (see ``Targeter``).
         verify: check every file against the manifest first.
+        exclusive_categories: see ``Recommender``.
+        contact_policy: see ``Recommender`` and ``Targeter``.
 
     Raises:
         BundleError: on any defect, a failed warm-up included.
     """
     bundle = load_bundle(folder, verify=verify)
     try:
-        model = ServedModel(Recommender(bundle), Targeter(bundle, no_consent_data))
+        recommender = Recommender(
+            bundle, exclusive_categories=exclusive_categories, contact_policy=contact_policy
+        )
+        targeter = Targeter(bundle, no_consent_data, contact_policy=contact_policy)
+        model = ServedModel(recommender, targeter)
         _warm_up(model)
     except BundleError:
         raise

@@ -20,8 +20,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from recsvc.audit import AuditLog
 from recsvc.logs import Pseudonymizer, configure_logging
-from recsvc.serving.auth import BearerTokenInterceptor, read_token
+from recsvc.model.contact import load_policy
+from recsvc.serving.auth import BearerTokenInterceptor, load_tokens
 from recsvc.serving.drain import DrainGate
 from recsvc.serving.live import StateFollower
 from recsvc.serving.service import RecommenderService
@@ -55,6 +57,8 @@ class RunningServer:
     gate: DrainGate
     follower: StateFollower | None = None
     """With ``--state``: keeps the served overlay current with the state store."""
+    audit: AuditLog | None = None
+    """With ``--audit-dir``: every answer's record, written before the answer is sent."""
     _reload_task: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
@@ -69,8 +73,14 @@ class RunningServer:
     async def refresh(self) -> bool:
         """Look at LATEST once (in a thread: loading must not block the event loop)."""
         swapped = await asyncio.to_thread(self.store.refresh)
-        await self.set_serving(self.store.version is not None)
+        await self.set_serving(self.serviceable)
         return swapped
+
+    @property
+    def serviceable(self) -> bool:
+        """A model is loaded and, with an audit trail, the trail can still be written."""
+        audited = self.audit is None or self.audit.healthy
+        return self.store.version is not None and audited
 
     async def _poll(self) -> None:
         while True:
@@ -107,6 +117,8 @@ class RunningServer:
         if self.follower is not None:
             await asyncio.to_thread(self.follower.stop)
             self.follower.state.close()
+        if self.audit is not None:
+            self.audit.close()
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -130,6 +142,8 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
         settings.models,
         no_consent_data=settings.no_consent_data,
         trial_in_child=settings.trial_in_child,
+        exclusive_categories=settings.exclusive_categories,
+        contact_policy=load_policy(settings.contact_policy),
     )
     if settings.state is not None:
         # Opened here, in the serving process: a store is never shared across a fork.
@@ -142,14 +156,26 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     ]
     gate = DrainGate()
     interceptors: list[Any] = [gate]  # first, so it sees every call
-    if settings.auth_token_file is not None:
-        interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
+    tokens = load_tokens(settings.auth_tokens, settings.auth_token_file)
+    if tokens:
+        interceptors.append(BearerTokenInterceptor(tokens))
     server = grpc.aio.server(
         options=options,
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    service = RecommenderService(store, pseudonym, live=follower is not None)
+    loop = asyncio.get_running_loop()
+    running_ref: list[RunningServer] = []
+
+    def audit_failed(_exc: Exception) -> None:
+        # From the writer's thread: the health change belongs to the event loop.
+        if running_ref:
+            asyncio.run_coroutine_threadsafe(running_ref[0].set_serving(False), loop)
+
+    audit = None
+    if settings.audit_dir is not None:
+        audit = AuditLog(settings.audit_dir, settings.audit_sync, on_failure=audit_failed)
+    service = RecommenderService(store, pseudonym, live=follower is not None, audit=audit)
     _pb_grpc.add_RecommenderServicer_to_server(service, server)
     writer = None
     if follower is not None:
@@ -166,7 +192,10 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     creds = _credentials(settings)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
-    running = RunningServer(server, port, store, health_servicer, settings, service, gate, follower)
+    running = RunningServer(
+        server, port, store, health_servicer, settings, service, gate, follower, audit
+    )
+    running_ref.append(running)
     await running.set_serving(False)
     if follower is not None:
         follower.start()

@@ -7,6 +7,7 @@ unexpected is logged and answered INTERNAL with a generic message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -18,7 +19,9 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from recsvc.audit import AuditLog, answer_payload, audience_payload, audience_sha256
 from recsvc.errors import (
+    AuditUnavailable,
     BundleError,
     DeadlineExpired,
     InvalidArgument,
@@ -32,6 +35,8 @@ from recsvc.errors import (
 from recsvc.logs import Pseudonymizer
 from recsvc.model import ranking
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery, TargetQuery
+from recsvc.model.targeting import Audience
+from recsvc.serving.auth import current_caller
 from recsvc.serving.servable import ServedModel
 from recsvc.serving.store import ModelStore
 from recsvc.v1 import recommender_pb2 as _pb
@@ -46,6 +51,7 @@ _STATUS: tuple[tuple[type[RecsvcError], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (AuditUnavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (BundleError, grpc.StatusCode.INTERNAL),
     (StateUnavailable, grpc.StatusCode.UNAVAILABLE),
@@ -128,16 +134,24 @@ def _answer(response: Answer, result: ranking.Ranked) -> Answer:
 class RecommenderService(_pb_grpc.RecommenderServicer):
     """Thin servicer over :class:`recsvc.model.ranking.Recommender` and :class:`Targeter`."""
 
-    def __init__(self, store: ModelStore, pseudonym: Pseudonymizer, live: bool = False) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        pseudonym: Pseudonymizer,
+        live: bool = False,
+        audit: AuditLog | None = None,
+    ) -> None:
         """
         Args:
             store: the served model.
-            pseudonym: customer ids in logs.
+            pseudonym: customer ids in logs and audit records.
             live: a state store follows this server's model (``min_sequence`` can be met).
+            audit: every answer's record is written here before the answer is sent.
         """
         self._store = store
         self._pseudonym = pseudonym
         self._live = live
+        self._audit = audit
         self.stats: Counter[tuple[str, str]] = Counter()
         """Answers by (method, status code name), for tests and diagnostics."""
 
@@ -164,6 +178,37 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             f"not yet {min_sequence}; retry"
         )
 
+    async def _record(
+        self,
+        method: str,
+        response: Any,
+        user_id: str,
+        model: ServedModel,
+        result: ranking.Ranked,
+        include_interacted: bool = False,
+    ) -> None:
+        """The answer's audit record, written before the answer goes (none without audit)."""
+        if self._audit is None:
+            return
+        basis = model.recommender.suitability_basis(user_id, model.overlay)
+        removed = dict(basis.removed)
+        if include_interacted:
+            removed["interacted"] = 0
+        payload = answer_payload(
+            recommendation_id=response.recommendation_id,
+            method=method,
+            caller=current_caller(),
+            subject=self._pseudonym(user_id),
+            model_version=result.version,
+            state_sequence=result.sequence,
+            source=result.source.name,
+            tolerance=basis.tolerance,
+            basis=basis.basis,
+            removed=removed,
+            items=[(it.item_id, it.score) for it in result.items],
+        )
+        await self._audit.append_async(payload)
+
     def _log(self, method: str, user_id: str, **fields: object) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(method, extra={"user": self._pseudonym(user_id), **fields})
@@ -179,11 +224,16 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             recent_item_ids=tuple(request.recent_item_ids),
             explain=request.explain,
             include_interacted=request.include_interacted,
+            max_per_category=request.max_per_category,
         )
         model = await self._model(request.min_sequence, context)
         result = model.recommender.recommend(query, model.overlay)
         self._log("Recommend", request.user_id, n=len(result.items), source=result.source.name)
-        return _answer(_pb.RecommendResponse(source=_SOURCE[result.source]), result)
+        response = _answer(_pb.RecommendResponse(source=_SOURCE[result.source]), result)
+        await self._record(
+            "Recommend", response, request.user_id, model, result, request.include_interacted
+        )
+        return response
 
     @edge
     async def SimilarItems(
@@ -197,7 +247,9 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         )
         model = self._store.current()
         result = model.recommender.similar_items(query, model.overlay)
-        return _answer(_pb.SimilarItemsResponse(), result)
+        response = _answer(_pb.SimilarItemsResponse(), result)
+        await self._record("SimilarItems", response, request.user_id, model, result)
+        return response
 
     @edge
     async def RankItems(
@@ -215,7 +267,11 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         response = _pb.RankItemsResponse(
             source=_SOURCE[result.source], unknown_item_ids=list(result.unknown_item_ids)
         )
-        return _answer(response, result)
+        _answer(response, result)
+        await self._record(
+            "RankItems", response, request.user_id, model, result, request.include_interacted
+        )
+        return response
 
     @edge
     async def GetModelInfo(
@@ -257,12 +313,19 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             )
             model = await self._model(request.min_sequence, context)
             # Large audiences take a while: keep the event loop free for other RPCs.
-            audience = await asyncio.to_thread(model.targeter.target, query, model.overlay)
+            audience = await asyncio.to_thread(
+                model.targeter.target, query, model.overlay, channel=request.channel
+            )
+            user_ids = model.targeter.bundle.users.ids
+            recommendation_id = os.urandom(16).hex()
+            if self._audit is not None:
+                await self._audit.append_async(
+                    self._audience_record(request, query, model, audience, recommendation_id)
+                )
         except Exception as exc:
             await _abort(context, exc, "TargetUsers", self.stats)
             return
         self.stats["TargetUsers", "OK"] += 1
-        user_ids = model.targeter.bundle.users.ids
         first = True
         sent = 0
         for ids, scores in audience.batches(user_ids, _AUDIENCE_BATCH):
@@ -275,6 +338,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             if first:
                 msg.model_version = audience.version
                 msg.state_sequence = audience.sequence
+                msg.recommendation_id = recommendation_id
                 first = False
             sent += len(ids)
             if sent == len(audience.rows):
@@ -282,10 +346,40 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             yield msg
         if first:  # an empty audience still reports version and counts
             msg = _pb.TargetUsersResponse(
-                model_version=audience.version, state_sequence=audience.sequence
+                model_version=audience.version,
+                state_sequence=audience.sequence,
+                recommendation_id=recommendation_id,
             )
             self._fill_counts(msg, audience)
             yield msg
+
+    @staticmethod
+    def _audience_record(
+        request: _pb.TargetUsersRequest,
+        query: TargetQuery,
+        model: ServedModel,
+        audience: Audience,
+        recommendation_id: str,
+    ) -> dict[str, Any]:
+        ids = audience.ids(model.targeter.bundle.users.ids)
+        return audience_payload(
+            recommendation_id=recommendation_id,
+            caller=current_caller(),
+            model_version=audience.version,
+            state_sequence=audience.sequence,
+            campaign_id=request.campaign_id,
+            channel=request.channel,
+            request={
+                "item_ids": list(query.item_ids),
+                "audience_size": query.audience_size,
+                "min_score": query.min_score,
+                "include_holders": query.include_holders,
+            },
+            consent=not model.targeter.no_consent_data,
+            excluded=dataclasses.asdict(audience.excluded),
+            audience_size=len(ids),
+            audience_sha256=audience_sha256(ids),
+        )
 
     @staticmethod
     def _fill_counts(msg: _pb.TargetUsersResponse, audience: Any) -> None:
@@ -296,6 +390,8 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
                 unsuitable=ex.unsuitable,
                 holders=ex.holders,
                 below_min_score=ex.below_min_score,
+                contact_capped=ex.contact_capped,
+                declined_recently=ex.declined_recently,
             )
         )
         msg.eligible_users = audience.eligible

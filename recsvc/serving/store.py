@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +24,10 @@ from recsvc.model.bundle import (
     read_manifest,
     verify_files,
 )
+from recsvc.model.contact import DEFAULT_POLICY, ContactPolicy
 from recsvc.serving.servable import ServedModel, load_served_model
 from recsvc.serving.trial import TrialRunner
+from recsvc.settings import EXCLUSIVE_CATEGORIES
 
 __all__ = ["ModelStore"]
 
@@ -50,6 +52,8 @@ class ModelStore:
         no_consent_data: bool = False,
         trial_in_child: bool = True,
         attach: Callable[[ServedModel], ServedModel] | None = None,
+        exclusive_categories: Collection[str] = EXCLUSIVE_CATEGORIES,
+        contact_policy: ContactPolicy = DEFAULT_POLICY,
     ) -> None:
         """
         Args:
@@ -58,10 +62,15 @@ class ModelStore:
             trial_in_child: parse each new version in a throwaway child first.
             attach: completes a loaded version before it is swapped in (the live
                 overlay); a ``StateError`` from it is retried on the next poll.
+            exclusive_categories: see ``Recommender``.
+            contact_policy: see ``Recommender`` and ``Targeter``.
         """
         self.models = models
         self.attach = attach
         self.no_consent_data = no_consent_data
+        # Not for the trial child: which categories are exclusive cannot make a version fail.
+        self.exclusive_categories = tuple(exclusive_categories)
+        self.contact_policy = contact_policy
         self._trials = TrialRunner(no_consent_data) if trial_in_child else None
         self._model: ServedModel | None = None
         self._rejected: set[str] = set()  # defective versions: never tried again
@@ -112,7 +121,13 @@ class ModelStore:
             verify_files(folder, read_manifest(folder))
             if self._trials is not None:
                 self._trials.trial(folder)
-            model = load_served_model(folder, self.no_consent_data, verify=False)
+            model = load_served_model(
+                folder,
+                self.no_consent_data,
+                verify=False,
+                exclusive_categories=self.exclusive_categories,
+                contact_policy=self.contact_policy,
+            )
             if self.attach is not None:
                 model = self.attach(model)
         except (BundleUnreadable, StateError) as exc:  # may pass (a volume, a database)

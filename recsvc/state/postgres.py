@@ -17,31 +17,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
 
+import recsvc.state._sql as _sql
 from recsvc.errors import StateError, StateUnavailable
-from recsvc.state import _prepare
 from recsvc.state._pool import Pool
-from recsvc.state.base import (
-    MAX_TEXT,
-    SCHEMA_VERSION,
-    Changes,
-    CustomerState,
-    CustomerUpdate,
-    Event,
-    ProductState,
-    ProductUpdate,
-    Receipt,
-    RecordResult,
-    StateStore,
-    StoredEvent,
-    UpdateResult,
-)
 
 __all__ = ["CHANNEL", "PostgresStore"]
 
@@ -55,69 +40,8 @@ Connection = psycopg.Connection[TupleRow]
 Cursor = psycopg.Cursor[TupleRow]
 
 
-def _text(column: str, *, required: bool = False) -> str:
-    low = 1 if required else 0
-    return f"{column} text NOT NULL CHECK (length({column}) BETWEEN {low} AND {MAX_TEXT})"
-
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS state_sequence (
-        id integer PRIMARY KEY CHECK (id = 1),
-        value bigint NOT NULL CHECK (value >= 0))""",
-    f"""CREATE TABLE IF NOT EXISTS state_events (
-        {_text("event_id", required=True)} PRIMARY KEY,
-        {_text("user_id", required=True)},
-        {_text("item_id", required=True)},
-        {_text("type")},
-        time timestamptz NOT NULL,
-        weight double precision,
-        {_text("campaign_id")},
-        {_text("channel")},
-        sequence bigint NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_events_sequence ON state_events (sequence)",
-    "CREATE INDEX IF NOT EXISTS state_events_user ON state_events (user_id)",
-    f"""CREATE TABLE IF NOT EXISTS state_customers (
-        {_text("user_id", required=True)} PRIMARY KEY,
-        risk_tolerance integer,
-        marketing_consent boolean,
-        sequence bigint NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_customers_sequence ON state_customers (sequence)",
-    f"""CREATE TABLE IF NOT EXISTS state_products (
-        {_text("item_id", required=True)} PRIMARY KEY,
-        active boolean,
-        risk_level integer,
-        sequence bigint NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_products_sequence ON state_products (sequence)",
-    f"""CREATE TABLE IF NOT EXISTS state_tombstones (
-        {_text("subject", required=True)} PRIMARY KEY,
-        sequence bigint NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS state_tombstones_sequence ON state_tombstones (sequence)",
-    f"""CREATE TABLE IF NOT EXISTS state_receipts (
-        {_text("receipt_id", required=True)} PRIMARY KEY,
-        {_text("reference")},
-        {_text("subject", required=True)},
-        received_at timestamptz NOT NULL,
-        effective_at timestamptz NOT NULL,
-        sequence bigint NOT NULL,
-        events_deleted integer NOT NULL,
-        profile_deleted boolean NOT NULL,
-        bundles_holding integer NOT NULL DEFAULT 0,
-        complete boolean NOT NULL DEFAULT false,
-        completed_at timestamptz)""",
-    "CREATE INDEX IF NOT EXISTS state_receipts_subject ON state_receipts (subject)",
-    "CREATE INDEX IF NOT EXISTS state_receipts_incomplete ON state_receipts (sequence)"
-    " WHERE NOT complete",
-)
-
-_EVENT_COLUMNS = "event_id, user_id, item_id, type, time, weight, campaign_id, channel, sequence"
-_RECEIPT_COLUMNS = (
-    "receipt_id, reference, subject, received_at, effective_at, sequence,"
-    " events_deleted, profile_deleted, bundles_holding, complete, completed_at"
-)
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.astimezone(timezone.utc)
+def _flag(column: str) -> str:
+    return f"{column} boolean"
 
 
 def _message(exc: psycopg.Error) -> str:
@@ -142,14 +66,7 @@ def _reusable(conn: Connection) -> bool:
     return not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
-def _receipt(row: Sequence[Any]) -> Receipt:
-    return Receipt(
-        *(row[0], row[1], row[2], _utc(row[3]), _utc(row[4]), row[5]),
-        *(row[6], row[7], row[8], row[9], None if row[10] is None else _utc(row[10])),
-    )
-
-
-class PostgresStore(StateStore):
+class PostgresStore(_sql.SQLStore):
     """The state store in a PostgreSQL database; see the module docstring.
 
     Args:
@@ -161,6 +78,13 @@ class PostgresStore(StateStore):
             sequence, should a notification be missed.
     """
 
+    _NAME = "PostgreSQL"
+    _PLACEHOLDER = "%s"
+    _SCHEMA = _sql.schema(
+        counter="bigint", moment="timestamptz", real="double precision", flag=_flag
+    )
+    _HAS_SCHEMA = "SELECT 1 WHERE to_regclass('state_schema') IS NOT NULL"
+
     def __init__(
         self,
         url: str,
@@ -170,10 +94,9 @@ class PostgresStore(StateStore):
         pool_size: int = 8,
         poll_interval: float = 0.5,
     ) -> None:
+        super().__init__(pseudonymize, poll_interval)
         self._url = url
-        self._pseudonymize = pseudonymize
         self._connect_timeout = connect_timeout
-        self._poll_interval = poll_interval
         self._pool: Pool[Connection] = Pool(
             self._connect, psycopg.Connection.close, _reusable, pool_size
         )
@@ -205,305 +128,62 @@ class PostgresStore(StateStore):
         return conn
 
     def _set_up(self) -> None:
-        with _mapped_errors(), self._pool.connection() as conn:
-            if self._schema_version(conn) is not None:
+        with self._cursor() as cur:
+            if self._schema_version(cur) is not None:
                 return  # no DDL, so a role without CREATE rights may open it
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SET_UP_LOCK,))
-                if self._schema_version(conn) is not None:
-                    return  # another process created it meanwhile
-                conn.execute(
-                    "CREATE TABLE state_schema ("
-                    " id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
-                )
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO state_schema VALUES (1, %s)", (SCHEMA_VERSION,))
-                conn.execute("INSERT INTO state_sequence VALUES (1, 0)")
+        with self._transaction() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SET_UP_LOCK,))
+            if self._schema_version(cur) is None:  # not created meanwhile
+                self._create_schema(cur)
 
     @staticmethod
-    def _schema_version(conn: Connection) -> int | None:
-        """The schema's version (refusing any other than ours), or None if there is none."""
-        exists = conn.execute("SELECT to_regclass('state_schema') IS NOT NULL").fetchone()
-        if exists is None or not exists[0]:
-            return None
-        row = conn.execute("SELECT version FROM state_schema").fetchone()
-        if row is None:
-            return None
-        if row[0] != SCHEMA_VERSION:
-            raise StateError(
-                f"state store (PostgreSQL): schema version {row[0]}, but this code"
-                f" reads version {SCHEMA_VERSION} only; refusing to open it"
-            )
-        return int(row[0])
+    def _store_time(moment: datetime) -> datetime:
+        return moment
+
+    @staticmethod
+    def _load_time(stored: datetime) -> datetime:
+        return stored.astimezone(timezone.utc)
+
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[Cursor]:
+        with _mapped_errors(), self._pool.connection() as conn, conn.cursor() as cur:
+            yield cur
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Cursor]:
+        with (
+            _mapped_errors(),
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            yield cur
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[tuple[Cursor, int]]:
-        """A transaction holding the sequence row's lock, and the sequence committed before it.
+        """See ``SQLStore._write``.
 
         Under READ COMMITTED each later statement sees every commit made before
-        the lock was granted.
+        the sequence row's lock was granted.
         """
-        with (
-            _mapped_errors(),
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor() as cur,
-        ):
-            cur.execute("SELECT value FROM state_sequence WHERE id = 1 FOR UPDATE")
-            row = cur.fetchone()
-            if row is None:
-                raise StateError("state store (PostgreSQL): the sequence row is missing")
-            yield cur, row[0]
+        with self._transaction() as cur:
+            yield cur, self._current(cur, " FOR UPDATE")
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[tuple[Cursor, int]]:
-        """A read-only transaction on one snapshot, and the sequence it sees."""
-        with (
-            _mapped_errors(),
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor() as cur,
-        ):
+        """See ``SQLStore._read``; read-only, on one snapshot."""
+        with self._transaction() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            cur.execute("SELECT value FROM state_sequence WHERE id = 1")
-            row = cur.fetchone()
-            if row is None:
-                raise StateError("state store (PostgreSQL): the sequence row is missing")
-            yield cur, row[0]
+            yield cur, self._current(cur)
 
-    def _bump(self, cur: Cursor, sequence: int) -> None:
-        cur.execute("UPDATE state_sequence SET value = %s WHERE id = 1", (sequence,))
-        self._notify(cur, sequence)
+    def _select_in(self, cur: _sql.Cursor, query: str, keys: Iterable[str]) -> list[Any]:
+        cur.execute(query.format("= ANY(%s)"), (list(keys),))
+        return cur.fetchall()
 
-    @staticmethod
-    def _notify(cur: Cursor, sequence: int) -> None:
+    def _bump(self, cur: _sql.Cursor, sequence: int) -> None:
+        super()._bump(cur, sequence)
         # Delivered at commit, and only if it commits.
         cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(sequence)))
-
-    @staticmethod
-    def _tombstoned(cur: Cursor, subjects: Iterable[str]) -> set[str]:
-        cur.execute(
-            "SELECT subject FROM state_tombstones WHERE subject = ANY(%s)", (list(set(subjects)),)
-        )
-        return {row[0] for row in cur}
-
-    def record_events(self, events: Iterable[Event]) -> RecordResult:
-        batch = _prepare.prepare_events(events, self._pseudonymize)
-        if not batch.events:
-            return RecordResult(0, (), 0, self.sequence())
-        with self._write() as (cur, sequence):
-            forgotten = self._tombstoned(cur, batch.subjects.values())
-            cur.execute("SELECT event_id FROM state_events WHERE event_id = ANY(%s)", (batch.ids,))
-            stored = {row[0] for row in cur}
-            keep, duplicates, dropped = batch.classify(forgotten, stored)
-            if keep:
-                sequence += 1
-                cur.executemany(
-                    f"INSERT INTO state_events ({_EVENT_COLUMNS})"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            *(e.event_id, e.user_id, e.item_id, e.type, e.time, e.weight),
-                            *(e.campaign_id, e.channel, sequence),
-                        )
-                        for e in keep
-                    ],
-                )
-                self._bump(cur, sequence)
-        return RecordResult(len(keep), duplicates, dropped, sequence)
-
-    def update_customers(self, updates: Iterable[CustomerUpdate]) -> UpdateResult:
-        checked, subjects = _prepare.prepare_customers(updates, self._pseudonymize)
-        if not checked:
-            return UpdateResult(0, self.sequence())
-        with self._write() as (cur, sequence):
-            forgotten = self._tombstoned(cur, subjects.values())
-            live = [u for u in checked if subjects[u.user_id] not in forgotten]
-            cur.execute(
-                "SELECT user_id, risk_tolerance, marketing_consent FROM state_customers"
-                " WHERE user_id = ANY(%s)",
-                (list({u.user_id for u in live}),),
-            )
-            stored = {row[0]: (row[1], row[2]) for row in cur}
-            changed = _prepare.merge_fields(
-                stored, ((u.user_id, (u.risk_tolerance, u.marketing_consent)) for u in live)
-            )
-            if changed:
-                sequence += 1
-                cur.executemany(
-                    "INSERT INTO state_customers VALUES (%s, %s, %s, %s)"
-                    " ON CONFLICT (user_id) DO UPDATE"
-                    " SET risk_tolerance = excluded.risk_tolerance,"
-                    " marketing_consent = excluded.marketing_consent, sequence = excluded.sequence",
-                    [(key, *fields, sequence) for key, fields in changed.items()],
-                )
-                self._bump(cur, sequence)
-        return UpdateResult(len(changed), sequence, len(checked) - len(live))
-
-    def update_products(self, updates: Iterable[ProductUpdate]) -> UpdateResult:
-        checked = _prepare.prepare_products(updates)
-        if not checked:
-            return UpdateResult(0, self.sequence())
-        with self._write() as (cur, sequence):
-            cur.execute(
-                "SELECT item_id, active, risk_level FROM state_products WHERE item_id = ANY(%s)",
-                (list({u.item_id for u in checked}),),
-            )
-            stored = {row[0]: (row[1], row[2]) for row in cur}
-            changed = _prepare.merge_fields(
-                stored, ((u.item_id, (u.active, u.risk_level)) for u in checked)
-            )
-            if changed:
-                sequence += 1
-                cur.executemany(
-                    "INSERT INTO state_products VALUES (%s, %s, %s, %s)"
-                    " ON CONFLICT (item_id) DO UPDATE"
-                    " SET active = excluded.active, risk_level = excluded.risk_level,"
-                    " sequence = excluded.sequence",
-                    [(key, *fields, sequence) for key, fields in changed.items()],
-                )
-                self._bump(cur, sequence)
-        return UpdateResult(len(changed), sequence)
-
-    def forget(self, user_id: str, reference: str, received_at: datetime) -> Receipt:
-        _prepare.check_text("user_id", user_id, required=True)
-        _prepare.check_text("reference", reference, required=False)
-        received = _prepare.check_time("received_at", received_at)
-        subject = self._pseudonymize(user_id)
-        receipt_id = _prepare.new_receipt_id()
-        with self._write() as (cur, sequence):
-            sequence += 1
-            cur.execute("DELETE FROM state_events WHERE user_id = %s", (user_id,))
-            events_deleted = cur.rowcount
-            cur.execute("DELETE FROM state_customers WHERE user_id = %s", (user_id,))
-            profile_deleted = cur.rowcount > 0
-            cur.execute(
-                "INSERT INTO state_tombstones VALUES (%s, %s)"
-                " ON CONFLICT (subject) DO UPDATE SET sequence = excluded.sequence",
-                (subject, sequence),
-            )
-            effective = datetime.now(timezone.utc)
-            receipt = Receipt(
-                *(receipt_id, reference, subject, received, effective, sequence),
-                *(events_deleted, profile_deleted, 0, False, None),
-            )
-            cur.execute(
-                f"INSERT INTO state_receipts ({_RECEIPT_COLUMNS})"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    *(receipt_id, reference, subject, received, effective, sequence),
-                    *(events_deleted, profile_deleted, 0, False, None),
-                ),
-            )
-            self._bump(cur, sequence)
-        return receipt
-
-    def receipt(self, receipt_id: str) -> Receipt | None:
-        _prepare.check_text("receipt_id", receipt_id, required=True)
-        with _mapped_errors(), self._pool.connection() as conn:
-            row = conn.execute(
-                f"SELECT {_RECEIPT_COLUMNS} FROM state_receipts WHERE receipt_id = %s",
-                (receipt_id,),
-            ).fetchone()
-        return None if row is None else _receipt(row)
-
-    def complete_receipts(
-        self,
-        completed_at: datetime,
-        bundles_holding_by_subject: Mapping[str, int] | None = None,
-        *,
-        upto: int | None = None,
-    ) -> int:
-        completed = _prepare.check_time("completed_at", completed_at)
-        _prepare.check_after(0, upto)
-        holding = None
-        if bundles_holding_by_subject is not None:
-            holding = {
-                _prepare.check_text("subject", s, required=True): _prepare.check_count(
-                    "bundles_holding", n
-                )
-                for s, n in bundles_holding_by_subject.items()
-            }
-        with self._write() as (cur, sequence):
-            limit = sequence if upto is None else upto
-            if holding is None:
-                cur.execute(
-                    "UPDATE state_receipts SET complete = true, completed_at = %s"
-                    " WHERE NOT complete AND sequence <= %s",
-                    (completed, limit),
-                )
-                return cur.rowcount
-            cur.execute(
-                "SELECT receipt_id, subject FROM state_receipts"
-                " WHERE NOT complete AND sequence <= %s",
-                (limit,),
-            )
-            rows = cur.fetchall()
-            cur.executemany(
-                "UPDATE state_receipts SET complete = true, completed_at = %s,"
-                " bundles_holding = %s WHERE receipt_id = %s",
-                [(completed, holding.get(subject, 0), rid) for rid, subject in rows],
-            )
-            return len(rows)
-
-    def set_bundles_holding(self, subject: str, n: int) -> int:
-        _prepare.check_text("subject", subject, required=True)
-        count = _prepare.check_count("n", n)
-        with self._write() as (cur, _):
-            cur.execute(
-                "UPDATE state_receipts SET bundles_holding = %s WHERE subject = %s",
-                (count, subject),
-            )
-            return cur.rowcount
-
-    def sequence(self) -> int:
-        with _mapped_errors(), self._pool.connection() as conn:
-            row = conn.execute("SELECT value FROM state_sequence WHERE id = 1").fetchone()
-        if row is None:
-            raise StateError("state store (PostgreSQL): the sequence row is missing")
-        return int(row[0])
-
-    def changes_since(self, after: int, upto: int | None = None) -> Changes:
-        _prepare.check_after(after, upto)
-        with self._read() as (cur, current):
-            end = current if upto is None else min(upto, current)
-            if end <= after:
-                return Changes(after, (), (), (), ())
-            window = (after, end)
-            cur.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM state_events"
-                " WHERE sequence > %s AND sequence <= %s ORDER BY sequence, event_id",
-                window,
-            )
-            events = tuple(
-                StoredEvent(*(e, u, i, t, _utc(at), w, c, ch), sequence=s)
-                for e, u, i, t, at, w, c, ch, s in cur
-            )
-            cur.execute(
-                "SELECT user_id, risk_tolerance, marketing_consent, sequence FROM state_customers"
-                " WHERE sequence > %s AND sequence <= %s ORDER BY sequence, user_id",
-                window,
-            )
-            customers = tuple(CustomerState(*row) for row in cur)
-            cur.execute(
-                "SELECT item_id, active, risk_level, sequence FROM state_products"
-                " WHERE sequence > %s AND sequence <= %s ORDER BY sequence, item_id",
-                window,
-            )
-            products = tuple(ProductState(*row) for row in cur)
-            cur.execute(
-                "SELECT subject FROM state_tombstones"
-                " WHERE sequence > %s AND sequence <= %s ORDER BY sequence, subject",
-                window,
-            )
-            erased = tuple(row[0] for row in cur)
-        return Changes(end, events, customers, products, erased)
-
-    def forgotten(self) -> frozenset[str]:
-        with _mapped_errors(), self._pool.connection() as conn:
-            rows = conn.execute("SELECT subject FROM state_tombstones").fetchall()
-        return frozenset(row[0] for row in rows)
 
     def wait_for_change(self, after: int, timeout: float) -> int:
         deadline = time.monotonic() + max(0.0, timeout)
@@ -512,19 +192,11 @@ class PostgresStore(StateStore):
             return current
         # One thread listens; any other waiter meanwhile just polls.
         if not self._listen_lock.acquire(blocking=False):
-            return self._poll(after, deadline, self._poll_interval)
+            return self._poll(after, deadline)
         try:
             return self._listen(after, deadline)
         finally:
             self._listen_lock.release()
-
-    def _poll(self, after: int, deadline: float, interval: float) -> int:
-        while True:
-            current = self.sequence()
-            remaining = deadline - time.monotonic()
-            if current > after or remaining <= 0:
-                return current
-            time.sleep(min(interval, remaining))
 
     def _listen(self, after: int, deadline: float) -> int:
         try:
@@ -534,7 +206,7 @@ class PostgresStore(StateStore):
             listener = self._listener
         except psycopg.Error:
             self._drop_listener()
-            return self._poll(after, deadline, self._poll_interval)
+            return self._poll(after, deadline)
         while True:
             # Read after LISTEN is in force, so no commit slips between the two.
             current = self.sequence()
@@ -548,7 +220,7 @@ class PostgresStore(StateStore):
                     pass
             except psycopg.Error:
                 self._drop_listener()
-                return self._poll(after, deadline, self._poll_interval)
+                return self._poll(after, deadline)
 
     def _drop_listener(self) -> None:
         listener, self._listener = self._listener, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,6 +41,12 @@ def _cases(d: Path) -> dict[str, Case]:
     for path in (cert, key, ca, other):
         path.write_text("-")
     pair = {"RECSVC_TLS_CERT": str(cert), "RECSVC_TLS_KEY": str(key)}
+    tokens = {name: d / f"{name}.json" for name in ("tokens-env", "tokens-flag")}
+    for name, path in tokens.items():
+        entry = {"name": name, "token": f"{name}-0123456789abcdef", "scopes": ["recommend"]}
+        path.write_text(json.dumps({"tokens": [entry]}))
+        path.chmod(0o600)
+    key_set = {"RECSVC_PSEUDONYM_KEY": "k"}
     return {
         "models": Case(str(d / "env"), d / "env", [str(d / "flag")], d / "flag"),
         "host": Case("0.0.0.0", "0.0.0.0", ["127.0.0.1"], "127.0.0.1"),
@@ -59,8 +66,18 @@ def _cases(d: Path) -> dict[str, Case]:
             "sqlite:///flag.db",
             also={"RECSVC_PSEUDONYM_KEY": "k"},
         ),
+        "exclusive_categories": Case("mortgage, pension", ("mortgage", "pension"), ["none"], ()),
         "log_level": Case("debug", "DEBUG", ["warning"], "WARNING"),
+        "contact_policy": Case(str(other), other, [str(ca)], ca),
         "auth_token_file": Case(str(other), other, [str(ca)], ca),
+        "auth_tokens": Case(
+            str(tokens["tokens-env"]),
+            tokens["tokens-env"],
+            [str(tokens["tokens-flag"])],
+            tokens["tokens-flag"],
+        ),
+        "audit_dir": Case(str(d / "a"), d / "a", [str(d / "b")], d / "b", also=key_set),
+        "audit_sync": Case("always", "always", ["group"], "group"),
         "tls_cert": Case(str(cert), cert, [str(other)], other, also={"RECSVC_TLS_KEY": str(key)}),
         "tls_key": Case(str(key), key, [str(other)], other, also={"RECSVC_TLS_CERT": str(cert)}),
         "tls_client_ca": Case(str(ca), ca, [str(other)], other, also=pair),
@@ -119,6 +136,18 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         ServerSettings.from_env(models=tmp_path, workers=2, port=0)
     with pytest.raises(ValueError, match="go together"):
         ServerSettings.from_env(models=tmp_path, tls_cert=tmp_path / "c")
+
+
+def test_audit_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--audit-dir needs a fixed --pseudonym-key"):
+        ServerSettings.from_env(models=tmp_path, audit_dir=tmp_path / "audit")
+    keyed = {"models": tmp_path, "pseudonym_key": b"k"}
+    with pytest.raises(ValueError, match="one writer"):
+        ServerSettings.from_env(**keyed, audit_dir=tmp_path, workers=2, port=7000)
+    with pytest.raises(ValueError, match="not a folder"):
+        ServerSettings.from_env(**keyed, audit_dir=Path(__file__))
+    with pytest.raises(ValueError, match="group or always"):
+        ServerSettings.from_env(**keyed, audit_sync="sometimes")
 
 
 @pytest.mark.parametrize(

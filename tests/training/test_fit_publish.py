@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
 
+import faiss
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from implicit.cpu.als import AlternatingLeastSquares
 
@@ -22,7 +27,7 @@ from recsvc.model.bundle import (
     read_manifest,
     sha256_file,
 )
-from recsvc.model.manifest import MANIFEST, RuleFlags
+from recsvc.model.manifest import FILES, MANIFEST, RuleFlags
 from training.cli import main as train_main
 from training.data import TrainingData
 from training.fit import FitParams, apply_weighting, fit_model
@@ -217,3 +222,65 @@ def test_cli_bad_input_publishes_nothing(
     )
     assert code == 2 and "missing.parquet" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() or not os.listdir(tmp_path / "m")
+
+
+def _fill_the_disk_at(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+    """The disk fills while ``target`` is written: it keeps half its bytes, and its writer
+    fails as each does on a full disk (numpy and pyarrow: OSError ENOSPC; FAISS: a
+    RuntimeError carrying the system's message; the manifest and LATEST: at fsync)."""
+    enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fail_after(writer, exc: Exception):  # type: ignore[no-untyped-def]
+        def write(obj, where, *args, **kwargs):  # type: ignore[no-untyped-def]
+            writer(obj, where, *args, **kwargs)
+            path = Path(where) if isinstance(where, (str, os.PathLike)) else None
+            if path is not None and path.name == target:
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+                raise exc
+
+        return write
+
+    def save(where, array, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fail_after(lambda a, w, *r, **k: real_save(w, a, *r, **k), enospc)(
+            array, where, *args, **kwargs
+        )
+
+    real_save, real_fsync = np.save, os.fsync
+    faiss_full = RuntimeError(f"write error in {target}: 40 != 400 ({os.strerror(errno.ENOSPC)})")
+    monkeypatch.setattr(np, "save", save)
+    monkeypatch.setattr(pq, "write_table", fail_after(pq.write_table, enospc))
+    monkeypatch.setattr(faiss, "write_index", fail_after(faiss.write_index, faiss_full))
+
+    def fsync(fd: int) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if name == target or (target == LATEST and name.startswith(f".tmp-{LATEST}")):
+            raise enospc
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("target", [*dataclasses.astuple(FILES), MANIFEST, LATEST])
+def test_a_full_disk_is_named_and_publishes_nothing(
+    models_copy: Path,
+    sample_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+) -> None:
+    before = sorted(p.name for p in models_copy.iterdir())
+    latest = (models_copy / LATEST).read_bytes()
+    _fill_the_disk_at(monkeypatch, target)
+    data = [f"--{t}={sample_dir / t}.parquet" for t in ("interactions", "items", "users")]
+    fit = ["-q", "fit", *data, "--models", str(models_copy), "--factors=4", "--iterations=2"]
+    code = train_main(fit)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    size = r"[\d,]+\.\d [kMG]B"
+    assert re.fullmatch(
+        rf"recsvc-train: error: no space left on device while writing {re.escape(target)} "
+        rf"\({size} needed, {size} free\)",
+        err.splitlines()[-1],
+    ), err
+    assert sorted(p.name for p in models_copy.iterdir()) == before  # no version, no leftovers
+    assert (models_copy / LATEST).read_bytes() == latest

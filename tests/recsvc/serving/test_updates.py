@@ -16,7 +16,14 @@ from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 from recsvc.v1 import updates_pb2 as upb
 from recsvc.v1 import updates_pb2_grpc
-from tests.conftest import ServerThread, serve_process, settings_for, wait_serving
+from tests.conftest import (
+    NEW_CONNECTION,
+    ServerThread,
+    serve_process,
+    serving_on_a_new_connection,
+    settings_for,
+    wait_serving,
+)
 from tests.postgres import Cluster, free_port
 
 KEY = b"updates-test-key"
@@ -249,6 +256,7 @@ def test_workers_share_one_sqlite_state(
     proc = serve_process(models_dir, port, "--workers", "2", "--state", state, env=_process_env())
     try:
         wait_serving(port)
+        _until(lambda: all(serving_on_a_new_connection(port) for _ in range(20)), timeout=60)
         user = load_bundle(bundle_path).users.ids[30]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             rec = pb_grpc.RecommenderStub(channel)
@@ -259,7 +267,7 @@ def test_workers_share_one_sqlite_state(
         def excluded_on_fresh_connections() -> bool:
             # SO_REUSEPORT spreads connections over the workers: ask on many new ones.
             for _ in range(12):
-                with grpc.insecure_channel(f"127.0.0.1:{port}") as c:
+                with grpc.insecure_channel(f"127.0.0.1:{port}", options=NEW_CONNECTION) as c:
                     r = pb_grpc.RecommenderStub(c).Recommend(
                         pb.RecommendRequest(user_id=user, k=3), timeout=10
                     )

@@ -699,21 +699,3 @@ def test_any_interleaving_matches_the_model(
     assert store.snapshot(cut) == model.changes_since(0, upto)
     assert store.changes_since(upto) == model.changes_since(upto, model.sequence)
     assert store.forgotten() == set(model.tombstones)
-
-
-# --- throughput -------------------------------------------------------------------------
-
-
-def test_batches_of_100_reach_hundreds_of_events_a_second(
-    backend: Backend, store: StateStore
-) -> None:
-    batches = [
-        [ev(f"b{n}-{j}", user_id=f"u{j % 37}", item_id=f"i{j % 11}") for j in range(100)]
-        for n in range(30)
-    ]
-    start = time.perf_counter()
-    for batch in batches:
-        assert store.record_events(batch).recorded == 100
-    rate = 3000 / (time.perf_counter() - start)
-    print(f"\n{backend.name}: {rate:,.0f} events/s (30 batches of 100, one commit each)")
-    assert rate > 300

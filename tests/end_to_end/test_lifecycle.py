@@ -21,11 +21,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.model.bundle import read_latest
+from recsvc.model.overlay import Overlay
 from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Ranked
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc
-from tests.conftest import ServerThread, serve_process, settings_for, wait_serving
+from tests.conftest import (
+    ServerThread,
+    serve_process,
+    serving_on_a_new_connection,
+    settings_for,
+    wait_serving,
+)
 from tests.postgres import free_port
 from training.data import load_training_data
 from training.fit import FitParams, fit_model
@@ -98,7 +105,11 @@ def test_reload_under_load_drops_nothing_and_follows_latest(models_copy: Path) -
                 published = time.monotonic()
                 write_latest(models_copy, name)
                 if corrupt:
-                    time.sleep(2 * poll)
+                    # Until the poller has judged it: a sleep would pass with no poller at all.
+                    rejected = s.running.store.stats.rejected_versions
+                    while name not in rejected:
+                        assert time.monotonic() - published < 10, name
+                        time.sleep(0.02)
                     continue
                 while time.monotonic() - published < 10:
                     if any(v == name for _, v in load.versions[-5:]):
@@ -148,9 +159,9 @@ class _Ranked:
         recommender = s.running.store.current().recommender
         real = recommender.recommend
 
-        def counted(query: RecommendQuery) -> Ranked:
+        def counted(query: RecommendQuery, overlay: Overlay | None = None) -> Ranked:
             self.calls += 1
-            return real(query)
+            return real(query, overlay)
 
         monkeypatch.setattr(recommender, "recommend", counted)
 
@@ -396,14 +407,6 @@ def test_workers_share_one_port(models_dir: Path) -> None:
             proc.wait()
 
 
-def _serving_on_a_new_connection(port: int) -> bool:
-    local = [("grpc.use_local_subchannel_pool", 1)]  # a new connection, a new source port
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=local) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
-        return bool(status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name: state, parent, ..."""
     try:
@@ -449,7 +452,7 @@ def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
         in_a_row = 0
         while in_a_row < 30:
             assert time.monotonic() < deadline, "workers never all SERVING"
-            in_a_row = in_a_row + 1 if _serving_on_a_new_connection(port) else 0
+            in_a_row = in_a_row + 1 if serving_on_a_new_connection(port) else 0
         victim, other = workers
         os.kill(victim, signal.SIGKILL)  # one worker dies; nothing else is wrong
         killed = time.monotonic()

@@ -23,7 +23,7 @@ from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.ranking import Recommender, Source
 from recsvc.model.targeting import Targeter
 from tests.conftest import PARAMS
-from tests.recsvc.rules_oracle import Oracle
+from tests.rules_oracle import Oracle
 from training.data import TrainingData
 from training.fit import fit_model
 from training.publish import publish

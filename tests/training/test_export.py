@@ -1,11 +1,13 @@
 """Offline audiences: the all-items dataset is replaced whole, its partition folders
-hold any item id safely, and every file is on disk before it is renamed into place."""
+hold any item id safely, every file is on disk before it is renamed into place, and
+through the live state they name live new customers."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsvc.errors import InvalidArgument, RecsvcError
+from recsvc.logs import Pseudonymizer
 from recsvc.model.bundle import load_bundle
 from recsvc.model.queries import TargetQuery
 from recsvc.model.targeting import Targeter
+from recsvc.state import CustomerUpdate, Event, open_store
 from training.data import load_training_data
 from training.export import audience_table, export_all_items, export_audience
 from training.fit import FitParams, fit_model
 from training.publish import publish
+from training.state import live_overlay
 
 # Ids a catalogue may well hold: each would escape or break an unescaped path.
 ODD_IDS = ["a/b", "../x", "..", ".", "100%", "x=y", "a b+c", "é✓", "_hidden"]
@@ -179,3 +184,38 @@ def test_every_export_file_is_on_disk_before_the_swap(
     assert fsynced.count("part-0.parquet") == n
     assert sum(name.startswith("item_id=") for name in fsynced) == n
     assert fsynced[-3:] == ["_version", f".all.tmp-{os.getpid()}", tmp_path.name]
+
+
+def test_exports_through_the_live_state_name_live_new_customers(
+    targeter: Targeter, tmp_path: Path
+) -> None:
+    bundle = targeter.bundle
+    pseudonymize = Pseudonymizer(b"audience-test-key")
+    items = [bundle.items.ids[r] for r in np.flatnonzero(targeter.item_active)[:3]]
+    when = datetime(2027, 6, 1, tzinfo=timezone.utc)
+    with open_store(f"sqlite:///{tmp_path}/state.db", pseudonymize) as store:
+        store.record_events(
+            [Event(f"e{i}", "NEW-1", item, "view", when) for i, item in enumerate(items)]
+        )
+        store.update_customers([CustomerUpdate("NEW-1", risk_tolerance=5, marketing_consent=True)])
+        overlay = live_overlay(bundle, store, pseudonymize)
+    assert overlay.users["NEW-1"].row is None  # a customer the bundle does not know
+
+    audience, _ = export_audience(
+        targeter,
+        TargetQuery(item_ids=(items[0],), audience_size=100_000),
+        tmp_path / "a",
+        False,
+        overlay,
+    )
+    assert "NEW-1" in pq.read_table(tmp_path / "a")["user_id"].to_pylist()
+    assert audience.ids(bundle.users.ids) == pq.read_table(tmp_path / "a")["user_id"].to_pylist()
+
+    out = tmp_path / "all"
+    export_all_items(targeter, 100_000, out, progress=False, overlay=overlay)
+    table = _read_back(out)
+    reached = table.filter(pc.equal(table["user_id"], "NEW-1"))
+    assert len(reached) > 0 and (out / "_state_sequence").read_text() == f"{overlay.sequence}\n"
+    export_all_items(targeter, 5, out, progress=False)  # without the state: the bundle alone
+    assert not (out / "_state_sequence").exists()
+    assert "NEW-1" not in _read_back(out)["user_id"].to_pylist()

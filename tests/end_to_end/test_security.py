@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from pathlib import Path
@@ -78,6 +79,55 @@ def test_short_tokens_are_refused(models_dir: Path, tmp_path: Path) -> None:
     short.write_text("abc")
     with pytest.raises(ValueError, match="at least 16"):
         asyncio.run(create_server(settings_for(models_dir, auth_token_file=short)))
+
+
+def _scoped_tokens(tmp_path: Path, mode: int = 0o600) -> Path:
+    path = tmp_path / "tokens.json"
+    entries = [
+        {"name": "mobile-app", "token": "mobile-" + TOKEN, "scopes": ["recommend"]},
+        {"name": "crm", "token": "crm-" + TOKEN, "scopes": ["target"]},
+    ]
+    path.write_text(json.dumps({"tokens": entries}))
+    path.chmod(mode)
+    return path
+
+
+def test_scoped_tokens_reach_only_their_rpcs(models_dir: Path, tmp_path: Path) -> None:
+    s = ServerThread(settings_for(models_dir, auth_tokens=_scoped_tokens(tmp_path)))
+    try:
+        mobile = [("authorization", f"Bearer mobile-{TOKEN}")]
+        crm = [("authorization", f"Bearer crm-{TOKEN}")]
+        recommend = pb.RecommendRequest(user_id="C00000001")
+        target = pb.TargetUsersRequest(item_ids=["SAV-000002"], audience_size=3)
+        assert _code(s.stub.Recommend, recommend, metadata=mobile) == grpc.StatusCode.OK
+        assert _code(s.stub.GetModelInfo, pb.GetModelInfoRequest(), metadata=mobile) == (
+            grpc.StatusCode.OK
+        )
+        assert _code(s.stub.TargetUsers, target, metadata=crm) == grpc.StatusCode.OK
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        assert _code(s.stub.TargetUsers, target, metadata=mobile) == denied
+        assert _code(s.stub.Recommend, recommend, metadata=crm) == denied
+        assert _code(s.stub.Recommend, recommend) == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(s.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        s.stop()
+
+
+def test_serve_refuses_a_token_file_others_can_read(
+    models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _scoped_tokens(tmp_path, mode=0o644)
+    assert recsvc_main(["serve", "--models", str(models_dir), "--auth-tokens", str(path)]) == 2
+    assert f"recsvc: error: {path}: mode 0644 lets other users" in capsys.readouterr().err
+    path.chmod(0o600)
+    args = ["serve", "--models", str(models_dir), "--auth-tokens", str(path)]
+    other = tmp_path / "token"
+    other.write_text(TOKEN)
+    assert recsvc_main([*args, "--auth-token-file", str(other)]) == 2
+    assert "give one" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

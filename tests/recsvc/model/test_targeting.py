@@ -20,7 +20,7 @@ from recsvc.model.queries import TargetQuery
 from recsvc.model.targeting import Targeter
 from recsvc.v1 import recommender_pb2 as pb
 from tests.conftest import PARAMS, ServerThread, settings_for
-from tests.recsvc.rules_oracle import Oracle
+from tests.rules_oracle import Oracle
 from training.cli import main as train_main
 from training.data import load_training_data
 from training.fit import fit_model
@@ -177,6 +177,26 @@ def test_no_users_table_needs_an_explicit_waiver(
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         s.stop()
+
+
+def test_a_users_table_without_consent_reaches_nobody(
+    sample_dir: Path, tmp_path: Path, oracle: Oracle
+) -> None:
+    # Consent is never presumed: a users table that does not say, says no.
+    users = pq.read_table(sample_dir / "users.parquet").drop_columns(["marketing_consent"])
+    pq.write_table(users, tmp_path / "users.parquet")
+    data = load_training_data(
+        sample_dir / "interactions.parquet",
+        sample_dir / "items.parquet",
+        tmp_path / "users.parquet",
+    )
+    folder = publish(tmp_path / "m", data, fit_model(data.user_items, PARAMS, progress=False))
+    targeter = Targeter(load_bundle(folder), no_consent_data=True)  # the waiver cannot apply
+    item = next(i for i in oracle.risk if oracle.risk[i] == 1 and oracle.active[i])
+    audience = targeter.target(TargetQuery(item_ids=(item,), audience_size=100))
+    assert len(audience.rows) == 0 and audience.eligible == 0
+    assert audience.excluded.no_consent == users.num_rows
+    assert not any(len(a.rows) for _, a in targeter.target_each(10))
 
 
 @pytest.mark.parametrize("include_holders", [False, True])

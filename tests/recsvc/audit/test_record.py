@@ -1,0 +1,124 @@
+"""The record format: every byte under its own hash, payloads named once, no raw ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recsvc.audit.record import (
+    GENESIS,
+    answer_payload,
+    audience_payload,
+    audience_sha256,
+    encode_payload,
+    encode_record,
+    parse_record,
+    segment_name,
+)
+from tests.recsvc.audit.helpers import an_answer
+
+WHEN = datetime(2026, 11, 28, 5, 12, tzinfo=timezone.utc)
+
+
+def _line(seq: int = 7, payload: dict[str, object] | None = None) -> bytes:
+    line, _ = encode_record(seq, GENESIS, WHEN, "answer", encode_payload(payload or an_answer(1)))
+    return line
+
+
+def test_a_record_is_one_json_line_whose_hash_covers_the_rest() -> None:
+    line = _line()
+    assert line.endswith(b"}\n") and line.count(b"\n") == 1
+    record = json.loads(line)
+    assert list(record)[:5] == ["v", "seq", "prev", "time", "kind"] and list(record)[-1] == "hash"
+    assert record["v"] == 1 and record["seq"] == 7 and record["prev"] == GENESIS
+    assert record["time"] == "2026-11-28T05:12:00.000000+00:00"
+    payload = [k for k in record if k not in ("v", "seq", "prev", "time", "kind", "hash")]
+    assert payload == sorted(payload)
+    body = line[: line.rindex(b',"hash"')] + b"}"
+    assert hashlib.sha256(body).hexdigest() == record["hash"]
+    head = parse_record(line[:-1])
+    assert head is not None and (head.seq, head.hash, head.kind) == (7, record["hash"], "answer")
+
+
+@given(st.data())
+def test_any_changed_byte_breaks_the_record(data: st.DataObject) -> None:
+    line = _line()[:-1]
+    pos = data.draw(st.integers(0, len(line) - 1))
+    byte = data.draw(st.integers(0, 255).filter(lambda b: b != line[pos]))
+    assert parse_record(line[:pos] + bytes([byte]) + line[pos + 1 :]) is None
+
+
+def test_an_empty_payload_and_odd_text_still_make_one_line() -> None:
+    line, _ = encode_record(0, GENESIS, WHEN, "start", encode_payload({}))
+    assert parse_record(line[:-1]) is not None
+    odd = _line(payload={"note": 'a\nb"c\u202e\x00é'})
+    assert odd.count(b"\n") == 1 and odd.isascii()
+    assert json.loads(odd)["note"] == 'a\nb"c\u202e\x00é'
+
+
+def test_payloads_may_not_shadow_the_envelope_or_hold_non_json() -> None:
+    with pytest.raises(ValueError, match="may not set hash, prev"):
+        encode_payload({"prev": "x", "hash": "y"})
+    with pytest.raises(ValueError):
+        encode_payload({"score": float("inf")})
+
+
+@pytest.mark.parametrize("subject", ["C00000042", "", "u_0123", "U_0123456789ABCDEF"])
+def test_an_answer_names_its_customer_by_pseudonym_only(subject: str) -> None:
+    with pytest.raises(ValueError, match="pseudonym"):
+        an_answer(1, subject=subject)
+
+
+def test_the_suitability_basis_is_one_of_three() -> None:
+    fields = an_answer(1)
+    assert fields["suitability"] == {"tolerance": 3, "basis": "bundle"}
+    with pytest.raises(ValueError, match="basis must be one of"):
+        answer_payload(**{**_answer_args(), "basis": "guess"})
+
+
+def _answer_args() -> dict[str, object]:
+    return {
+        "recommendation_id": "ab" * 16,
+        "method": "SimilarItems",
+        "caller": None,
+        "subject": "anonymous",
+        "model_version": "v1",
+        "state_sequence": 0,
+        "source": None,
+        "tolerance": 1,
+        "basis": "default",
+        "removed": {},
+        "items": [],
+    }
+
+
+def test_an_audience_is_recorded_by_size_and_hash() -> None:
+    ids = ["C1", "C2", "C3"]
+    assert audience_sha256(ids) == hashlib.sha256(b"C1\nC2\nC3\n").hexdigest()
+    assert audience_sha256(ids) != audience_sha256(ids[::-1])  # the order counts
+    payload = audience_payload(
+        recommendation_id="cd" * 16,
+        caller="crm",
+        model_version="v1",
+        state_sequence=9,
+        campaign_id="spring-savings",
+        channel="email",
+        request={"item_ids": ["SAV-000002"], "audience_size": 3},
+        consent=True,
+        excluded={"no_consent": 5, "unsuitable": 2, "holders": 1, "below_min_score": 0},
+        audience_size=len(ids),
+        audience_sha256=audience_sha256(ids),
+    )
+    assert payload["method"] == "TargetUsers" and payload["subject"] is None
+    assert "C1" not in encode_payload(payload)
+
+
+def test_segment_names_sort_by_first_record() -> None:
+    names = [segment_name(seq, WHEN - timedelta(hours=seq)) for seq in (0, 9, 10, 1_000_000)]
+    assert names == sorted(names)
+    assert names[0] == "audit-000000000000-20261128T051200.000000Z.jsonl"

@@ -1,0 +1,91 @@
+"""The overlay applies each kind of change as training would have seen it."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+
+from recsvc.logs import Pseudonymizer
+from recsvc.model.overlay import ERASED, apply
+from recsvc.model.ranking import Recommender
+from recsvc.state import Changes, CustomerState, ProductState, StoredEvent
+
+P = Pseudonymizer(b"overlay-test")
+T = datetime(2026, 12, 1, tzinfo=timezone.utc)
+
+
+def _changes(seq: int, *events: StoredEvent, **kw: object) -> Changes:
+    return Changes(
+        sequence=seq,
+        events=events,
+        customers=tuple(kw.get("customers", ())),  # type: ignore[arg-type]
+        products=tuple(kw.get("products", ())),  # type: ignore[arg-type]
+        erased=tuple(kw.get("erased", ())),  # type: ignore[arg-type]
+    )
+
+
+def _ev(n: int, user: str, item: str, kind: str, at: datetime, seq: int) -> StoredEvent:
+    return StoredEvent(f"e{n}", user, item, kind, at, sequence=seq)
+
+
+def test_the_latest_held_or_close_event_by_time_decides(recommender: Recommender) -> None:
+    b = recommender.bundle
+    user, item = "NEW-1", b.items.ids[3]
+    o = recommender.overlay(P)
+    o = apply(o, _changes(1, _ev(1, user, item, "purchase", T, 1)))
+    assert item in {b.items.ids[r] for r in o.users[user].held_rows}
+    # A close recorded later but dated before the purchase changes nothing.
+    o = apply(o, _changes(2, _ev(2, user, item, "close", T - timedelta(days=1), 2)))
+    assert item in {b.items.ids[r] for r in o.users[user].held_rows}
+    o = apply(o, _changes(3, _ev(3, user, item, "close", T + timedelta(days=1), 3)))
+    assert o.users[user].held_rows.size == 0
+    assert item in {b.items.ids[r] for r in o.users[user].rows}  # still interacted
+
+
+def test_events_refold_the_vector_and_non_interactions_add_no_strength(
+    recommender: Recommender,
+) -> None:
+    b = recommender.bundle
+    user = b.users.ids[4]
+    o = recommender.overlay(P)
+    o = apply(o, _changes(1, _ev(1, user, b.items.ids[0], "decline", T, 1)))
+    live = o.users[user]
+    assert not live.refolded and len(live.rows) == len(b.user_item_rows(4))
+    o = apply(o, _changes(2, _ev(2, user, b.items.ids[0], "view", T, 2)))
+    live = o.users[user]
+    assert live.refolded and live.vector is not None
+    assert not np.allclose(live.vector, b.user_index.vectors[4])
+    rows = live.rows.tolist()
+    strength = dict(zip(rows, live.strength.tolist(), strict=True))
+    before = dict(
+        zip(
+            b.user_item_rows(4).tolist(),
+            b.strength[b.indptr[4] : b.indptr[5]].tolist(),
+            strict=True,
+        )
+    )
+    assert strength[0] == before.get(0, 0.0) + b.manifest.events.weights["view"]
+
+
+def test_erasure_outranks_everything_and_products_update_the_rules(
+    recommender: Recommender,
+) -> None:
+    b = recommender.bundle
+    user = b.users.ids[6]
+    o = recommender.overlay(P)
+    o = apply(
+        o,
+        _changes(
+            1,
+            _ev(1, user, b.items.ids[0], "view", T, 1),
+            customers=[CustomerState(user, 5, True, 1)],
+            products=[ProductState(b.items.ids[2], False, None, 1)],
+        ),
+    )
+    assert o.users[user].tolerance == 5 and not o.item_rules.active[2]
+    o = apply(o, _changes(2, erased=[P(user)]))
+    assert o.user(user) is ERASED and user not in o.users
+    assert 6 in o.changed_rows.tolist() and o.erased_rows.tolist() == [6]
+    # A change behind the overlay's sequence is not applied twice.
+    assert apply(o, _changes(2, _ev(9, "X", b.items.ids[0], "view", T, 2))) is o
