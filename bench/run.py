@@ -1,8 +1,9 @@
-"""``make bench``: serving, index quality, training and targeting, in one table.
+"""``make bench``: serving, index quality, training, targeting and the live state, in one table.
 
     python -m bench.run             # the full run; bundles are cached under var/bench
     python -m bench.run --quick     # CI smoke: one tiny bundle, a fraction of a second a cell
     python -m bench.run --only serving,quality
+    python -m bench.run --only live   # writes, their spread to other servers, the overlay
 
 Progress goes to stderr; the table (Markdown) to stdout and ``ROOT/report.md``,
 every figure to ``ROOT/results.json``. Servers, load clients, fits and the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bundles import BundleSpec, build_record, ensure_bundle, ensure_sample, run_measured
+from bench.live import LiveFigures, LivePlan, measure_live
 from bench.quality import QualityRow, index_quality
 from bench.report import Row, machine, met, render
 from bench.serving import (
@@ -29,6 +32,7 @@ from bench.serving import (
     LoadSpec,
     Server,
     answers,
+    free_port,
     launch,
     measure_cells,
     overlap,
@@ -40,7 +44,7 @@ from recsvc.model.bundle import read_manifest
 
 __all__ = ["FULL", "QUICK", "SECTIONS", "Plan", "main"]
 
-SECTIONS = ("serving", "workers", "quality", "training", "targeting")
+SECTIONS = ("serving", "costs", "workers", "quality", "training", "targeting", "live")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Plan:
     targeting_size: int
     load_users: int
     """Distinct customers the load client cycles through."""
+    live: LivePlan
     goal_items: tuple[int, int] = (100_000, 1_000_000)
     """Bundle sizes the goals speak of: (ceiling and p99 goals, naive and recall goals)."""
 
@@ -82,6 +87,14 @@ FULL = Plan(
     targeting=BundleSpec(1_000_000, 100_000),
     targeting_size=10_000,
     load_users=5000,
+    live=LivePlan(
+        bundle=BundleSpec(100_000, 100_000),
+        changed=100_000,
+        seconds=5.0,
+        threads=4,
+        samples=200,
+        load=LoadSpec(seconds=2.0, warmup=0.5, max_requests=200_000, rounds=3),
+    ),
 )
 
 QUICK = Plan(
@@ -97,6 +110,14 @@ QUICK = Plan(
     targeting=BundleSpec(2000, 300),
     targeting_size=100,
     load_users=300,
+    live=LivePlan(
+        bundle=BundleSpec(2000, 300),
+        changed=200,
+        seconds=0.3,
+        threads=2,
+        samples=5,
+        load=LoadSpec(seconds=0.4, warmup=0.1, max_requests=20_000),
+    ),
     goal_items=(0, 0),  # the smoke run judges no goal
 )
 
@@ -165,12 +186,78 @@ def _serving_bundle(
                 }
             )
             rows += _serving_rows(plan, spec, cells, agreement)
+        if "costs" in sections and spec == plan.workers:
+            rows += _costs(plan, root, spec, models, recsvc, users_file, results)
         if "workers" in sections and spec == plan.workers:
             rows += _workers(plan, root, spec, models, recsvc, empty, users_file, results)
     finally:
         recsvc.stop()
         naive.stop()
     return rows
+
+
+def _costs(
+    plan: Plan,
+    root: Path,
+    spec: BundleSpec,
+    models: Path,
+    recsvc: Server,
+    users_file: Path,
+    results: dict[str, Any],
+) -> list[Row]:
+    """What the audit trail and the metrics cost on the serving path: QPS on against off."""
+    trail = root / "audit" / spec.key
+    shutil.rmtree(trail, ignore_errors=True)
+    key = {"RECSVC_PSEUDONYM_KEY": "bench-audit-key"}
+    audited = launch(
+        "recsvc",
+        models,
+        root / "logs",
+        env={**key, "RECSVC_AUDIT_DIR": str(trail)},
+        name="recsvc+audit",
+    )
+    metered = launch(
+        "recsvc",
+        models,
+        root / "logs",
+        env={"RECSVC_METRICS_PORT": str(free_port())},
+        name="recsvc+metrics",
+    )
+    try:
+        wait_ready([audited, metered])
+        top = max(plan.concurrency)
+        cells = measure_cells([recsvc, audited, metered], users_file, [top], plan.load, _log)
+    finally:
+        audited.stop()
+        metered.stop()
+    by = {c.server: c for c in cells}
+    off, on_audit, on_metrics = by["recsvc"], by["recsvc+audit"], by["recsvc+metrics"]
+    answers_written = sum(f.stat().st_size for f in trail.glob("*.jsonl"))
+    per_answer = answers_written / max(1, on_audit.requests)
+    results["costs"] = {
+        "bundle": asdict(spec),
+        "cells": [asdict(c) for c in cells],
+        "audit_bytes_per_answer": round(per_answer, 1),
+    }
+    audit_ratio, metrics_ratio = on_audit.qps / off.qps, on_metrics.qps / off.qps
+    return [
+        Row(
+            "costs",
+            f"{spec.label}, c={top}, --audit-dir",
+            _cell(on_audit),
+            f"off: {_cell(off)}; {per_answer:,.0f} bytes of trail an answer",
+            f"{audit_ratio:.2f}x off",
+            f">= 0.90x off: {met(audit_ratio >= 0.90)}",
+        ),
+        Row(
+            "costs",
+            f"{spec.label}, c={top}, --metrics-port",
+            _cell(on_metrics),
+            f"off: {_cell(off)}",
+            f"{metrics_ratio:.2f}x off",
+            f">= 0.97x off: {met(metrics_ratio >= 0.97)}",
+        ),
+    ]
 
 
 def _personalized(
@@ -413,6 +500,114 @@ def _targeting(plan: Plan, root: Path, models: Path | None, results: dict[str, A
     ]
 
 
+# --- live state ------------------------------------------------------------------------------
+
+
+def _live(plan: Plan, root: Path, results: dict[str, Any]) -> list[Row]:
+    live = plan.live
+    f = measure_live(live, root, list(plan.concurrency), plan.load_users, _log)
+    results["live"] = {
+        "bundle": asdict(live.bundle),
+        **asdict(f),
+        "overlay": {**asdict(f.overlay), "bytes_per_customer": round(f.overlay.bytes_per_customer)},
+    }
+    judge = live.bundle.items == plan.goal_items[0]
+    return _write_rows(f, judge) + _overlay_rows(plan, f, judge)
+
+
+_BACKENDS = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+def _write_rows(f: LiveFigures, judge: bool) -> list[Row]:
+    rows = []
+    rates = {(r.backend, r.path): r for r in f.throughput}
+    for backend, name in _BACKENDS.items():
+        if (backend, "grpc") not in rates:
+            continue
+        served, alone = rates[(backend, "grpc")], rates[(backend, "store")]
+        rows.append(
+            Row(
+                "live",
+                f"RecordEvents, {name}, batches of {served.batch}, {served.threads} threads",
+                f"{served.events_per_s:,.0f} events/s (batch p50 {_ms(served.p50_ms)} ms, "
+                f"p99 {_ms(served.p99_ms)} ms)",
+                f"record_events in process {alone.events_per_s:,.0f} events/s "
+                f"(p99 {_ms(alone.p99_ms)} ms)",
+                f"{served.events_per_s / alone.events_per_s:.2f}x in process",
+            )
+        )
+    for p in f.propagation:
+        overlay = f", {p.changed:,} changed customers in its overlay" if p.changed else ""
+        writer = "by a first server" if p.via == "grpc" else "in process"
+        rows.append(
+            Row(
+                "live",
+                f"acknowledgement to effect on another server, {_BACKENDS[p.backend]}{overlay}",
+                f"p50 {_ms(p.p50_ms)} ms, p99 {_ms(p.p99_ms)} ms (max {_ms(p.max_ms)} ms, "
+                f"{p.samples} writes)",
+                f"write acknowledged {writer} in p50 {_ms(p.ack_p50_ms)} ms; the purchased "
+                f"item left the other server's answer in {p.excluded} of {p.samples}",
+                "",
+                f"p99 < 1 s: {met(p.p99_ms < 1000)}" if judge else "",
+            )
+        )
+    if f.postgres:
+        rows.append(Row("live", "PostgreSQL", f"not measured: {f.postgres}"))
+    return rows
+
+
+def _overlay_rows(plan: Plan, f: LiveFigures, judge: bool) -> list[Row]:
+    s, m = f.serving, f.overlay
+    by = {(c.server, c.concurrency): c for c in s.cells}
+    top = max(plan.concurrency)
+    rows = []
+    for c in plan.concurrency:
+        live, plain = by[("recsvc+live", c)], by[("recsvc", c)]
+        ratio = live.qps / plain.qps
+        rows.append(
+            Row(
+                "live",
+                f"{plan.live.bundle.label}, {s.changed:,} changed customers in the overlay, c={c}",
+                _cell(live),
+                f"no state: {_cell(plain)}",
+                f"{ratio:.2f}x no state",
+                f">= 0.95x no state: {met(ratio >= 0.95)}" if judge and c == top else "",
+            )
+        )
+    plain_load, live_load = s.load_s
+    rows[0] = replace(
+        rows[0],
+        against=rows[0].against + f"; {s.load_share:.0%} of the load's customers changed; "
+        f"version loaded in {live_load:.1f} s with the overlay, {plain_load:.1f} s without",
+    )
+    (changed_without, changed_with), (other_without, other_with) = m.changed_us, m.unchanged_us
+    rows.append(
+        Row(
+            "live",
+            f"Recommender.recommend in process, {m.customers:,} changed customers in the overlay",
+            f"{changed_with:,.0f} us CPU a call for a changed customer, "
+            f"{other_with:,.0f} us for the others",
+            f"no overlay: {changed_without:,.0f} and {other_without:,.0f} us (the load's "
+            "customers; each chunk of 25 timed without, with, with, without)",
+            f"{changed_without / changed_with:.2f}x and {other_without / other_with:.2f}x "
+            "the calls a second",
+        )
+    )
+    mib = 2**20
+    rows.append(
+        Row(
+            "live",
+            f"overlay memory, {m.customers:,} changed customers ({m.events:,} events)",
+            f"{m.bytes_per_customer:,.0f} bytes a customer ({m.overlay_bytes / mib:,.0f} MiB)",
+            f"built in {m.build_s:.1f} s in one process (changes read in {m.read_s:.1f} s), "
+            f"plus {m.context_bytes / mib:,.0f} MiB per bundle; one more commit over it "
+            f"{_ms(m.apply_one_ms)} ms; server resident {s.rss_bytes[1] / mib:,.0f} MiB "
+            f"against {s.rss_bytes[0] / mib:,.0f} MiB without state",
+        )
+    )
+    return rows
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -431,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.seconds:
-        plan = replace(plan, load=replace(plan.load, seconds=args.seconds))
+        live = replace(plan.live, load=replace(plan.live.load, seconds=args.seconds))
+        plan = replace(plan, load=replace(plan.load, seconds=args.seconds), live=live)
     if args.training:
         users, _, items = args.training.lower().partition("x")
         plan = replace(plan, training=BundleSpec(int(users), int(items)))
@@ -447,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(host)
     results: dict[str, Any] = {"machine": host, "command": command.strip()}
     rows: list[Row] = []
-    if sections & {"serving", "workers"}:
+    if sections & {"serving", "costs", "workers"}:
         rows += _serving(plan, root, sections, results)
     if "quality" in sections:
         rows += _quality(plan, root, results)
@@ -456,6 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "targeting" in sections:
         rows += _targeting(plan, root, args.targeting_models, results)
         rows += _scale(plan, root, results)
+    if "live" in sections:
+        rows += _live(plan, root, results)
     elapsed = time.perf_counter() - started
     results["seconds"] = round(elapsed, 1)
     table = render(rows)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +99,19 @@ def _wait_ready(server: Server, workers: int, timeout: float) -> None:
     raise RuntimeError(f"{server.name} not ready after {timeout:.0f}s")
 
 
-def launch(kind: str, models: Path | None, logs: Path, workers: int = 1) -> Server:
-    """Start ``recsvc`` (the service), ``empty`` or ``naive``; see ``wait_ready``."""
+def launch(
+    kind: str,
+    models: Path | None,
+    logs: Path,
+    workers: int = 1,
+    env: Mapping[str, str] | None = None,
+    name: str | None = None,
+) -> Server:
+    """Start ``recsvc`` (the service), ``empty`` or ``naive``; see ``wait_ready``.
+
+    ``env`` adds to the server's environment (recsvc reads ``RECSVC_*`` settings there);
+    ``name`` tells two servers of one kind apart in the results.
+    """
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{kind}-w{workers}-{port}.log"
@@ -125,8 +137,10 @@ def launch(kind: str, models: Path | None, logs: Path, workers: int = 1) -> Serv
         if models is not None:
             cmd += ["--models", str(models)]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    name = kind if workers == 1 else f"{kind} x{workers}"
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    name = name or (kind if workers == 1 else f"{kind} x{workers}")
     return Server(name, port, proc, log_path, workers)
 
 
