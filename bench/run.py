@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from bench.serving import (
     LoadSpec,
     Server,
     answers,
+    free_port,
     launch,
     measure_cells,
     overlap,
@@ -42,7 +44,7 @@ from recsvc.model.bundle import read_manifest
 
 __all__ = ["FULL", "QUICK", "SECTIONS", "Plan", "main"]
 
-SECTIONS = ("serving", "workers", "quality", "training", "targeting", "live")
+SECTIONS = ("serving", "costs", "workers", "quality", "training", "targeting", "live")
 
 
 @dataclass(frozen=True)
@@ -184,12 +186,78 @@ def _serving_bundle(
                 }
             )
             rows += _serving_rows(plan, spec, cells, agreement)
+        if "costs" in sections and spec == plan.workers:
+            rows += _costs(plan, root, spec, models, recsvc, users_file, results)
         if "workers" in sections and spec == plan.workers:
             rows += _workers(plan, root, spec, models, recsvc, empty, users_file, results)
     finally:
         recsvc.stop()
         naive.stop()
     return rows
+
+
+def _costs(
+    plan: Plan,
+    root: Path,
+    spec: BundleSpec,
+    models: Path,
+    recsvc: Server,
+    users_file: Path,
+    results: dict[str, Any],
+) -> list[Row]:
+    """What the audit trail and the metrics cost on the serving path: QPS on against off."""
+    trail = root / "audit" / spec.key
+    shutil.rmtree(trail, ignore_errors=True)
+    key = {"RECSVC_PSEUDONYM_KEY": "bench-audit-key"}
+    audited = launch(
+        "recsvc",
+        models,
+        root / "logs",
+        env={**key, "RECSVC_AUDIT_DIR": str(trail)},
+        name="recsvc+audit",
+    )
+    metered = launch(
+        "recsvc",
+        models,
+        root / "logs",
+        env={"RECSVC_METRICS_PORT": str(free_port())},
+        name="recsvc+metrics",
+    )
+    try:
+        wait_ready([audited, metered])
+        top = max(plan.concurrency)
+        cells = measure_cells([recsvc, audited, metered], users_file, [top], plan.load, _log)
+    finally:
+        audited.stop()
+        metered.stop()
+    by = {c.server: c for c in cells}
+    off, on_audit, on_metrics = by["recsvc"], by["recsvc+audit"], by["recsvc+metrics"]
+    answers_written = sum(f.stat().st_size for f in trail.glob("*.jsonl"))
+    per_answer = answers_written / max(1, on_audit.requests)
+    results["costs"] = {
+        "bundle": asdict(spec),
+        "cells": [asdict(c) for c in cells],
+        "audit_bytes_per_answer": round(per_answer, 1),
+    }
+    audit_ratio, metrics_ratio = on_audit.qps / off.qps, on_metrics.qps / off.qps
+    return [
+        Row(
+            "costs",
+            f"{spec.label}, c={top}, --audit-dir",
+            _cell(on_audit),
+            f"off: {_cell(off)}; {per_answer:,.0f} bytes of trail an answer",
+            f"{audit_ratio:.2f}x off",
+            f">= 0.90x off: {met(audit_ratio >= 0.90)}",
+        ),
+        Row(
+            "costs",
+            f"{spec.label}, c={top}, --metrics-port",
+            _cell(on_metrics),
+            f"off: {_cell(off)}",
+            f"{metrics_ratio:.2f}x off",
+            f">= 0.97x off: {met(metrics_ratio >= 0.97)}",
+        ),
+    ]
 
 
 def _personalized(
@@ -575,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(host)
     results: dict[str, Any] = {"machine": host, "command": command.strip()}
     rows: list[Row] = []
-    if sections & {"serving", "workers"}:
+    if sections & {"serving", "costs", "workers"}:
         rows += _serving(plan, root, sections, results)
     if "quality" in sections:
         rows += _quality(plan, root, results)

@@ -105,10 +105,12 @@ def launch(
     logs: Path,
     workers: int = 1,
     env: Mapping[str, str] | None = None,
+    name: str | None = None,
 ) -> Server:
     """Start ``recsvc`` (the service), ``empty`` or ``naive``; see ``wait_ready``.
 
-    ``env`` adds to the server's environment (recsvc reads ``RECSVC_*`` settings there).
+    ``env`` adds to the server's environment (recsvc reads ``RECSVC_*`` settings there);
+    ``name`` tells two servers of one kind apart in the results.
     """
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,7 @@ def launch(
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-    name = kind if workers == 1 else f"{kind} x{workers}"
+    name = name or (kind if workers == 1 else f"{kind} x{workers}")
     return Server(name, port, proc, log_path, workers)
 
 

@@ -16,7 +16,18 @@ from recsvc.files import fsync_path
 from recsvc.model.queries import TargetQuery
 from recsvc.model.targeting import ExclusionCounts
 
-__all__ = ["audience_meta", "write_audience"]
+__all__ = ["audience_meta", "shortfall", "write_audience"]
+
+
+_LEFT_OUT = {
+    "no_consent": "without marketing consent",
+    "unsuitable": "whose risk tolerance is below the products' risk",
+    "holders": "who hold one already",
+    "below_min_score": "below the minimum score",
+    "contact_capped": "contacted up to the contact policy's cap",
+    "declined_recently": "who declined one within the cooldown",
+}
+"""What each of ``ExclusionCounts``' rules leaves out, in words."""
 
 
 def audience_meta(
@@ -37,6 +48,20 @@ def audience_meta(
         "approximate": approximate,
         "source": source,
     }
+
+
+def shortfall(asked: int, rows: int, eligible: int, excluded: ExclusionCounts) -> str:
+    """Why an audience has fewer customers than asked for, by rule; "" when it has them all."""
+    if rows >= asked:
+        return ""
+    left_out = ", ".join(
+        f"{getattr(excluded, f.name):,} {_LEFT_OUT.get(f.name, f.name)}"
+        for f in dataclasses.fields(excluded)
+    )
+    return (
+        f"{rows:,} customers, not the {asked:,} asked for: {eligible:,} are eligible; "
+        f"left out {left_out}"
+    )
 
 
 def write_audience(out: Path, table: pa.Table, meta: dict[str, Any]) -> Path:

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -19,22 +20,27 @@ from recsvc.settings import SETTINGS, ServerSettings, parse_switch
 
 # The client commands import recsvc_client on use: `recsvc serve` never needs it.
 if TYPE_CHECKING:
-    from recsvc_client import ServiceClient
+    from recsvc_client import TLS, Recommendation, ServiceClient
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_SERVER", "main"]
+
+DEFAULT_SERVER = "localhost:50051"
+"""Where the client commands find the server unless ``--server`` or ``RECSVC_SERVER`` says."""
 
 _ClientT = TypeVar("_ClientT", bound="ServiceClient")
 
 
-def _connect(args: argparse.Namespace, kind: type[_ClientT]) -> _ClientT:
-    """A client of ``kind`` with the command's target, deadline, token and TLS flags."""
+def _tls(args: argparse.Namespace) -> TLS | None:
     from recsvc_client import TLS
 
-    tls = (
-        TLS.from_files(args.tls_ca, args.tls_cert, args.tls_key)
-        if args.tls_ca or args.tls_cert
-        else None
-    )
+    if args.tls_ca or args.tls_cert:
+        return TLS.from_files(args.tls_ca, args.tls_cert, args.tls_key)
+    return None
+
+
+def _connect(args: argparse.Namespace, kind: type[_ClientT]) -> _ClientT:
+    """A client of ``kind`` with the command's server, deadline, token and TLS flags."""
+    tls = _tls(args)
     token = None
     if args.token_file:
         try:
@@ -43,13 +49,15 @@ def _connect(args: argparse.Namespace, kind: type[_ClientT]) -> _ClientT:
             raise ValueError(
                 f"--token-file: cannot read {args.token_file}: {exc.strerror}"
             ) from exc
-    return kind(args.target, token=token, tls=tls, timeout=args.timeout)
+    return kind(args.server, token=token, tls=tls, timeout=args.timeout)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -58,6 +66,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from recsvc.serving.server import serve_forever
 
     return serve_forever(ServerSettings.from_args(args))
+
+
+def _print_ranked(rec: Recommendation, explain: bool = False) -> None:
+    """A Recommend or RankItems answer: its model and source, then the items, best first."""
+    source = rec.source.name if rec.source else ""
+    print(f"model {rec.model_version}  source {source}  id {rec.recommendation_id}")
+    if rec.unknown_recent_item_ids:  # on stderr: the table stays the first lines of stdout
+        unknown = ", ".join(rec.unknown_recent_item_ids)
+        print(
+            f"recsvc: not in model {rec.model_version}, not folded in: {unknown}", file=sys.stderr
+        )
+    width = 4 if explain else 3  # no "because" column unless asked for
+    rows = [
+        (i + 1, it.item_id, f"{it.score:.4f}", ", ".join(c.item_id for c in it.because))[:width]
+        for i, it in enumerate(rec.items)
+    ]
+    headers = ("#", "item_id", "score", "because")[:width]
+    print(_table(headers, rows))
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
@@ -70,15 +96,37 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
             recent_item_ids=args.recent or (),
             exclude_item_ids=args.exclude or (),
             explain=args.explain,
+            include_interacted=args.include_interacted,
             min_sequence=args.min_sequence,
         )
-    source = rec.source.name if rec.source else ""
-    print(f"model {rec.model_version}  source {source}  id {rec.recommendation_id}")
-    rows = [
-        (i + 1, it.item_id, f"{it.score:.4f}", ", ".join(c.item_id for c in it.because))
-        for i, it in enumerate(rec.items)
-    ]
-    print(_table(("#", "item_id", "score", "because" if args.explain else ""), rows))
+    _print_ranked(rec, args.explain)
+    return 0
+
+
+_DROPPED = {
+    "UNKNOWN_ITEM": "not in the model's catalogue",
+    "INACTIVE": "an inactive product",
+    "UNSUITABLE": "risk level above the customer's risk tolerance",
+    "EXCLUSIVE_CATEGORY": "they hold another product of this exclusive category",
+    "INTERACTED": "the customer has it already (--include-interacted shows it)",
+}
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from recsvc_client import RecommenderClient
+
+    with _connect(args, RecommenderClient) as client:
+        rec = client.rank_items(
+            args.user or "",
+            args.item,
+            recent_item_ids=args.recent or (),
+            include_interacted=args.include_interacted,
+            min_sequence=args.min_sequence,
+        )
+    _print_ranked(rec)
+    if rec.dropped:
+        rows = [(d.item_id, d.reason.name, _DROPPED.get(d.reason.name, "")) for d in rec.dropped]
+        print(f"\nleft out\n{_table(('item_id', 'reason', 'why'), rows)}")
     return 0
 
 
@@ -124,7 +172,7 @@ def _cmd_target(args: argparse.Namespace) -> int:
     import pyarrow as pa
     from recsvc_client import RecommenderClient
 
-    from recsvc.audience_file import audience_meta, write_audience
+    from recsvc.audience_file import audience_meta, shortfall, write_audience
     from recsvc.model.queries import TargetQuery
     from recsvc.model.targeting import ExclusionCounts
 
@@ -155,13 +203,44 @@ def _cmd_target(args: argparse.Namespace) -> int:
         audience.eligible_users,
         excluded,
         audience.approximate,
-        f"rpc {args.target}",
+        f"rpc {args.server}",
     )
     sidecar = write_audience(Path(args.out), table, meta)
     wrote = f"wrote {table.num_rows:,} customers to {args.out}"
     print(f"{wrote} (model {audience.model_version}); sidecar {sidecar}")
+    short = shortfall(query.audience_size, table.num_rows, audience.eligible_users, excluded)
+    if short:
+        print(short)
     print(json.dumps(meta["excluded"]))
     return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """The server's health status (gRPC health checking); 0 only once it is SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    tls = _tls(args)
+    channel = (
+        grpc.secure_channel(args.server, tls.credentials())
+        if tls is not None
+        else grpc.insecure_channel(args.server)
+    )
+    request = health_pb2.HealthCheckRequest(service=args.service)
+    until = time.monotonic() + args.wait
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(request, timeout=min(args.timeout, 5.0))
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:  # not listening yet, or stopping
+                status = f"{exc.code().name}: {exc.details()}"
+            if status == "SERVING" or time.monotonic() >= until:
+                break
+            time.sleep(0.2)
+    print(f"{args.server}: {status}")
+    return 0 if status == "SERVING" else 1
 
 
 def _cmd_event(args: argparse.Namespace) -> int:
@@ -273,7 +352,13 @@ def _yes_no_flag(text: str) -> bool:
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="localhost:50051", help="server host:port")
+    p.add_argument(
+        "--server",
+        default=os.environ.get("RECSVC_SERVER") or DEFAULT_SERVER,
+        help=f"the server's host:port, or any gRPC target [RECSVC_SERVER; {DEFAULT_SERVER}]",
+    )
+    # The old name, kept working for scripts; it read as the product on `recsvc target`.
+    p.add_argument("--target", dest="server", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
     p.add_argument("--token-file", help="bearer token file")
     p.add_argument("--tls-ca", help="CA certificate to trust (enables TLS)")
@@ -311,6 +396,12 @@ def _client_command(
     return p
 
 
+_K_HELP = "how many products (default 10, at most 500)"
+_RECENT_HELP = "an item the customer just saw, folded into their vector (repeatable)"
+_INTERACTED_HELP = "allow products the customer already has or interacted with"
+_SEQUENCE_HELP = "wait until the server has applied this state sequence (read your own write)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,19 +411,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = _client_command(sub, "recommend", "suggestions for a customer", _cmd_recommend)
-    p.add_argument("--user", help="customer id")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--recent", action="append", help="recently seen item (repeatable)")
+    p.add_argument("--user", help="customer id (none: anonymous, by --recent items)")
+    p.add_argument("-k", type=int, default=10, help=_K_HELP)
+    p.add_argument("--recent", action="append", help=_RECENT_HELP)
     p.add_argument("--exclude", action="append", help="item to leave out (repeatable)")
-    p.add_argument("--explain", action="store_true")
-    p.add_argument("--min-sequence", type=int, default=0, help="wait for this state sequence")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="show, for each product, the customer's own products that weighed most",
+    )
+    p.add_argument("--include-interacted", action="store_true", help=_INTERACTED_HELP)
+    p.add_argument("--min-sequence", type=int, default=0, help=_SEQUENCE_HELP)
+
+    p = _client_command(sub, "rank", "a candidate list in a customer's order", _cmd_rank)
+    p.add_argument("--user", help="customer id (none: anonymous, by --recent items)")
+    p.add_argument("--item", action="append", required=True, help="candidate (repeatable)")
+    p.add_argument("--recent", action="append", help=_RECENT_HELP)
+    p.add_argument("--include-interacted", action="store_true", help=_INTERACTED_HELP)
+    p.add_argument("--min-sequence", type=int, default=0, help=_SEQUENCE_HELP)
 
     p = _client_command(sub, "similar", "products similar to a product", _cmd_similar)
     p.add_argument("--item", required=True)
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help=_K_HELP)
     p.add_argument("--user", help="apply this customer's rules")
 
     _client_command(sub, "info", "the served model", _cmd_info)
+
+    p = _client_command(sub, "health", "exit 0 once the server is SERVING, else 1", _cmd_health)
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to keep asking until SERVING (default 0)"
+    )
+    p.add_argument("--service", default="", help="a service's health (default: the server's)")
 
     p = _client_command(sub, "target", "campaign audience to Parquet", _cmd_target)
     p.add_argument("--item", action="append", required=True, help="product (repeatable)")
@@ -340,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float)
     p.add_argument("--include-holders", action="store_true")
     p.add_argument("--out", required=True)
-    p.add_argument("--min-sequence", type=int, default=0, help="wait for this state sequence")
+    p.add_argument("--min-sequence", type=int, default=0, help=_SEQUENCE_HELP)
 
     p = _client_command(sub, "event", "record a customer event (purchase, close ...)", _cmd_event)
     p.add_argument("--user", required=True)

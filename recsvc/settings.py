@@ -95,6 +95,14 @@ class ServerSettings:
     grace_seconds: float = field(
         default=10.0, metadata=_declare("how long SIGTERM waits for in-flight RPCs", float)
     )
+    metrics_port: int | None = field(
+        default=None,
+        metadata=_declare(
+            "serve Prometheus metrics over HTTP on this port, at /metrics on --host "
+            "(0 picks a free one; with --workers, one port for all of them)",
+            int,
+        ),
+    )
     pseudonym_key: bytes = field(
         default_factory=lambda: secrets.token_bytes(32),
         repr=False,
@@ -215,6 +223,10 @@ class ServerSettings:
             raise ValueError("--workers must be at least 1")
         if self.workers > 1 and self.port == 0:
             raise ValueError("--workers above 1 need a fixed --port to share")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be 0..65535, got {self.metrics_port}")
+        if self.metrics_port == self.port != 0:
+            raise ValueError(f"--metrics-port and --port must differ, both are {self.port}")
         _log_level(self.log_level)  # raises for a name given in code rather than parsed
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")

@@ -28,9 +28,20 @@ from training.state import (
     read_state,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "progress_bars"]
 
 log = logging.getLogger("recsvc.train")
+
+
+def progress_bars(quiet: bool) -> bool:
+    """Progress bars only on a terminal: in a log file their carriage returns garble it."""
+    return not quiet and sys.stderr.isatty()
+
+
+def _stage(args: argparse.Namespace, message: str) -> None:
+    """One plain progress line on stderr (a terminal shows the bars too), unless ``-q``."""
+    if not args.quiet:
+        print(f"recsvc-train: {message}", file=sys.stderr, flush=True)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -107,7 +118,8 @@ def data_config_from_args(args: argparse.Namespace) -> DataConfig:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     spec = SampleSpec(users=args.users, items=args.items, seed=args.seed)
-    counts = write_sample(Path(args.out), spec, progress=not args.quiet)
+    _stage(args, f"writing {spec.users:,} customers and {spec.items:,} products to {args.out}")
+    counts = write_sample(Path(args.out), spec, progress=progress_bars(args.quiet))
     print(
         f"wrote {counts['interactions']:,} interactions, {counts['users']:,} users, "
         f"{counts['items']:,} items to {args.out}"
@@ -155,12 +167,19 @@ def _fit(args: argparse.Namespace, state: FoldedState | None) -> tuple[Path, Tra
     """Load, fit and publish; print the summary. Returns the bundle folder and the data."""
     params = fit_params_from_args(args)
     t0 = time.perf_counter()
+    _stage(args, f"loading {args.interactions}")
     data = load_training_data(
         args.interactions, args.items, args.users, data_config_from_args(args), state
     )
     t_load = time.perf_counter() - t0
-    model = fit_model(data.user_items, params, progress=not args.quiet)
+    _stage(
+        args,
+        f"fitting {params.algorithm} ({params.factors} factors, {params.iterations} iterations) "
+        f"on {data.user_items.nnz:,} pairs",
+    )
+    model = fit_model(data.user_items, params, progress=progress_bars(args.quiet))
     t1 = time.perf_counter()
+    _stage(args, f"building indexes and publishing to {args.models}")
     folder = publish(Path(args.models), data, model, keep=args.keep)
     t_publish = time.perf_counter() - t1
     report = data.report
@@ -183,6 +202,7 @@ def _fit(args: argparse.Namespace, state: FoldedState | None) -> tuple[Path, Tra
 
 
 def _cmd_audience(args: argparse.Namespace) -> int:
+    from recsvc.audience_file import shortfall
     from recsvc.model.contact import load_policy
     from recsvc.model.queries import TargetQuery
     from training.export import export_all_items, export_audience, open_targeter
@@ -197,10 +217,10 @@ def _cmd_audience(args: argparse.Namespace) -> int:
         f", state sequence {overlay.sequence}" if overlay is not None else ""
     )
     out = Path(args.out)
+    bars = progress_bars(args.quiet)
     if args.all_items:
-        rows = export_all_items(
-            targeter, args.size, out, args.include_holders, not args.quiet, overlay
-        )
+        _stage(args, f"the top {args.size:,} customers of every active product, to {out}/")
+        rows = export_all_items(targeter, args.size, out, args.include_holders, bars, overlay)
         print(f"wrote {rows:,} rows for every active product to {out}/ ({model})")
         return 0
     if not args.item:
@@ -212,9 +232,12 @@ def _cmd_audience(args: argparse.Namespace) -> int:
         include_holders=args.include_holders,
     )
     audience, sidecar = export_audience(
-        targeter, query, out, not args.quiet, overlay, channel=args.channel or ""
+        targeter, query, out, bars, overlay, channel=args.channel or ""
     )
     print(f"wrote {len(audience.rows):,} customers to {out} ({model}); sidecar {sidecar}")
+    short = shortfall(query.audience_size, len(audience.rows), audience.eligible, audience.excluded)
+    if short:
+        print(short)
     return 0
 
 
@@ -239,7 +262,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     data = load_training_data(
         args.interactions, args.items, args.users, data_config_from_args(args)
     )
-    result = tune(data, options, progress=not args.quiet)
+    _stage(args, f"{options.trials} trials on {data.user_items.nnz:,} pairs")
+    result = tune(data, options, progress=progress_bars(args.quiet))
     # The winner is refit later on all the training data: record the caller's seed, not a trial's.
     best = replace(result.best.params, seed=base.seed)
     out = Path(args.out)
@@ -279,7 +303,9 @@ def _cmd_import_movielens(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsvc-train", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress (bars show on a terminal only)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample-data", help="write a synthetic retail bank as Parquet")

@@ -405,6 +405,13 @@ def _user_vocabulary(table: pa.Table | None, user_ids: pa.ChunkedArray) -> Vocab
         return Vocabulary(interaction_users.sort())
     known = table.column("user_id").combine_chunks()
     extra = pc.filter(interaction_users, pc.invert(pc.is_in(interaction_users, known)))
+    if len(extra):  # often ids of another form: 42 (read as "42") against "C00000042"
+        log.warning(
+            "customers in the interactions are missing from the users table: they get risk "
+            "tolerance 1 and no marketing consent; ids must match exactly (integers are read "
+            "as text)",
+            extra={"missing": len(extra), "users_table": len(known)},
+        )
     return Vocabulary(pa.concat_arrays([known, extra.sort()]))
 
 

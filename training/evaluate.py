@@ -363,11 +363,28 @@ def _load_trained_on(folder: Path, data: TrainingData) -> Bundle:
     """Load the bundle in ``folder``, refusing one trained on other data than ``data``."""
     loaded = load_bundle(folder)
     if loaded.manifest.data_fingerprint != data.fingerprint():
-        raise BundleError(
-            f"{folder}: was not trained on this split's train part (data fingerprint "
-            "differs); evaluating it would count training items as hits"
-        )
+        raise BundleError(f"{folder}: {_other_data(loaded, data)}")
     return loaded
+
+
+def _other_data(loaded: Bundle, data: TrainingData) -> str:
+    """Why a bundle's data fingerprint differs: other tables given, else other interactions."""
+    rules, counts = loaded.manifest.rules, loaded.manifest.counts
+    if (counts.users, counts.items) == (len(data.users), len(data.items)):
+        return (
+            "was not trained on this split's train part (data fingerprint differs); "
+            "evaluating it would count training items as hits"
+        )
+    missing = []
+    if rules.users_table and not data.has_users_table:
+        missing.append("--users")
+    if (rules.risk_levels or rules.active_flag) and not (data.has_risk_levels or data.has_active):
+        missing.append("--items")
+    hint = " and ".join(missing) if missing else "the --items and --users it was trained with"
+    return (
+        f"trained on {counts.users:,} customers x {counts.items:,} products, but this run "
+        f"reads {len(data.users):,} x {len(data.items):,}: give {hint}"
+    )
 
 
 def _score_baselines(

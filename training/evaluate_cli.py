@@ -25,7 +25,13 @@ from pathlib import Path
 from recsvc.commands import run_main
 from recsvc.errors import RecsvcError
 from training.baselines import BASELINES
-from training.cli import add_data_args, add_fit_args, data_config_from_args, fit_params_from_args
+from training.cli import (
+    add_data_args,
+    add_fit_args,
+    data_config_from_args,
+    fit_params_from_args,
+    progress_bars,
+)
 from training.evaluate import EvalOptions, evaluate
 from training.report import machine, markdown_table, write_report
 from training.splits import SplitSpec, make_split, write_split
@@ -111,7 +117,7 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         baselines=_baselines(args.baselines),
         seed=seed,
         endpoint=args.endpoint,
-        progress=not quiet,
+        progress=progress_bars(quiet),
     )
     start = time.perf_counter()
     split = make_split(args.interactions, SplitSpec.parse(args.split), seed)

@@ -31,7 +31,16 @@ from recsvc.model.weighting import RowWeighting
 from recsvc.settings import EXCLUSIVE_CATEGORIES
 from recsvc.state.base import Changes
 
-__all__ = ["Ranked", "Recommender", "ResolvedUser", "ScoredItem", "Source", "Suitability"]
+__all__ = [
+    "DropReason",
+    "Dropped",
+    "Ranked",
+    "Recommender",
+    "ResolvedUser",
+    "ScoredItem",
+    "Source",
+    "Suitability",
+]
 
 _EXPLAIN_TOP = 3
 # A capped search asks for this many times what is still missing, so that one round
@@ -57,6 +66,26 @@ class ScoredItem:
     because: tuple[tuple[str, float], ...] = ()
 
 
+class DropReason(enum.Enum):
+    """Why RankItems left a candidate out: the first rule, in this order, that removed it."""
+
+    UNKNOWN_ITEM = 1
+    """Not in the model's catalogue."""
+    INACTIVE = 2
+    UNSUITABLE = 3
+    """Its risk level is above the customer's risk tolerance."""
+    EXCLUSIVE_CATEGORY = 4
+    """Another product of an exclusive category the customer holds one of."""
+    INTERACTED = 5
+    """The customer already has it or interacted with it (``include_interacted`` allows it)."""
+
+
+@dataclass(frozen=True)
+class Dropped:
+    item_id: str
+    reason: DropReason
+
+
 @dataclass(frozen=True)
 class Ranked:
     items: list[ScoredItem]
@@ -65,6 +94,8 @@ class Ranked:
     unknown_item_ids: tuple[str, ...] = ()
     sequence: int = 0
     """The live state sequence the answer reflects (0: the bundle alone)."""
+    dropped: tuple[Dropped, ...] = ()
+    """RankItems: every candidate left out, in the order given, with its reason."""
 
 
 @dataclass(frozen=True)
@@ -431,18 +462,39 @@ class Recommender:
             sequence=overlay.sequence if overlay is not None else 0,
         )
 
+    def unknown_items(self, item_ids: tuple[str, ...]) -> tuple[str, ...]:
+        """The ids among ``item_ids`` that the catalogue lacks, in order."""
+        rows = self.bundle.items.indices(item_ids) if item_ids else _NO_ROWS
+        return tuple(i for i, r in zip(item_ids, rows.tolist(), strict=True) if r < 0)
+
     def rank_items(self, q: RankQuery, overlay: Overlay | None = None) -> Ranked:
         b = self.bundle
         user = self.resolve_user(q.user_id, q.recent_item_ids, overlay)
         candidate_ids = list(dict.fromkeys(q.item_ids))  # first occurrence wins
         rows = b.items.indices(candidate_ids)
-        unknown = tuple(i for i, r in zip(candidate_ids, rows, strict=True) if r < 0)
-        rows = rows[rows >= 0]
-        keep = self._rules(overlay).eligible(rows, user.tolerance)
-        keep &= self.exclusive.offered(rows, self.exclusive.held_categories(user.held), user.held)
+        rules = self._rules(overlay)
+        known = rows >= 0
+        at = np.where(known, rows, 0)  # a row to look up for every candidate
+        closed = self.exclusive.held_categories(user.held)
+        interacted = np.zeros(len(rows), dtype=bool)
         if not q.include_interacted and user.history.size:
-            keep &= ~np.isin(rows, user.history)
-        rows = rows[keep]
+            interacted = np.isin(rows, user.history)
+        checks = (
+            (DropReason.UNKNOWN_ITEM, ~known),
+            (DropReason.INACTIVE, ~rules.active[at]),
+            (DropReason.UNSUITABLE, ~rules.eligible(at, user.tolerance)),  # active, too risky
+            (DropReason.EXCLUSIVE_CATEGORY, ~self.exclusive.offered(at, closed, user.held)),
+            (DropReason.INTERACTED, interacted),
+        )
+        reasons: list[DropReason | None] = [None] * len(rows)
+        for reason, failed in reversed(checks):  # the first rule to fail writes last
+            for i in np.flatnonzero(failed).tolist():
+                reasons[i] = reason
+        dropped = tuple(
+            Dropped(i, r) for i, r in zip(candidate_ids, reasons, strict=True) if r is not None
+        )
+        unknown = tuple(d.item_id for d in dropped if d.reason is DropReason.UNKNOWN_ITEM)
+        rows = rows[np.array([r is None for r in reasons], dtype=bool)]
         if user.vector is None:
             scores = self.popularity_score[rows]
         else:
@@ -450,4 +502,4 @@ class Recommender:
         order = np.lexsort((np.arange(len(rows)), -scores))
         items = [ScoredItem(b.items.ids[rows[i]], float(scores[i])) for i in order]
         sequence = overlay.sequence if overlay is not None else 0
-        return Ranked(items, user.source, self.version, unknown, sequence)
+        return Ranked(items, user.source, self.version, unknown, sequence, dropped)

@@ -5,12 +5,17 @@ served model. A loaded version gets its overlay (every change after the bundle's
 state sequence) before it is swapped in; then a follower thread waits on the store
 for new commits and swaps in the same version with the next overlay. A missed
 wake-up costs latency, never correctness: the follower reads by sequence.
+
+The store keeps no commit times, so the apply lag is counted from when this server
+learned of a commit (the sequence a wait on the store returned): a missed wake-up
+adds up to one wait (0.25 s), uncounted.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
 
@@ -55,6 +60,9 @@ class StateFollower:
         self._last_error = ""
         self.applied = 0
         """Overlays swapped in since start (for tests and diagnostics)."""
+        self.committed = 0
+        """The newest state sequence the store has reported, applied here or not."""
+        self._behind_since: float | None = None  # monotonic time a newer commit was first seen
 
     def attach(self, model: ServedModel) -> ServedModel:
         """``model`` with its overlay: every change after its bundle's state sequence."""
@@ -89,13 +97,32 @@ class StateFollower:
         self.applied += swapped
         return swapped
 
+    def lag_seconds(self) -> float:
+        """How long the oldest commit reported but not yet applied here has waited (0: none)."""
+        since = self._behind_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _note(self, committed: int, applied: int) -> None:
+        """Record what the store reported against what this server has applied."""
+        if committed > self.committed:
+            self.committed = committed
+        if applied >= self.committed:
+            self._behind_since = None
+        elif self._behind_since is None:
+            self._behind_since = time.monotonic()
+
+    def _applied(self) -> int:
+        model = self.models.loaded()
+        return model.sequence if model is not None and model.overlay else 0
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                model = self.models.loaded()
-                after = model.sequence if model is not None and model.overlay else 0
-                if self.state.wait_for_change(after, self._wait) > after or model is None:
+                after = self._applied()
+                committed = self.state.wait_for_change(after, self._wait)
+                if committed > after or self.models.loaded() is None:
                     self.catch_up()
+                self._note(committed, self._applied())
                 self._last_error = ""
             except RecsvcError as exc:  # the store is down: keep trying, log once per error
                 if str(exc) != self._last_error:

@@ -11,8 +11,10 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -22,10 +24,12 @@ from grpc_reflection.v1alpha import reflection
 
 from recsvc.audit import AuditLog
 from recsvc.logs import Pseudonymizer, configure_logging
+from recsvc.model.bundle import LATEST, list_versions
 from recsvc.model.contact import load_policy
 from recsvc.serving.auth import BearerTokenInterceptor, load_tokens
 from recsvc.serving.drain import DrainGate
 from recsvc.serving.live import StateFollower
+from recsvc.serving.metrics import MULTIPROCESS_DIR, Metrics, SharedMetrics
 from recsvc.serving.service import RecommenderService
 from recsvc.serving.store import ModelStore
 from recsvc.serving.updates import UpdatesService
@@ -59,7 +63,10 @@ class RunningServer:
     """With ``--state``: keeps the served overlay current with the state store."""
     audit: AuditLog | None = None
     """With ``--audit-dir``: every answer's record, written before the answer is sent."""
+    metrics: Metrics | None = None
+    """With ``--metrics-port``: this server's Prometheus metrics."""
     _reload_task: asyncio.Task[None] | None = None
+    _no_model: str = ""
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -74,6 +81,15 @@ class RunningServer:
         """Look at LATEST once (in a thread: loading must not block the event loop)."""
         swapped = await asyncio.to_thread(self.store.refresh)
         await self.set_serving(self.serviceable)
+        reason = "" if self.store.version is not None else _why_no_model(self.settings.models)
+        if reason and reason != self._no_model:  # once, and again only if the reason changes
+            log.warning(
+                "no model to serve yet; looking again every poll",
+                extra={"reason": reason, "poll_interval": self.settings.poll_interval},
+            )
+        self._no_model = reason
+        if self.metrics is not None:
+            self.metrics.sample()
         return swapped
 
     @property
@@ -119,6 +135,19 @@ class RunningServer:
             self.follower.state.close()
         if self.audit is not None:
             self.audit.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _why_no_model(models: Path) -> str:
+    """Why a models folder gives nothing to serve, for the log."""
+    if not models.exists():
+        return f"{models} does not exist (is --models right?)"
+    if not models.is_dir():
+        return f"{models} is not a folder"
+    if not (models / LATEST).exists() and not list_versions(models):
+        return f"{models} holds no {LATEST} and no version: publish one (recsvc-train fit)"
+    return f"no version in {models} could be loaded (see the errors logged)"
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -159,6 +188,9 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     tokens = load_tokens(settings.auth_tokens, settings.auth_token_file)
     if tokens:
         interceptors.append(BearerTokenInterceptor(tokens))
+    metrics = Metrics(store, follower) if settings.metrics_port is not None else None
+    if metrics is not None:  # ahead of the gate: the calls it refuses are counted too
+        interceptors.insert(0, metrics.interceptor)
     server = grpc.aio.server(
         options=options,
         interceptors=interceptors,
@@ -193,19 +225,25 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
     running = RunningServer(
-        server, port, store, health_servicer, settings, service, gate, follower, audit
+        server, port, store, health_servicer, settings, service, gate, follower, audit, metrics
     )
     running_ref.append(running)
     await running.set_serving(False)
     if follower is not None:
         follower.start()
+    if metrics is not None:  # a worker's figures go to the folder its parent serves
+        shared = MULTIPROCESS_DIR in os.environ
+        metrics.start(settings.host, None if shared else settings.metrics_port)
     return running
 
 
 async def serve(settings: ServerSettings, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight RPCs and stop."""
     running = await create_server(settings, reuse_port)
-    log.info("listening", extra={"address": f"{settings.host}:{running.port}"})
+    where = {"address": f"{settings.host}:{running.port}", "models": str(settings.models)}
+    if running.metrics is not None and running.metrics.port is not None:
+        where["metrics"] = f"http://{settings.host}:{running.metrics.port}/metrics"
+    log.info("listening", extra=where)
     running.start_polling()  # its first look at LATEST is now, guarded like every later one
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -229,6 +267,19 @@ def serve_forever(settings: ServerSettings) -> int:
     if settings.workers == 1:
         asyncio.run(serve(settings))
         return 0
+    # One port for every worker's metrics, from the parent; made before the workers start.
+    shared = None
+    if settings.metrics_port is not None:
+        shared = SharedMetrics(settings.host, settings.metrics_port)
+        log.info("metrics", extra={"url": f"http://{settings.host}:{shared.port}/metrics"})
+    try:
+        return _run_workers(settings, shared)
+    finally:
+        if shared is not None:
+            shared.close()
+
+
+def _run_workers(settings: ServerSettings, shared: SharedMetrics | None) -> int:
     # gRPC must not be started before fork: use spawn, as gRPC's multiprocessing example warns.
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(settings,)) for _ in range(settings.workers)]
@@ -258,6 +309,8 @@ def serve_forever(settings: ServerSettings) -> int:
         for p in [p for p in running if p.sentinel in done]:
             p.join()
             running.remove(p)
+            if shared is not None and p.pid is not None:
+                shared.worker_exited(p.pid)
             # SIGTERM from us (a worker still importing has no handler yet) is a clean stop.
             clean = p.exitcode == 0 or (stopping and p.exitcode == -signal.SIGTERM)
             if not clean:

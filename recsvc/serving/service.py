@@ -65,6 +65,13 @@ _SOURCE = {
     ranking.Source.FOLD_IN: _pb.FOLD_IN,
     ranking.Source.POPULAR: _pb.POPULAR,
 }
+_DROP = {
+    ranking.DropReason.UNKNOWN_ITEM: _pb.UNKNOWN_ITEM,
+    ranking.DropReason.INACTIVE: _pb.INACTIVE,
+    ranking.DropReason.UNSUITABLE: _pb.UNSUITABLE,
+    ranking.DropReason.EXCLUSIVE_CATEGORY: _pb.EXCLUSIVE_CATEGORY,
+    ranking.DropReason.INTERACTED: _pb.INTERACTED,
+}
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -229,7 +236,11 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         model = await self._model(request.min_sequence, context)
         result = model.recommender.recommend(query, model.overlay)
         self._log("Recommend", request.user_id, n=len(result.items), source=result.source.name)
-        response = _answer(_pb.RecommendResponse(source=_SOURCE[result.source]), result)
+        response = _pb.RecommendResponse(
+            source=_SOURCE[result.source],
+            unknown_recent_item_ids=model.recommender.unknown_items(query.recent_item_ids),
+        )
+        _answer(response, result)
         await self._record(
             "Recommend", response, request.user_id, model, result, request.include_interacted
         )
@@ -265,7 +276,12 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         result = model.recommender.rank_items(query, model.overlay)
         self._log("RankItems", request.user_id, n=len(result.items))
         response = _pb.RankItemsResponse(
-            source=_SOURCE[result.source], unknown_item_ids=list(result.unknown_item_ids)
+            source=_SOURCE[result.source],
+            unknown_item_ids=list(result.unknown_item_ids),
+            dropped=[
+                _pb.DroppedItem(item_id=d.item_id, reason=_DROP[d.reason]) for d in result.dropped
+            ],
+            unknown_recent_item_ids=model.recommender.unknown_items(query.recent_item_ids),
         )
         _answer(response, result)
         await self._record(

@@ -10,6 +10,8 @@ import grpc
 import pytest
 from recsvc_client import (
     Contribution,
+    Dropped,
+    DropReason,
     InvalidArgument,
     NotFound,
     RecommenderClient,
@@ -68,7 +70,16 @@ def test_similar_and_ranked_items(server: ServerThread, client: RecommenderClien
     raw_rank = server.stub.RankItems(pb.RankItemsRequest(user_id="C00000004", item_ids=candidates))
     assert ranked.items == _items(raw_rank)
     assert ranked.unknown_item_ids == ("no-such-item",)
+    assert ranked.dropped == (Dropped("no-such-item", DropReason.UNKNOWN_ITEM),)
     assert ranked.source is Source.PERSONALIZED
+    first40 = server.running.store.current().recommender.bundle.items.ids[:40]
+    ranked = client.rank_items("C00000004", first40, recent_item_ids=["gone"])
+    assert ranked.unknown_recent_item_ids == ("gone",)
+    raw_rank = server.stub.RankItems(pb.RankItemsRequest(user_id="C00000004", item_ids=first40))
+    assert [(d.item_id, d.reason.value) for d in ranked.dropped] == [
+        (d.item_id, d.reason) for d in raw_rank.dropped
+    ]
+    assert client.recommend(recent_item_ids=["gone"]).unknown_recent_item_ids == ("gone",)
 
 
 def test_model_info(server: ServerThread, client: RecommenderClient) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -84,6 +85,34 @@ def _copy_version(models: Path, good: str, name: str) -> Path:
     m["version"] = name
     (dst / "manifest.json").write_text(json.dumps(m))
     return dst
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_no_model_to_serve_is_logged_once_and_polling_goes_on(
+    folder: str, tmp_path: Path, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = tmp_path / "models"  # a typo in --models, or nothing published yet
+    if folder == "empty":
+        models.mkdir()
+    caplog.set_level(logging.WARNING, logger="recsvc.serving.server")
+    s = ServerThread(settings_for(models, trial_in_child=False), load=False)
+    try:
+        s.start_polling()
+
+        def told() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.getMessage().startswith("no model to serve")]
+
+        deadline = time.monotonic() + 10
+        while not told() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # five more polls, and still one line
+        (record,) = told()
+        why = "does not exist" if folder == "missing" else "holds no LATEST and no version"
+        assert why in record.reason and str(models) in record.reason  # type: ignore[attr-defined]
+        shutil.copytree(models_dir, models, dirs_exist_ok=True)
+        wait_serving(s.running.port, timeout=30)
+    finally:
+        s.stop()
 
 
 @pytest.mark.slow

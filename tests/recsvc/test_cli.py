@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
-from recsvc.cli import main
-from tests.conftest import ServerThread
+from recsvc.cli import build_parser, main
+from tests.conftest import ServerThread, settings_for
+from tests.postgres import free_port
 
 
 def test_recommend_similar_info_tables(
@@ -38,6 +41,105 @@ def test_errors_are_reported_not_raised(
     assert "INVALID_ARGUMENT: k:" in capsys.readouterr().err
 
 
+def test_a_because_column_only_with_explain(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ask = ["recommend", "--server", f"localhost:{server.running.port}", "--user", "C00000004"]
+    assert main([*ask, "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["#", "item_id", "score"]
+    assert all(line == line.rstrip() for line in lines)  # no empty column at the end
+    assert main([*ask, "-k", "3", "--explain"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["#", "item_id", "score", "because"]
+
+
+def test_rank_says_why_each_candidate_is_left_out(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    b = server.running.store.current().recommender.bundle
+    user = "C00000004"
+    history = b.user_item_rows(b.users.index(user))
+    had = b.items.ids[int(history[0])]
+    ask = ["rank", "--server", f"localhost:{server.running.port}", "--user", user]
+    items = [f"--item={i}" for i in (*b.items.ids, "ghost")]
+    assert main([*ask, *items, "--recent", "nowhere"]) == 0
+    captured = capsys.readouterr()
+    ranked, _, left_out = captured.out.partition("\nleft out\n")
+    why = {line.split()[0]: line.split()[1] for line in left_out.splitlines()[2:]}
+    assert why["ghost"] == "UNKNOWN_ITEM" and why[had] == "INTERACTED"
+    assert {"UNSUITABLE", "INACTIVE"} <= set(why.values())
+    assert had not in ranked and "not folded in: nowhere" in captured.err
+    assert main([*ask, *items, "--include-interacted"]) == 0
+    ranked = capsys.readouterr().out.partition("\nleft out\n")[0]
+    assert had in ranked
+
+
+def test_unknown_recent_items_are_named_not_silently_dropped(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ask = ["recommend", "--server", f"localhost:{server.running.port}", "--recent", "CC-9"]
+    assert main(ask) == 0
+    captured = capsys.readouterr()
+    assert "source POPULAR" in captured.out
+    assert "not folded in: CC-9" in captured.err
+
+
+def test_every_client_command_names_its_server_the_same_way() -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    asking = set()
+    for name, command in commands.items():
+        flags = {f for action in command._actions for f in action.option_strings}
+        if "--token-file" in flags:  # a command that calls a server
+            asking.add(name)
+            assert "--server" in flags, name
+            assert "--target" not in command.format_help(), name  # read as the product
+    assert {"recommend", "rank", "similar", "info", "health", "target", "event"} <= asking
+    for name in ("recommend", "similar"):
+        help_text = commands[name].format_help()
+        assert "how many products" in help_text
+    assert "weighed most" in commands["recommend"].format_help()
+
+
+def test_the_server_can_come_from_the_environment(
+    server: ServerThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSVC_SERVER", f"localhost:{server.running.port}")
+    assert main(["info"]) == 0
+    assert "rule: suitability" in capsys.readouterr().out
+
+
+def test_health_exits_0_only_once_serving(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["health", "--server", f"localhost:{server.running.port}"]) == 0
+    assert capsys.readouterr().out.endswith(": SERVING\n")
+    empty = ServerThread(settings_for(tmp_path, trial_in_child=False), load=False)
+    try:
+        waited = time.monotonic()
+        assert main(["health", "--server", f"localhost:{empty.running.port}", "--wait", "1"]) == 1
+        assert time.monotonic() - waited >= 1
+        assert capsys.readouterr().out.endswith(": NOT_SERVING\n")
+    finally:
+        empty.stop()
+    assert main(["health", "--server", f"127.0.0.1:{free_port()}"]) == 1
+    assert ": UNAVAILABLE: " in capsys.readouterr().out
+
+
+def test_target_says_why_the_audience_is_smaller_than_asked(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "aud.parquet"
+    ask = ["target", "--server", f"localhost:{server.running.port}", "--item", "CC-000001"]
+    assert main([*ask, "--size", "100000", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n = pq.read_metadata(out).num_rows
+    assert f"{n:,} customers, not the 100,000 asked for:" in lines[1]
+    assert "without marketing consent" in lines[1] and "who hold one already" in lines[1]
+    assert main([*ask, "--size", "3", "--out", str(out)]) == 0
+    assert "asked for" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "flags",
     [
@@ -45,6 +147,7 @@ def test_errors_are_reported_not_raised(
         ["--auth-token-file", "/no/token"],
         ["--workers", "0", "--port", "7000"],
         ["--workers", "2", "--port", "0"],
+        ["--metrics-port", "7000", "--port", "7000"],
     ],
 )
 def test_serve_refuses_bad_settings_before_starting(
@@ -85,8 +188,6 @@ def test_client_commands_say_what_to_install_without_the_client(
 def test_the_write_commands_change_what_the_server_answers(
     models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.conftest import ServerThread, settings_for
-
     live = ServerThread(
         settings_for(models_dir, state=f"sqlite:///{tmp_path}/s.db", pseudonym_key=b"cli-key")
     )

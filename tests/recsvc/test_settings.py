@@ -56,6 +56,7 @@ def _cases(d: Path) -> dict[str, Case]:
         "max_concurrent_rpcs": Case("16", 16, ["32"], 32),
         "max_message_bytes": Case("1024", 1024, ["2048"], 2048),
         "grace_seconds": Case("1.5", 1.5, ["3"], 3.0),
+        "metrics_port": Case("9100", 9100, ["9200"], 9200),
         "pseudonym_key": Case("k-env", b"k-env", ["k-flag"], b"k-flag"),
         "trial_in_child": Case("no", False, [], False, under="yes"),
         "no_consent_data": Case("1", True, [], True, under="0"),

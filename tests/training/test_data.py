@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -118,6 +119,18 @@ def test_users_table_rows_come_first_and_extra_users_are_padded(tmp_path: Path) 
     data = load_training_data(inter, users=users)
     assert data.users.ids == ["a", "q", "z"]
     assert data.user_table.column("risk_tolerance").to_pylist() == [3, 2, None]
+
+
+def test_integer_ids_missing_from_the_users_table_are_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    inter = _write(tmp_path / "i.parquet", user_id=pa.array([42, 7], pa.int64()), item_id=["x"] * 2)
+    users = _write(tmp_path / "u.parquet", user_id=["C00000042", "C00000007", "C00000001"])
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        load_training_data(inter, users=users)
+    (record,) = [r for r in caplog.records if "missing from the users table" in r.getMessage()]
+    assert (record.missing, record.users_table) == (2, 3)  # type: ignore[attr-defined]
+    assert "42" not in record.getMessage()  # counts only: customer ids stay out of logs
 
 
 def test_folder_and_glob_inputs(tmp_path: Path) -> None:

@@ -143,6 +143,28 @@ def test_unreachable_endpoint_is_named(evaluated: Path, sample_dir: Path) -> Non
         rank_endpoint("localhost:1", holdout(split.test, data), data, 10, timeout=2, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("given", "missing"), [((), "--users and --items"), (("--items",), "--users")]
+)
+def test_replaying_without_the_tables_it_was_trained_with_names_them(
+    evaluated: Path,
+    sample_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    given: tuple[str, ...],
+    missing: str,
+) -> None:
+    tables = [a for flag in given for a in (flag, str(sample_dir / f"{flag[2:]}.parquet"))]
+    argv = [
+        "--interactions", str(sample_dir / "interactions.parquet"), *tables,
+        "--split", f"replay:{evaluated / 'split'}", "--bundle", str(evaluated / "models"),
+        "--baselines", "none", "--report", str(tmp_path), "-q",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"give {missing}" in err and "not trained on this split" not in err
+
+
 def test_a_bundle_trained_on_other_data_is_refused(
     evaluated: Path, models_dir: Path, sample_dir: Path, tmp_path: Path
 ) -> None:

@@ -13,6 +13,8 @@ __all__ = [
     "ActiveRules",
     "Audience",
     "Contribution",
+    "DropReason",
+    "Dropped",
     "ErasureReceipt",
     "ExclusionCounts",
     "ModelInfo",
@@ -53,12 +55,37 @@ class ScoredItem:
     because: tuple[Contribution, ...] = ()
 
 
+class DropReason(enum.Enum):
+    """Why RankItems left a candidate out (the values are the API's)."""
+
+    UNSPECIFIED = 0
+    UNKNOWN_ITEM = 1
+    """Not in the model's catalogue."""
+    INACTIVE = 2
+    UNSUITABLE = 3
+    """Its risk level is above the customer's risk tolerance."""
+    EXCLUSIVE_CATEGORY = 4
+    """Another product of an exclusive category the customer holds one of."""
+    INTERACTED = 5
+    """The customer already has it or interacted with it (``include_interacted`` allows it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A RankItems candidate left out, and why."""
+
+    item_id: str
+    reason: DropReason
+
+
 @dataclass(frozen=True, slots=True)
 class Recommendation:
     """Products for a customer, best first (Recommend, SimilarItems and RankItems).
 
     ``source`` is None for similar items (the API has none there); ``unknown_item_ids``
-    lists the RankItems candidates the model does not know.
+    lists the RankItems candidates the model does not know, ``dropped`` every RankItems
+    candidate left out with its reason, and ``unknown_recent_item_ids`` the recent items
+    the model does not know (not folded in).
     """
 
     items: tuple[ScoredItem, ...]
@@ -67,6 +94,8 @@ class Recommendation:
     recommendation_id: str
     state_sequence: int
     unknown_item_ids: tuple[str, ...] = ()
+    dropped: tuple[Dropped, ...] = ()
+    unknown_recent_item_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +133,10 @@ class ExclusionCounts:
     unsuitable: int = 0
     holders: int = 0
     below_min_score: int = 0
+    contact_capped: int = 0
+    """Contacted up to a cap of the contact policy within its window."""
+    declined_recently: int = 0
+    """Declined a product of a campaign category within its cooldown."""
 
 
 @dataclass(frozen=True, slots=True)

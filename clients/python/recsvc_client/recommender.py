@@ -10,6 +10,8 @@ from recsvc_client.answers import (
     ActiveRules,
     Audience,
     Contribution,
+    Dropped,
+    DropReason,
     ExclusionCounts,
     ModelInfo,
     Recommendation,
@@ -21,6 +23,7 @@ from recsvc_client.channel import ServiceClient
 __all__ = ["RecommenderClient"]
 
 _SOURCES = {source.value: source for source in Source}
+_REASONS = {reason.value: reason for reason in DropReason}
 
 
 class RecommenderClient(ServiceClient):
@@ -55,7 +58,11 @@ class RecommenderClient(ServiceClient):
             min_sequence=min_sequence,
         )
         resp: recommender_pb2.RecommendResponse = self._call(self._stub.Recommend, request)
-        return _recommendation(resp, _SOURCES.get(resp.source, Source.UNSPECIFIED))
+        return _recommendation(
+            resp,
+            _SOURCES.get(resp.source, Source.UNSPECIFIED),
+            unknown_recent_item_ids=tuple(resp.unknown_recent_item_ids),
+        )
 
     def similar_items(
         self,
@@ -97,6 +104,11 @@ class RecommenderClient(ServiceClient):
             resp,
             _SOURCES.get(resp.source, Source.UNSPECIFIED),
             unknown_item_ids=tuple(resp.unknown_item_ids),
+            dropped=tuple(
+                Dropped(d.item_id, _REASONS.get(d.reason, DropReason.UNSPECIFIED))
+                for d in resp.dropped
+            ),
+            unknown_recent_item_ids=tuple(resp.unknown_recent_item_ids),
         )
 
     def model_info(self) -> ModelInfo:
@@ -157,7 +169,14 @@ class RecommenderClient(ServiceClient):
             sequence = msg.state_sequence or sequence
             if msg.HasField("excluded"):  # the last message
                 e = msg.excluded
-                excluded = ExclusionCounts(e.no_consent, e.unsuitable, e.holders, e.below_min_score)
+                excluded = ExclusionCounts(
+                    e.no_consent,
+                    e.unsuitable,
+                    e.holders,
+                    e.below_min_score,
+                    e.contact_capped,
+                    e.declined_recently,
+                )
                 eligible, approximate = msg.eligible_users, msg.approximate
         return Audience(
             user_ids=tuple(user_ids),
@@ -171,7 +190,11 @@ class RecommenderClient(ServiceClient):
 
 
 def _recommendation(
-    resp: Any, source: Source | None, unknown_item_ids: tuple[str, ...] = ()
+    resp: Any,
+    source: Source | None,
+    unknown_item_ids: tuple[str, ...] = (),
+    dropped: tuple[Dropped, ...] = (),
+    unknown_recent_item_ids: tuple[str, ...] = (),
 ) -> Recommendation:
     """A Recommendation from any of the three answers that carry scored items."""
     return Recommendation(
@@ -188,4 +211,6 @@ def _recommendation(
         recommendation_id=resp.recommendation_id,
         state_sequence=resp.state_sequence,
         unknown_item_ids=unknown_item_ids,
+        dropped=dropped,
+        unknown_recent_item_ids=unknown_recent_item_ids,
     )

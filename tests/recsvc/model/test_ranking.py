@@ -11,7 +11,7 @@ from implicit.cpu.als import AlternatingLeastSquares
 
 from recsvc.errors import NotFound
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
-from recsvc.model.ranking import Ranked, Recommender, Source
+from recsvc.model.ranking import DropReason, Ranked, Recommender, Source
 from tests.rules_oracle import Oracle
 
 
@@ -115,6 +115,52 @@ def test_rank_items_orders_and_filters(recommender: Recommender, oracle: Oracle)
     vec = b.user_index.vectors[b.users.index(user)]
     expected = sorted(ids, key=lambda i: -float(b.item_index.vectors[b.items.index(i)] @ vec))
     assert ids == expected
+
+
+def _first_broken_rule(oracle: Oracle, user: str, item: str) -> DropReason | None:
+    """The oracle's reason a candidate is left out: the first rule it breaks, in the API's order."""
+    if item not in oracle.risk:
+        return DropReason.UNKNOWN_ITEM
+    if not oracle.active[item]:
+        return DropReason.INACTIVE
+    if oracle.risk[item] > oracle.tol(user):
+        return DropReason.UNSUITABLE
+    closed = oracle.category[item] in oracle.closed_categories(user)
+    if closed and item not in oracle.held.get(user, set()):
+        return DropReason.EXCLUSIVE_CATEGORY
+    if item in oracle.history.get(user, set()):
+        return DropReason.INTERACTED
+    return None
+
+
+@pytest.mark.parametrize("include_interacted", [False, True])
+def test_rank_items_names_the_reason_of_every_candidate_left_out(
+    recommender: Recommender, oracle: Oracle, include_interacted: bool
+) -> None:
+    b = recommender.bundle
+    candidates = ("ghost", *b.items.ids[:150], b.items.ids[3], "phantom")
+    seen: set[DropReason] = set()
+    for user in [*b.users.ids[::75], "a-customer-nobody-knows"]:
+        got = recommender.rank_items(
+            RankQuery(user_id=user, item_ids=candidates, include_interacted=include_interacted)
+        )
+        want = {i: _first_broken_rule(oracle, user, i) for i in dict.fromkeys(candidates)}
+        if include_interacted:
+            want = {i: None if r is DropReason.INTERACTED else r for i, r in want.items()}
+        assert [d.item_id for d in got.dropped] == [i for i, r in want.items() if r is not None]
+        assert {d.item_id: d.reason for d in got.dropped} == {
+            i: r for i, r in want.items() if r is not None
+        }, user
+        assert {it.item_id for it in got.items} == {i for i, r in want.items() if r is None}
+        assert got.unknown_item_ids == ("ghost", "phantom")
+        seen |= {d.reason for d in got.dropped}
+    assert seen == set(DropReason) - ({DropReason.INTERACTED} if include_interacted else set())
+
+
+def test_unknown_recent_items_are_named(recommender: Recommender) -> None:
+    known = recommender.bundle.items.ids[5]
+    assert recommender.unknown_items(("nope", known, "gone")) == ("nope", "gone")
+    assert recommender.unknown_items(()) == ()
 
 
 def test_similar_items_apply_the_customers_rules(recommender: Recommender, oracle: Oracle) -> None:

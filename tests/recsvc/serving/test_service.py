@@ -7,6 +7,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from recsvc.model.queries import RankQuery
+from recsvc.model.ranking import Recommender
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc
 from tests.conftest import rpc_code
@@ -59,6 +61,26 @@ def test_sources_and_explain(stub: recommender_pb2_grpc.RecommenderStub, recomme
         for _ in range(3)
     }
     assert len(ids) == 3
+
+
+def test_unknown_recent_items_and_dropped_candidates_are_answered(
+    stub: recommender_pb2_grpc.RecommenderStub, recommender: Recommender
+) -> None:
+    r = stub.Recommend(pb.RecommendRequest(recent_item_ids=["nope", "gone"], k=3), timeout=5)
+    assert r.source == pb.POPULAR and list(r.unknown_recent_item_ids) == ["nope", "gone"]
+    r = stub.Recommend(pb.RecommendRequest(recent_item_ids=["CC-000001", "nope"]), timeout=5)
+    assert r.source == pb.FOLD_IN and list(r.unknown_recent_item_ids) == ["nope"]
+    user, candidates = "C00000004", ["ghost", *recommender.bundle.items.ids]
+    want = recommender.rank_items(RankQuery(user_id=user, item_ids=tuple(candidates)))
+    got = stub.RankItems(
+        pb.RankItemsRequest(user_id=user, item_ids=candidates, recent_item_ids=["nope"]),
+        timeout=5,
+    )
+    assert [(d.item_id, pb.DropReason.Name(d.reason)) for d in got.dropped] == [
+        (d.item_id, d.reason.name) for d in want.dropped
+    ]
+    assert {pb.DropReason.Name(d.reason) for d in got.dropped} >= {"UNKNOWN_ITEM", "UNSUITABLE"}
+    assert list(got.unknown_recent_item_ids) == ["nope"]
 
 
 def test_model_info(stub: recommender_pb2_grpc.RecommenderStub, recommender) -> None:  # type: ignore[no-untyped-def]
