@@ -1,6 +1,8 @@
 """The live state's cost: writes, how fast they take effect, and what the overlay costs serving.
 
-Four measurements over one bundle, each on a fresh state store:
+Four measurements over one bundle; the first two on fresh state stores, the others on
+one store filled with one event for each of ``changed`` customers (half the bundle's
+own, half new) before any server opens it:
 
 - **throughput**: events a second through ``record_events`` in this process, then
   through ``RecordEvents`` on a ``recsvc serve --state`` (batches from several client
@@ -8,10 +10,10 @@ Four measurements over one bundle, each on a fresh state store:
 - **propagation**: two servers over one state; a purchase acknowledged by one, then
   the other polled (``GetModelInfo.state_sequence``) until it has applied it; each
   sample is checked once more with ``Recommend`` (the purchased item has left the
-  customer's answer);
-- **overlay serving**: ``Recommend`` QPS of a server whose state holds one event for
-  each of ``changed`` customers (half the bundle's own, half new), against a server
-  without state, measured side by side as the serving section measures;
+  customer's answer). Once more at the end, written in process, on the server that
+  holds the filled store's overlay;
+- **overlay serving**: ``Recommend`` QPS of a server over the filled store against a
+  server without state, measured side by side as the serving section measures;
 - **overlay cost**: in a fresh process (``python -m bench.live overlay``), the
   anonymous memory the same changes add when applied to the bundle's overlay, the
   time that takes, the cost of applying one more commit over it, and the CPU of

@@ -131,10 +131,18 @@ class PostgresStore(_sql.SQLStore):
         with self._cursor() as cur:
             if self._schema_version(cur) is not None:
                 return  # no DDL, so a role without CREATE rights may open it
-        with self._transaction() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SET_UP_LOCK,))
-            if self._schema_version(cur) is None:  # not created meanwhile
-                self._create_schema(cur)
+        try:
+            with self._transaction() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SET_UP_LOCK,))
+                if self._schema_version(cur) is None:  # not created meanwhile
+                    self._create_schema(cur)
+        except StateError:
+            # Processes opening a fresh database at once: one may still see no schema
+            # after the lock and collide with the one that made it (42P07). Its
+            # transaction rolled back; if the schema is there now, that is success.
+            with self._cursor() as cur:
+                if self._schema_version(cur) is None:
+                    raise
 
     @staticmethod
     def _store_time(moment: datetime) -> datetime:
