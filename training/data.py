@@ -386,9 +386,21 @@ def _read_interactions(path: str | Path, report: DropReport) -> pa.Table:
     i_col = _id_column(table, "interactions", path, "item_id")
     table = table.set_column(table.schema.get_field_index("user_id"), "user_id", u_col)
     table = table.set_column(table.schema.get_field_index("item_id"), "item_id", i_col)
+    _check_ts_type(table, path)
     valid = pc.and_(pc.is_valid(u_col), pc.is_valid(i_col))
     report.null_ids = table.num_rows - pc.sum(valid.cast(pa.int64())).as_py()
     return table.filter(valid) if report.null_ids else table
+
+
+def _check_ts_type(table: pa.Table, path: object) -> None:
+    """A ``ts`` column must hold timestamps, whether or not this fit reads the times.
+
+    Times are only read where they matter (decay, close events), but a column of
+    text or numbers is a broken export either way: refused at once, not on the day
+    ``--half-life-days`` is first given.
+    """
+    if "ts" in table.column_names and not pa.types.is_timestamp(table.schema.field("ts").type):
+        raise _mistyped("interactions", path, "ts", table.schema.field("ts").type, "timestamp")
 
 
 def _item_vocabulary(table: pa.Table | None, item_ids: pa.ChunkedArray) -> Vocabulary:

@@ -166,6 +166,24 @@ def test_interaction_contract_errors_name_file_and_column(
     assert "bad.parquet" in str(err.value)
 
 
+@pytest.mark.parametrize("half_life_days", [None, 10.0])
+@pytest.mark.parametrize(
+    ("ts", "type_name"),
+    [
+        (["2024-01-01"], "string"),
+        (pa.array([1704067200], pa.int64()), "int64"),
+        (pa.array([1.5], pa.float64()), "double"),
+    ],
+)
+def test_a_ts_column_that_is_not_a_timestamp_is_refused_with_or_without_decay(
+    tmp_path: Path, ts: object, type_name: str, half_life_days: float | None
+) -> None:
+    path = _write(tmp_path / "bad.parquet", user_id=["a"], item_id=["x"], ts=ts)
+    expected = f"bad.parquet: column 'ts' has type {type_name}, expected timestamp"
+    with pytest.raises(DataError, match=expected):
+        load_training_data(path, config=DataConfig(half_life_days=half_life_days))
+
+
 def test_empty_and_missing_inputs(tmp_path: Path) -> None:
     empty = _write(
         tmp_path / "empty.parquet",
