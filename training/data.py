@@ -245,6 +245,7 @@ def _events(
     interaction = np.ones(n, dtype=bool)
     codes = _event_codes(table, path)
     if codes is not None:
+        _refuse_unknown_events(*codes, config, path)
         names, idx = codes
         held = _flags(names, idx, set(config.held_events))
         close = _flags(names, idx, {CLOSE_EVENT})
@@ -288,13 +289,37 @@ def _weight_column(table: pa.Table, path: object) -> np.ndarray:
     return np.asarray(wcol.cast(pa.float64()).fill_null(1.0).to_numpy())
 
 
+def _known(names: list[str], config: DataConfig) -> list[bool]:
+    """Whether each event name means something: it has a weight, or records no interest."""
+    return [name in config.event_weights or name in NON_INTERACTION_EVENTS for name in names]
+
+
+def _refuse_unknown_events(
+    names: list[str], idx: np.ndarray, config: DataConfig, path: object
+) -> None:
+    """Refuse an ``event`` column in which no row names a known event.
+
+    Such a column is another vocabulary (``PURCHASE``, ``txn``), not a few stray
+    rows: every row would count 1 and none would be held, so the model learns nothing
+    the events meant. A null event is not a known one.
+    """
+    if len(idx) == 0 or np.array([*_known(names, config), False])[idx].any():
+        return
+    shown = ", ".join(repr(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
+    known = ", ".join(sorted(set(config.event_weights) | NON_INTERACTION_EVENTS))
+    raise DataError(
+        f"interactions {path}: column 'event' names no known event in any of its "
+        f"{len(idx):,} rows ({shown or 'only nulls'}; known: {known}): name yours in "
+        "--event-weights (and --held-events), or drop the column"
+    )
+
+
 def _event_weights(
     names: list[str], idx: np.ndarray, config: DataConfig, report: DropReport
 ) -> np.ndarray:
     """Each row's strength by its event; an unknown or null event counts 1 (and is counted)."""
-    known = [name in config.event_weights or name in NON_INTERACTION_EVENTS for name in names]
     lut = np.array([config.event_weights.get(name, 1.0) for name in names] + [1.0])
-    report.unknown_events += int((~np.array([*known, True]))[idx].sum())
+    report.unknown_events += int((~np.array([*_known(names, config), True]))[idx].sum())
     return np.asarray(lut[idx])
 
 

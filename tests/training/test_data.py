@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -69,6 +70,33 @@ def test_custom_event_weights_and_unknown_events(tmp_path: Path) -> None:
     data = load_training_data(path, config=DataConfig(event_weights={"view": 3.0}))
     assert _dense(data) == {("a", "x"): 3.0, ("a", "y"): 1.0}
     assert data.report.unknown_events == 1
+
+
+@pytest.mark.parametrize(
+    ("event", "weight", "shown"),
+    [
+        (["PURCHASE", "VIEW", "PURCHASE"], None, "'PURCHASE', 'VIEW'; known: apply, click, close"),
+        (["txn", "txn", "txn"], [1.0, 2.0, 3.0], "'txn'; known:"),  # a weight column too
+        (pa.nulls(3, pa.string()), None, "only nulls; known:"),
+    ],
+)
+def test_an_event_column_naming_no_known_event_is_refused(
+    tmp_path: Path, event: object, weight: list[float] | None, shown: str
+) -> None:
+    cols: dict[str, object] = {"user_id": ["a", "b", "c"], "item_id": ["x", "y", "x"]}
+    cols.update(event=event, **({"weight": weight} if weight else {}))
+    path = _write(tmp_path / "i.parquet", **cols)
+    expected = f"i.parquet: column 'event' names no known event in any of its 3 rows ({shown}"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_training_data(path)
+    # One known event is enough: the rest count as before (unknown ones counted, without
+    # a weight column; with one, the weight decides the strength).
+    mixed = _write(tmp_path / "m.parquet", **{**cols, "event": ["zap", "view", None]})
+    assert load_training_data(mixed).report.unknown_events == (0 if weight else 1)
+    # Events named in --event-weights are known.
+    renamed = DataConfig(event_weights={"PURCHASE": 8.0, "VIEW": 1.0, "txn": 1.0})
+    if not isinstance(event, pa.Array):
+        assert load_training_data(path, config=renamed).user_items.nnz == 3
 
 
 def test_time_decay_halves_per_half_life(tmp_path: Path) -> None:
