@@ -191,7 +191,14 @@ def _id_column(table: pa.Table, what: str, path: object, column: str) -> pa.Chun
     raise _mistyped(what, path, column, col.type, "string")
 
 
-def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.ChunkedArray | None:
+_EXAMPLES = 5
+"""Rows an error names by id (the operator's own data, on their terminal; never logged)."""
+
+
+def _check_level(
+    table: pa.Table, what: str, path: object, column: str, id_col: str
+) -> pa.ChunkedArray | None:
+    """The 1..5 ``column`` as int8; out of range, the error counts the rows and names a few."""
     if column not in table.column_names:
         return None
     col = table.column(column)
@@ -199,7 +206,20 @@ def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.Ch
         raise _mistyped(what, path, column, col.type, "integer")
     lo, hi = pc.min(col).as_py(), pc.max(col).as_py()
     if lo is not None and (lo < 1 or hi > 5):
-        raise DataError(f"{what} {path}: column {column!r} holds values outside 1..5")
+        bad = table.filter(pc.or_(pc.less(col, 1), pc.greater(col, 5)))
+        shown = ", ".join(
+            f"{i} ({v})"
+            for i, v in zip(
+                bad.column(id_col).slice(0, _EXAMPLES).to_pylist(),
+                bad.column(column).slice(0, _EXAMPLES).to_pylist(),
+                strict=True,
+            )
+        )
+        more = ", ..." if bad.num_rows > _EXAMPLES else ""
+        raise DataError(
+            f"{what} {path}: column {column!r} holds values outside 1..5 in "
+            f"{bad.num_rows:,} of {table.num_rows:,} rows ({id_col}: {shown}{more})"
+        )
     return col.cast(pa.int8())
 
 
@@ -219,7 +239,7 @@ def _read_table(
     if pc.count_distinct(ids).as_py() != table.num_rows:
         raise DataError(f"{what} {path}: column {id_col!r} has duplicate ids")
     table = table.set_column(table.schema.get_field_index(id_col), id_col, ids)
-    level = _check_level(table, what, path, level_col)
+    level = _check_level(table, what, path, level_col, id_col)
     if level is not None:
         table = table.set_column(table.schema.get_field_index(level_col), level_col, level)
     _check_bool(table, what, path, bool_col)

@@ -251,6 +251,33 @@ def test_users_contract_errors(tmp_path: Path) -> None:
         load_training_data(inter, users=users)
 
 
+def test_tolerances_out_of_range_are_counted_and_a_few_named(tmp_path: Path) -> None:
+    inter = _write(tmp_path / "i.parquet", user_id=["a"], item_id=["x"])
+    ids = [f"C{n:03d}" for n in range(20)]
+    tolerance = [3] * 20
+    for row, value in zip([2, 5, 6, 11, 12, 17, 19], [0, 6, 9, -1, 7, 8, 6], strict=True):
+        tolerance[row] = value
+    users = _write(
+        tmp_path / "users.parquet",
+        user_id=ids,
+        risk_tolerance=pa.array(tolerance, pa.int16()),
+    )
+    expected = (
+        "users.parquet: column 'risk_tolerance' holds values outside 1..5 in 7 of 20 rows "
+        "(user_id: C002 (0), C005 (6), C006 (9), C011 (-1), C012 (7), ...)"
+    )
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_training_data(inter, users=users)
+    # Few bad rows: every one named, no ellipsis; nulls are not out of range.
+    one = _write(
+        tmp_path / "one.parquet",
+        user_id=["a", "b", "c"],
+        risk_tolerance=pa.array([None, 2, 6], pa.int8()),
+    )
+    with pytest.raises(DataError, match=re.escape("in 1 of 3 rows (user_id: c (6))")):
+        load_training_data(inter, users=one)
+
+
 def test_no_interaction_on_a_known_item(tmp_path: Path) -> None:
     inter = _write(tmp_path / "i.parquet", user_id=["a"], item_id=["ghost"])
     items = _write(tmp_path / "items.parquet", item_id=["x"])
