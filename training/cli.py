@@ -197,6 +197,11 @@ def _fit(args: argparse.Namespace, state: FoldedState | None) -> tuple[Path, Tra
         f"merged {report.duplicates_merged:,} duplicate pairs; "
         f"{report.unknown_events} unknown events"
     )
+    if data.has_users_table:
+        print(
+            f"  customers missing from the users table: {report.missing_customers:,} "
+            "(kept, with risk tolerance 1 and no marketing consent)"
+        )
     print(f"  load {t_load:.2f}s, fit {model.seconds:.2f}s, index+publish {t_publish:.2f}s")
     return folder, data
 

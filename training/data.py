@@ -94,6 +94,9 @@ class DropReport:
     """Erased customers found in the inputs: every row of theirs is dropped."""
     forgotten_rows: int = 0
     """Interaction rows of erased customers dropped from the logs."""
+    missing_customers: int = 0
+    """Customers of the interactions the users table lacks: kept, with the unknown
+    customer's defaults (risk tolerance 1, no marketing consent)."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -455,18 +458,28 @@ def _item_vocabulary(table: pa.Table | None, item_ids: pa.ChunkedArray) -> Vocab
     return Vocabulary(pc.unique(item_ids).sort())
 
 
-def _user_vocabulary(table: pa.Table | None, user_ids: pa.ChunkedArray) -> Vocabulary:
-    """The customer table's users in its order, then the users only events name, sorted."""
+def _user_vocabulary(
+    table: pa.Table | None, user_ids: pa.ChunkedArray, report: DropReport
+) -> Vocabulary:
+    """The customer table's users in its order, then the users only events name, sorted.
+
+    Those the table lacks are counted (``report.missing_customers``) and warned of
+    by count only: customer ids never reach a log.
+    """
     interaction_users = pc.unique(user_ids)
     if table is None:
         return Vocabulary(interaction_users.sort())
     known = table.column("user_id").combine_chunks()
     extra = pc.filter(interaction_users, pc.invert(pc.is_in(interaction_users, known)))
+    report.missing_customers = len(extra)
     if len(extra):  # often ids of another form: 42 (read as "42") against "C00000042"
         log.warning(
-            "customers in the interactions are missing from the users table: they get risk "
-            "tolerance 1 and no marketing consent; ids must match exactly (integers are read "
-            "as text)",
+            "%d of %d customers in the interactions are missing from the users table (of %d "
+            "rows): they are kept, with risk tolerance 1 and no marketing consent; ids must "
+            "match exactly (integers are read as text)",
+            len(extra),
+            len(interaction_users),
+            len(known),
             extra={"missing": len(extra), "users_table": len(known)},
         )
     return Vocabulary(pa.concat_arrays([known, extra.sort()]))
@@ -595,7 +608,7 @@ def load_training_data(
             events, weight=events.weight * _decay(events.seconds, config.half_life_days)
         )
     item_vocab = _item_vocabulary(inputs.items, events.items)
-    user_vocab = _user_vocabulary(inputs.users, events.users)
+    user_vocab = _user_vocabulary(inputs.users, events.users, report)
     keys, keep = _pair_keys(events, user_vocab, item_vocab, interactions, report)
     matrix, pair_held = _merge_pairs(keys, keep, events, len(user_vocab), len(item_vocab), report)
     data = TrainingData(

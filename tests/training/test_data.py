@@ -158,7 +158,30 @@ def test_integer_ids_missing_from_the_users_table_are_logged(
         load_training_data(inter, users=users)
     (record,) = [r for r in caplog.records if "missing from the users table" in r.getMessage()]
     assert (record.missing, record.users_table) == (2, 3)  # type: ignore[attr-defined]
+    assert record.getMessage().startswith("2 of 2 customers in the interactions are missing")
     assert "42" not in record.getMessage()  # counts only: customer ids stay out of logs
+
+
+def test_customers_missing_from_the_users_table_are_counted_and_get_the_defaults(
+    tmp_path: Path,
+) -> None:
+    inter = _write(tmp_path / "i.parquet", user_id=["a", "b", "c", "d"], item_id=["x"] * 4)
+    users = _write(
+        tmp_path / "u.parquet",
+        user_id=["a", "c"],
+        risk_tolerance=pa.array([4, 5], pa.int8()),
+        marketing_consent=[True, True],
+    )
+    data = load_training_data(inter, users=users)
+    assert data.report.missing_customers == 2
+    assert data.report.as_dict()["missing_customers"] == 2  # what the manifest records
+    table = data.user_table
+    assert table.column("user_id").to_pylist() == ["a", "c", "b", "d"]
+    # Null tolerance and consent: read as 1 and no, the unknown customer's defaults.
+    assert table.column("risk_tolerance").to_pylist() == [4, 5, None, None]
+    assert table.column("marketing_consent").to_pylist() == [True, True, None, None]
+    complete = _write(tmp_path / "all.parquet", user_id=["a", "b", "c", "d", "e"])
+    assert load_training_data(inter, users=complete).report.missing_customers == 0
 
 
 def test_folder_and_glob_inputs(tmp_path: Path) -> None:

@@ -224,6 +224,33 @@ def test_cli_bad_input_publishes_nothing(
     assert not (tmp_path / "m").exists() or not os.listdir(tmp_path / "m")
 
 
+def test_cli_fit_counts_customers_missing_from_the_users_table(
+    sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    users = pq.read_table(sample_dir / "users.parquet")
+    kept = users.slice(100)  # the first 100 customers lose their profile row
+    pq.write_table(kept, tmp_path / "users.parquet")
+    models = tmp_path / "m"
+    data = [f"--interactions={sample_dir / 'interactions.parquet'}"]
+    data += [f"--items={sample_dir / 'items.parquet'}", f"--users={tmp_path / 'users.parquet'}"]
+    code = train_main(["-q", "fit", *data, "--models", str(models), "--factors=4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    active = set(pq.read_table(sample_dir / "interactions.parquet")["user_id"].to_pylist())
+    missing = set(users.column("user_id").to_pylist()[:100]) & active
+    assert 50 < len(missing) <= 100
+    bundle = load_bundle(models / read_latest(models))  # type: ignore[operator]
+    rows = [bundle.users.index(u) for u in sorted(missing)]
+    assert None not in rows  # kept and ranked, not dropped
+    n = len(missing)
+    assert f"customers missing from the users table: {n} (kept" in out
+    assert bundle.manifest.data_report["missing_customers"] == n
+    # The unknown customer's defaults: the lowest tolerance, no consent.
+    assert set(bundle.tolerance[rows].tolist()) == {1}
+    assert not bundle.consent[rows].any()
+    assert bundle.consent.sum() > 0  # the others keep theirs
+
+
 def _fill_the_disk_at(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
     """The disk fills while ``target`` is written: it keeps half its bytes, and its writer
     fails as each does on a full disk (numpy and pyarrow: OSError ENOSPC; FAISS: a
