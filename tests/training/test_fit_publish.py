@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from implicit.cpu.als import AlternatingLeastSquares
 
+from recsvc.errors import FitError
 from recsvc.model.bundle import (
     LATEST,
     list_versions,
@@ -27,7 +28,6 @@ from recsvc.model.bundle import (
     read_manifest,
     sha256_file,
 )
-from recsvc.errors import FitError
 from recsvc.model.manifest import FILES, MANIFEST, RuleFlags
 from training.cli import main as train_main
 from training.data import TrainingData
