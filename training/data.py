@@ -474,7 +474,7 @@ def _user_vocabulary(
     report.missing_customers = len(extra)
     if len(extra):  # often ids of another form: 42 (read as "42") against "C00000042"
         log.warning(
-            "%d of %d customers in the interactions are missing from the users table (of %d "
+            "%d of %d customers in the interactions are missing from the users table (%d "
             "rows): they are kept, with risk tolerance 1 and no marketing consent; ids must "
             "match exactly (integers are read as text)",
             len(extra),
