@@ -56,7 +56,8 @@ EASE_MAX_ITEMS = 20_000
 EASE_DEFAULT_LAMBDA = 500.0
 """Lambda when none was chosen (Steck's ML-20M value is 500, as is the common default)."""
 EASE_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
-"""Lambdas tried first: half-decade steps; a best at either end widens the grid."""
+"""Lambdas tried first: half-decade steps; a best at either end widens the grid, and
+the midpoints around the best refine it."""
 _EASE_WIDEN = 6  # half-decades added at most beyond the grid, on the side of the best
 
 
@@ -156,7 +157,8 @@ def choose_ease_lambda(
     The carve, its fraction and the metric are the tuner's (``training.tune``; default
     nDCG@10 on 25% of each user's pairs, seeded ``seed``), so EASE is chosen on what the
     served model is tuned on. A best at either end of ``grid`` widens it by half-decades
-    (at most six), so the choice is never an artefact of the range.
+    (at most six), so the choice is never an artefact of the range; then the geometric
+    midpoints between the best and its two neighbours are tried as well.
 
     Raises:
         DataError: too many items, or too few pairs per user to carve a validation part.
@@ -192,6 +194,15 @@ def choose_ease_lambda(
         tried[lam] = validate(lam)
     best = max(sorted(tried), key=tried.__getitem__)
     at_edge = best in (min(tried), max(tried))
+    if not at_edge:
+        # Half a decade is coarse (nDCG moves by 1-3% between steps on ML-100K): try the
+        # geometric midpoints between the best and its two neighbours too.
+        ladder = sorted(tried)
+        i = ladder.index(best)
+        for other in (ladder[i - 1], ladder[i + 1]):
+            lam = float(f"{math.sqrt(best * other):.3g}")
+            tried[lam] = validate(lam)
+        best = max(sorted(tried), key=tried.__getitem__)
     if at_edge:
         log.warning("baseline ease: best lambda %g is still at the edge of %s", best, sorted(tried))
     validation = {

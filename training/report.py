@@ -135,7 +135,8 @@ def baseline_notes(results: Sequence[dict[str, Any]]) -> list[str]:
     for r in results:
         params = r.get("params")
         if r["name"] == "ease" and params:
-            tried = ", ".join(f"{lam} {v:.4f}" for lam, v in params["by_lambda"].items())
+            by_lambda = sorted(params["by_lambda"].items(), key=lambda kv: float(kv[0]))
+            tried = ", ".join(f"{lam} {v:.4f}" for lam, v in by_lambda)
             edge = " (still at the edge of the range)" if params["at_edge"] else ""
             lines.append(
                 f"ease: lambda {params['lambda']:g}{edge}, chosen by {params['chosen_by']} "

@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from recsvc.errors import DataError
 from training.baselines import (
     BASELINES,
+    EASE_GRID,
     EASE_MAX_ITEMS,
     choose_ease_lambda,
     ease_weights,
@@ -129,6 +130,14 @@ def test_ease_lambda_is_chosen_on_the_tuners_carve(training_data: TrainingData) 
     choice = choose_ease_lambda(training_data, seed=2)
     assert choice.lam in choice.by_lambda
     assert choice.by_lambda[choice.lam] == max(choice.by_lambda.values())
+    # The grid, then the geometric midpoints between the best step and its neighbours.
+    coarse = max(EASE_GRID, key=choice.by_lambda.__getitem__)
+    i = EASE_GRID.index(coarse)
+    assert set(choice.by_lambda) == {
+        *EASE_GRID,
+        float(f"{(coarse * EASE_GRID[i - 1]) ** 0.5:.3g}"),
+        float(f"{(coarse * EASE_GRID[i + 1]) ** 0.5:.3g}"),
+    }
     assert not choice.at_edge
     assert choice.metric == "ndcg@10"
     # The tuner's carve, same seed: the same validation pairs.
@@ -147,7 +156,9 @@ def test_ease_lambda_at_the_edge_widens_the_grid(
     narrow = choose_ease_lambda(training_data, seed=2, grid=grid)
     assert narrow.lam == wide.lam and not narrow.at_edge
     assert min(narrow.by_lambda) < narrow.lam < max(narrow.by_lambda)
-    assert set(narrow.by_lambda) - set(grid) <= {1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0}
+    ladder = {1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0}
+    midpoints = set(narrow.by_lambda) - set(grid) - ladder
+    assert len(midpoints) == 2  # the refinement around the best, between ladder steps
 
 
 def test_unknown_baseline_is_named(eligibility: Eligibility) -> None:

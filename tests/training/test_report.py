@@ -39,7 +39,7 @@ def test_ease_note_names_its_lambda_and_what_chose_it() -> None:
         "params": {
             "lambda": 300.0,
             "chosen_by": "ndcg@10 on a validation carve of the train part",
-            "by_lambda": {"100": 0.25, "300": 0.26, "1000": 0.24},
+            "by_lambda": {"100": 0.25, "1000": 0.24, "300": 0.26},  # as JSON sorts it
             "at_edge": False,
         }
     }
