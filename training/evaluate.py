@@ -32,7 +32,7 @@ from recsvc.model.queries import MAX_K, RecommendQuery
 from recsvc.model.ranking import Recommender
 from training.baselines import BASELINES, check_ease_items, choose_ease_lambda, rank_baseline
 from training.data import DataConfig, TrainingData, load_training_data
-from training.fit import FitParams, fit_model
+from training.fit import FitParams, fit_checked
 from training.metrics import suitability_violations, summarize
 from training.publish import publish
 from training.scoring import Eligibility
@@ -357,7 +357,7 @@ def _train(
 ) -> Path:
     """Fit on the train part and publish the bundle under ``models``; returns its folder."""
     with _timed(seconds, "fit"):
-        model = fit_model(data.user_items, params, progress=progress)
+        model = fit_checked(data.user_items, params, progress=progress)
     with _timed(seconds, "publish"):
         folder = publish(models, data, model, evaluation=True)
     return folder

@@ -228,3 +228,16 @@ def test_cli_bad_split_exits_2_naming_it(sample_dir: Path, tmp_path: Path, capsy
     )  # fmt: skip
     assert status == 2
     assert "split 'kfold': kind must be one of" in capsys.readouterr().err
+
+
+def test_cli_a_diverging_fit_exits_2_naming_its_parameters(
+    sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        ["--interactions", str(sample_dir / "interactions.parquet"), "--report", str(tmp_path),
+         "--split", "stratified:0.25", "--algorithm", "bpr", "--learning-rate", "1e9",
+         "--factors", "8", "--baselines", "popularity", "-q"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert "the bpr fit diverged" in err and "learning_rate=1e+09" in err
