@@ -36,6 +36,7 @@ from typing import Any
 
 from recsvc.audit.record import (
     GENESIS,
+    Members,
     encode_payload,
     encode_record,
     parse_record,
@@ -189,8 +190,11 @@ class AuditLog:
         """False once an I/O error stopped the writer (or it was closed)."""
         return self._failure is None and not self._closing
 
-    def append(self, payload: Mapping[str, Any]) -> int:
+    def append(self, payload: Mapping[str, Any] | Members) -> int:
         """Write one answer's record; returns its ``seq``.
+
+        ``payload`` is the record's payload, or its members already encoded
+        (:func:`~recsvc.audit.record.encode_answer`, the serving path's cheaper form).
 
         Returns once the record is written to the operating system (``always``: and
         fsynced). From the event loop in ``always`` mode, await :meth:`append_async`.
@@ -199,7 +203,8 @@ class AuditLog:
             AuditUnavailable: the trail cannot be written; the answer must not be sent.
             ValueError: the payload is not a valid record payload (a bug in the caller).
         """
-        members = encode_payload(payload)  # the costly part, outside the lock
+        # The costly part, outside the lock.
+        members = payload if isinstance(payload, Members) else encode_payload(payload)
         failed: AuditUnavailable | None = None
         with self._lock:
             if self._failure is not None:
@@ -224,7 +229,7 @@ class AuditLog:
             raise failed
         return seq
 
-    async def append_async(self, payload: Mapping[str, Any]) -> int:
+    async def append_async(self, payload: Mapping[str, Any] | Members) -> int:
         """:meth:`append` for the event loop: an ``always`` fsync waits in a thread."""
         if self.sync == "always":
             return await asyncio.to_thread(self.append, payload)
@@ -278,7 +283,7 @@ class AuditLog:
 
     # From here to _fail_locked, with self._lock held.
 
-    def _write(self, members: str, kind: str) -> int:
+    def _write(self, members: Members, kind: str) -> int:
         seq = self._seq
         line, digest = encode_record(seq, self._prev, datetime.now(timezone.utc), kind, members)
         written = os.write(self._segment.fd, line)
