@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 from recsvc.audit.find import find, parse_time, read_records
-from recsvc.audit.log import FSYNC_INTERVAL, SYNC_MODES, AuditLog
+from recsvc.audit.log import FSYNC_INTERVAL, SYNC_MODES, AuditLog, AuditObserver
 from recsvc.audit.record import (
     Members,
     answer_payload,
@@ -29,6 +29,7 @@ __all__ = [
     "FSYNC_INTERVAL",
     "SYNC_MODES",
     "AuditLog",
+    "AuditObserver",
     "Members",
     "Problem",
     "VerifyReport",

@@ -361,3 +361,35 @@ def test_sigkill_loses_no_acknowledged_record(tmp_path: Path) -> None:
         on_disk = {r["seq"] for r in read_records(tmp_path) if r["kind"] == "answer"}
         assert set(acked) <= on_disk
     assert report.segments > 2
+
+
+class _Heard:
+    """An observer that keeps what the trail told it."""
+
+    def __init__(self) -> None:
+        self.written: list[int] = []
+        self.fsyncs: list[float] = []
+
+    def audit_written(self, records: int = 1) -> None:
+        self.written.append(records)
+
+    def audit_fsynced(self, seconds: float) -> None:
+        self.fsyncs.append(seconds)
+
+
+def test_the_observer_hears_every_record_and_every_fsync(tmp_path: Path) -> None:
+    heard = _Heard()
+    with AuditLog(tmp_path, fsync_interval=0.01, observer=heard) as trail:
+        assert heard.fsyncs and not heard.written  # the start record, fsynced at once
+        for i in range(5):
+            trail.append(an_answer(i))
+        deadline = time.monotonic() + 5
+        while sum(heard.written) < 5:  # counted by the fsync thread, not the request
+            assert time.monotonic() < deadline, "records never reported"
+            time.sleep(0.005)
+        during = len(heard.fsyncs)
+        assert during >= 2 and all(s >= 0 for s in heard.fsyncs)
+        for i in range(5, 8):
+            trail.append(an_answer(i))
+    assert sum(heard.written) == 8  # close reports what the last fsync had not
+    assert len(heard.fsyncs) > during  # and its own fsync
