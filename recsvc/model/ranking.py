@@ -9,7 +9,7 @@ back whenever k exist; a cap per category searches on below the categories it fi
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -24,12 +24,12 @@ from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
 from recsvc.model.contact import DEFAULT_POLICY, ContactPolicy, declined_within_cooldown
 from recsvc.model.index import IndexSpec, VectorIndex
-from recsvc.model.overlay import ERASED, Overlay, OverlayContext, apply, empty
+from recsvc.model.overlay import ERASED, Overlay, OverlayContext, apply, empty, remember
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.rules import MIN_LEVEL, ExclusiveCategories, ItemRules, cap_per_category
 from recsvc.model.weighting import RowWeighting
 from recsvc.settings import EXCLUSIVE_CATEGORIES
-from recsvc.state.base import Changes
+from recsvc.state.base import Changes, StoredEvent
 
 __all__ = [
     "DropReason",
@@ -193,13 +193,18 @@ class Recommender:
         return self.bundle.version
 
     def overlay(
-        self, pseudonymize: Callable[[str], str], changes: Changes | None = None
+        self,
+        pseudonymize: Callable[[str], str],
+        changes: Changes | None = None,
+        history: Iterable[StoredEvent] = (),
     ) -> Overlay:
         """The live overlay of this bundle, at its own state sequence, with ``changes`` applied.
 
         Args:
             pseudonymize: the keyed pseudonym of a customer id (erasures carry only that).
             changes: what the state store holds after ``manifest.state_sequence``.
+            history: the contact events up to it (``overlay.contact_history``), which the
+                bundle does not hold and the contact policies still count.
         """
         m = self.bundle.manifest
         b = self.bundle
@@ -220,7 +225,7 @@ class Recommender:
             fold_in=self.fold_in,
             pseudonymize=pseudonymize,
         )
-        overlay = empty(context, m.state_sequence)
+        overlay = remember(empty(context, m.state_sequence), history)
         return apply(overlay, changes) if changes is not None else overlay
 
     def info(self) -> dict[str, Any]:
