@@ -260,7 +260,11 @@ def encode_answer(
         ValueError: as :func:`answer_payload`, or a score is not finite.
     """
     _check_answer(subject, basis)
-    scored = ",".join([f"[{_json_str(i)},{_score(s)}]" for i, s in items])
+    pairs = items if isinstance(items, list) else list(items)
+    if not all(map(math.isfinite, [s for _, s in pairs])):
+        raise ValueError(f"audit scores must be finite, got {[s for _, s in pairs]!r}")
+    # 9 significant digits, as _score writes them, inline: a call per item costs more here.
+    scored = ",".join([f"[{_json_str(i)},{s:.9g}]" for i, s in pairs])
     counts = ",".join([f"{_json_str(k)}:{int(removed[k])}" for k in sorted(removed)])
     return Members(
         f'{{"caller":{_json_opt(caller)},"items":[{scored}],"method":{_json_str(method)},'
