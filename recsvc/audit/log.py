@@ -223,7 +223,9 @@ class AuditLog:
             ValueError: the payload is not a valid record payload (a bug in the caller).
         """
         # The costly part, outside the lock.
-        members = payload if isinstance(payload, Members) else encode_payload(payload)
+        members = payload if isinstance(payload, str) else encode_payload(payload)
+        if not (members.startswith("{") and members.endswith("}")):
+            raise ValueError("audit members must be a JSON object's text (encode_answer)")
         failed: AuditUnavailable | None = None
         with self._lock:
             if self._failure is not None:

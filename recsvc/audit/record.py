@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
-from typing import Any
+from typing import Any, NewType
 
 __all__ = [
     "BASES",
@@ -124,11 +124,10 @@ class Line:
     """False for a segment's last line when it has no newline: a write cut short."""
 
 
-class Members(str):
-    """A payload encoded for a record: a JSON object's text (from :func:`encode_payload`
-    or :func:`encode_answer`), which ``AuditLog.append`` takes as it is."""
-
-    __slots__ = ()
+Members = NewType("Members", str)
+"""A payload encoded for a record: a JSON object's text (from :func:`encode_payload` or
+:func:`encode_answer`), which ``AuditLog.append`` takes as it is. A plain ``str`` at run
+time (a subclass would copy every record once more)."""
 
 
 def encode_payload(payload: Mapping[str, Any]) -> Members:

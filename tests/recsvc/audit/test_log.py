@@ -17,7 +17,7 @@ import pytest
 
 import recsvc.audit.log
 from recsvc.audit import AuditLog, read_records, verify
-from recsvc.audit.record import GENESIS, segments
+from recsvc.audit.record import GENESIS, encode_payload, segments
 from recsvc.audit.verify import Torn
 from recsvc.errors import AuditUnavailable
 from tests.recsvc.audit.helpers import an_answer, answer_records, fill_disk
@@ -393,3 +393,11 @@ def test_the_observer_hears_every_record_and_every_fsync(tmp_path: Path) -> None
             trail.append(an_answer(i))
     assert sum(heard.written) == 8  # close reports what the last fsync had not
     assert len(heard.fsyncs) > during  # and its own fsync
+
+
+def test_encoded_members_go_in_as_they_are_and_nothing_else_does(tmp_path: Path) -> None:
+    with AuditLog(tmp_path) as trail:
+        trail.append(encode_payload(an_answer(1)))
+        with pytest.raises(ValueError, match="JSON object"):
+            trail.append('"method":"Recommend"')  # type: ignore[arg-type]
+    assert list(answer_records(tmp_path)) == [f"{1:032x}"]
