@@ -252,8 +252,8 @@ def encode_answer(
     removed: Mapping[str, int],
     items: Iterable[tuple[str, float]],
 ) -> Members:
-    """``encode_payload(answer_payload(...))`` (the same JSON, the same arguments), at a
-    quarter of its cost: the members are written out in their sorted order directly.
+    """``encode_payload(answer_payload(...))`` (the same JSON, the same arguments), at
+    about half its cost: the members are written out in their sorted order directly.
 
     Raises:
         ValueError: as :func:`answer_payload`, or a score is not finite.
