@@ -7,6 +7,11 @@ response and its id. Figures are CPU microseconds per call (``thread_time``),
 so other processes on the machine inflate them less than wall time would.
 The gRPC transport's own share is measured by the serving benchmark instead
 (the empty-handler server's CPU per request).
+
+``--audit`` adds what the audit trail costs the handler: the handler with a trail
+(in a temporary folder) against without, in interleaved blocks so that a machine
+shared with other work moves both alike (the median block of each), and the record's
+own stages: encoding it, and appending it (the hash chain and the ``write(2)``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -61,8 +68,11 @@ def _cpu_us(fn: Callable[[int], object], n: int) -> float:
     return (time.thread_time() - start) / n * 1e6
 
 
-def profile_recommend(models: Path, pool: int, calls: int, seed: int = 0) -> dict[str, float]:
-    """CPU microseconds per call for the whole handler and for each stage."""
+def profile_recommend(
+    models: Path, pool: int, calls: int, seed: int = 0, audit: bool = False
+) -> dict[str, float]:
+    """CPU microseconds per call for the whole handler and for each stage (``audit``:
+    and for the handler with an audit trail, and the record's stages)."""
     import faiss
 
     from bench.bundles import latest_bundle
@@ -93,6 +103,8 @@ def profile_recommend(models: Path, pool: int, calls: int, seed: int = 0) -> dic
 
     asyncio.run(handler_loop())  # warm
     out: dict[str, float] = {"handler (parse + Recommend + serialize)": asyncio.run(handler_loop())}
+    if audit:
+        out.update(_audit_costs(service, model, users, payloads, calls))
 
     requests = [pb.RecommendRequest.FromString(p) for p in payloads]
     queries = [RecommendQuery(user_id=u, k=10) for u in users]
@@ -137,14 +149,85 @@ def profile_recommend(models: Path, pool: int, calls: int, seed: int = 0) -> dic
     return out
 
 
+def _audit_costs(
+    plain: Any, model: Any, users: list[str], payloads: list[bytes], calls: int
+) -> dict[str, float]:
+    """The handler with an audit trail against without, and the record's own stages."""
+    from recsvc.audit import AuditLog, encode_answer
+    from recsvc.logs import Pseudonymizer
+    from recsvc.model.queries import RecommendQuery
+    from recsvc.serving.service import RecommenderService
+    from recsvc.v1 import recommender_pb2 as pb
+
+    ctx = _Context()
+    n = len(users)
+    block = max(1, calls // 10)
+
+    async def handler_block(service: Any, start: int) -> float:
+        t0 = time.thread_time()
+        for i in range(start, start + block):
+            request = pb.RecommendRequest.FromString(payloads[i % n])
+            response = await service.Recommend(request, ctx)
+            response.SerializeToString()
+        return (time.thread_time() - t0) / block * 1e6
+
+    rec = model.recommender
+    results = [rec.recommend(RecommendQuery(user_id=u, k=10), model.overlay) for u in users]
+    pseudonym = Pseudonymizer(b"bench")
+
+    def members(i: int) -> str:
+        r = results[i % n]
+        basis = r.suitability
+        return encode_answer(
+            recommendation_id=f"{i:032x}",
+            method="Recommend",
+            caller=None,
+            subject=pseudonym(users[i % n]),
+            model_version=r.version,
+            state_sequence=r.sequence,
+            source=r.source.name,
+            tolerance=basis.tolerance,
+            basis=basis.basis,
+            removed=basis.removed,
+            items=[(it.item_id, it.score) for it in r.items],
+        )
+
+    encoded = [members(i) for i in range(n)]
+    with tempfile.TemporaryDirectory() as folder, AuditLog(Path(folder)) as trail:
+        audited = RecommenderService(plain._store, pseudonym, audit=trail)
+        off: list[float] = []
+        on: list[float] = []
+
+        async def interleaved() -> None:
+            for b in range(12):  # the first two blocks of each warm up
+                off.append(await handler_block(plain, b * block))
+                on.append(await handler_block(audited, b * block))
+
+        asyncio.run(interleaved())
+        stages = {
+            "audit: record built and encoded (pseudonym + encode_answer)": _cpu_us(members, calls),
+            "audit: AuditLog.append (hash chain + write)": _cpu_us(
+                lambda i: trail.append(encoded[i % n]), calls
+            ),
+        }
+    handler_off, handler_on = statistics.median(off[2:]), statistics.median(on[2:])
+    return {
+        "handler, audit off (median of interleaved blocks)": handler_off,
+        "handler, audit on (median of interleaved blocks)": handler_on,
+        "handler, audit on - off": handler_on - handler_off,
+        **stages,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.profile", description=__doc__)
     p.add_argument("--models", type=Path, required=True)
     p.add_argument("--pool", type=int, default=5000, help="distinct customers")
     p.add_argument("--calls", type=int, default=5000)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--audit", action="store_true", help="and what the audit trail costs")
     args = p.parse_args(argv)
-    out = profile_recommend(args.models, args.pool, args.calls)
+    out = profile_recommend(args.models, args.pool, args.calls, audit=args.audit)
     if args.json:
         print(json.dumps(out))
     else:

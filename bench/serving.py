@@ -41,12 +41,30 @@ __all__ = [
     "launch",
     "measure_cells",
     "overlap",
+    "paired_ratios",
     "wait_ready",
     "write_users",
 ]
 
 # What each worker logs once it serves: recsvc's store, or bench.servers.
 _READY_LINES = ("serving model version", READY_LINE)
+
+
+def paired_ratios(cells: list[Cell], server: str, against: str) -> list[float]:
+    """``server``'s QPS over ``against``'s, round by round (cells of one concurrency).
+
+    Rounds run the servers back to back, so each ratio compares runs seconds apart:
+    on a machine shared with other work their median is steadier than a ratio of
+    bests, each of which may come from a quiet moment the other never had.
+    """
+    by_round: dict[int, dict[str, Cell]] = {}
+    for c in cells:
+        by_round.setdefault(c.round, {})[c.server] = c
+    return [
+        r[server].qps / r[against].qps
+        for _, r in sorted(by_round.items())
+        if server in r and against in r and r[against].qps > 0
+    ]
 
 
 def free_port() -> int:
@@ -210,6 +228,7 @@ class Cell:
     errors: int
     server_cpu_us: float
     client_cpu_us: float
+    round: int = 0
 
 
 def measure_cells(
@@ -218,10 +237,12 @@ def measure_cells(
     concurrencies: list[int],
     spec: LoadSpec,
     log: Callable[[str], None],
+    every_round: bool = False,
 ) -> list[Cell]:
     """One load client process: every server at every concurrency, servers interleaved.
 
-    Returns the best round of each (server, concurrency) cell.
+    Returns the best round of each (server, concurrency) cell, or with ``every_round``
+    every round's (to compare servers round by round: ``paired_ratios``).
     """
     cmd = [
         sys.executable,
@@ -263,6 +284,7 @@ def measure_cells(
             r["errors"],
             r["server_cpu_us"],
             r["client_cpu_us"],
+            r["round"],
         )
         log(
             f"  {cell.server:>10} c={cell.concurrency:<3} {cell.qps:>8,.0f} QPS  "
@@ -277,6 +299,8 @@ def measure_cells(
     _, err = proc.communicate(timeout=60)
     if proc.returncode != 0:
         raise RuntimeError(f"load client failed:\n{err[-2000:]}")
+    if every_round:
+        return cells
     best: dict[tuple[str, int], Cell] = {}
     for cell in cells:
         key = (cell.server, cell.concurrency)

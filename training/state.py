@@ -33,7 +33,7 @@ from recsvc.errors import BundleError, DataError
 from recsvc.logs import Pseudonymizer
 from recsvc.model.bundle import Bundle, list_versions
 from recsvc.model.manifest import FILES
-from recsvc.model.overlay import CLOSE_EVENT, Overlay
+from recsvc.model.overlay import CLOSE_EVENT, Overlay, contact_history
 from recsvc.model.ranking import Recommender
 from recsvc.model.rules import MAX_LEVEL, MIN_LEVEL
 from recsvc.settings import SETTINGS
@@ -142,9 +142,11 @@ def pseudonymizer_from_env(environ: Mapping[str, str]) -> Pseudonymizer:
 
 
 def live_overlay(bundle: Bundle, store: StateStore, pseudonymize: Callable[[str], str]) -> Overlay:
-    """``bundle`` with every change the store holds after the bundle's state sequence."""
-    changes = store.changes_since(bundle.manifest.state_sequence)
-    return Recommender(bundle).overlay(pseudonymize, changes)
+    """``bundle`` with every change the store holds after the bundle's state sequence, and
+    the contact history before it (``contact_history``: the policies count it by time)."""
+    base = bundle.manifest.state_sequence
+    changes = store.changes_since(base)
+    return Recommender(bundle).overlay(pseudonymize, changes, contact_history(store, base))
 
 
 def _events_table(events: Sequence[StoredEvent], config: DataConfig) -> pa.Table:

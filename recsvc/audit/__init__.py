@@ -8,26 +8,35 @@ back, by customer pseudonym or recommendation id).
 Example::
 
     trail = AuditLog(Path("/var/lib/recsvc/audit"), on_failure=report_not_serving)
-    trail.append(answer_payload(...))  # before the answer is sent; AuditUnavailable if not
+    trail.append(encode_answer(...))  # before the answer is sent; AuditUnavailable if not
     verify(Path("/var/lib/recsvc/audit")).ok
 """
 
 from __future__ import annotations
 
 from recsvc.audit.find import find, parse_time, read_records
-from recsvc.audit.log import FSYNC_INTERVAL, SYNC_MODES, AuditLog
-from recsvc.audit.record import answer_payload, audience_payload, audience_sha256
+from recsvc.audit.log import FSYNC_INTERVAL, SYNC_MODES, AuditLog, AuditObserver
+from recsvc.audit.record import (
+    Members,
+    answer_payload,
+    audience_payload,
+    audience_sha256,
+    encode_answer,
+)
 from recsvc.audit.verify import Problem, VerifyReport, verify, verify_chains
 
 __all__ = [
     "FSYNC_INTERVAL",
     "SYNC_MODES",
     "AuditLog",
+    "AuditObserver",
+    "Members",
     "Problem",
     "VerifyReport",
     "answer_payload",
     "audience_payload",
     "audience_sha256",
+    "encode_answer",
     "find",
     "parse_time",
     "read_records",

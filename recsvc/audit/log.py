@@ -17,6 +17,10 @@ The first I/O error (a full disk, EIO on write or fsync) stops the writer for go
 every later ``append`` raises :class:`~recsvc.errors.AuditUnavailable`, ``healthy``
 turns False and ``on_failure`` is called once, so the server can answer UNAVAILABLE
 and report NOT_SERVING. A new writer (the process restarted) resumes the chain.
+
+An ``observer`` (the server's metrics) hears of every fsync and its duration, and of
+the answer records written, counted by the fsync thread at each fsync (and at close)
+rather than by each ``append``, so the count costs the request path nothing.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from recsvc.audit.record import (
     GENESIS,
+    Members,
     encode_payload,
     encode_record,
     parse_record,
@@ -45,7 +50,7 @@ from recsvc.audit.record import (
 from recsvc.errors import AuditUnavailable
 from recsvc.files import fsync_path
 
-__all__ = ["FSYNC_INTERVAL", "SYNC_MODES", "AuditLog"]
+__all__ = ["FSYNC_INTERVAL", "SYNC_MODES", "AuditLog", "AuditObserver"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,16 @@ disk within this and one fsync of its write (within 100 ms while an fsync takes 
 SYNC_MODES = ("group", "always")
 
 _TAIL_BLOCK = 64 * 1024
+
+
+class AuditObserver(Protocol):
+    """What a trail reports as it goes (``recsvc.serving.metrics.Metrics`` is one)."""
+
+    def audit_written(self, records: int = 1) -> None:
+        """``records`` more answer records were written."""
+
+    def audit_fsynced(self, seconds: float) -> None:
+        """A segment was fsynced, taking ``seconds``."""
 
 
 @dataclass
@@ -142,6 +157,7 @@ class AuditLog:
         rotate_seconds: or once it is this old, at its next record.
         fsync_interval: ``group``: seconds from one fsync's start to the next.
         on_failure: called once, from the thread that met the first I/O error.
+        observer: told of records written and of each fsync (see the module).
     """
 
     def __init__(
@@ -152,6 +168,7 @@ class AuditLog:
         rotate_seconds: float = 3600.0,
         fsync_interval: float = FSYNC_INTERVAL,
         on_failure: Callable[[AuditUnavailable], None] | None = None,
+        observer: AuditObserver | None = None,
     ) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"audit sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
@@ -163,6 +180,9 @@ class AuditLog:
         self._rotate_seconds = rotate_seconds
         self._interval = fsync_interval
         self._on_failure = on_failure
+        self._observer = observer
+        self._appended = 0  # answer records written; the fsync thread reports them
+        self._reported = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the flusher waits here
         self._synced_cv = threading.Condition(self._lock)  # appenders waiting for an fsync
@@ -189,8 +209,11 @@ class AuditLog:
         """False once an I/O error stopped the writer (or it was closed)."""
         return self._failure is None and not self._closing
 
-    def append(self, payload: Mapping[str, Any]) -> int:
+    def append(self, payload: Mapping[str, Any] | Members) -> int:
         """Write one answer's record; returns its ``seq``.
+
+        ``payload`` is the record's payload, or its members already encoded
+        (:func:`~recsvc.audit.record.encode_answer`, the serving path's cheaper form).
 
         Returns once the record is written to the operating system (``always``: and
         fsynced). From the event loop in ``always`` mode, await :meth:`append_async`.
@@ -199,7 +222,10 @@ class AuditLog:
             AuditUnavailable: the trail cannot be written; the answer must not be sent.
             ValueError: the payload is not a valid record payload (a bug in the caller).
         """
-        members = encode_payload(payload)  # the costly part, outside the lock
+        # The costly part, outside the lock.
+        members = payload if isinstance(payload, str) else encode_payload(payload)
+        if not (members.startswith("{") and members.endswith("}")):
+            raise ValueError("audit members must be a JSON object's text (encode_answer)")
         failed: AuditUnavailable | None = None
         with self._lock:
             if self._failure is not None:
@@ -210,6 +236,7 @@ class AuditLog:
                 if self._segment_due():
                     self._rotate()
                 seq = self._write(members, "answer")
+                self._appended += 1
             except OSError as exc:
                 failed = self._fail_locked(exc)
             else:
@@ -224,7 +251,7 @@ class AuditLog:
             raise failed
         return seq
 
-    async def append_async(self, payload: Mapping[str, Any]) -> int:
+    async def append_async(self, payload: Mapping[str, Any] | Members) -> int:
         """:meth:`append` for the event loop: an ``always`` fsync waits in a thread."""
         if self.sync == "always":
             return await asyncio.to_thread(self.append, payload)
@@ -250,6 +277,7 @@ class AuditLog:
                 self._synced = self._seq - 1
             self._synced_cv.notify_all()  # appenders waiting in "always" mode
         os.close(self._folder_lock)
+        self._report()
         if failed is not None:
             self._notify(failed)
         log.info("audit trail closed", extra={"last_seq": self._seq - 1, "head": self._prev})
@@ -271,14 +299,14 @@ class AuditLog:
         self._segment = self._create_segment()
         try:
             self._write(encode_payload({"torn": list(tail.torn)}), "start")
-            os.fsync(self._segment.fd)
+            self._fsync(self._segment.fd)
         except BaseException:
             os.close(self._segment.fd)
             raise
 
     # From here to _fail_locked, with self._lock held.
 
-    def _write(self, members: str, kind: str) -> int:
+    def _write(self, members: Members, kind: str) -> int:
         seq = self._seq
         line, digest = encode_record(seq, self._prev, datetime.now(timezone.utc), kind, members)
         written = os.write(self._segment.fd, line)
@@ -306,7 +334,7 @@ class AuditLog:
             segment.closed = True
             try:
                 if fsync:
-                    os.fsync(segment.fd)
+                    self._fsync(segment.fd)
             finally:
                 os.close(segment.fd)
 
@@ -331,6 +359,19 @@ class AuditLog:
         self._wake.notify()
         log.error("audit trail failed; no more answers", extra={"error": str(exc)})
         return self._failure
+
+    def _fsync(self, fd: int) -> None:
+        start = time.perf_counter()
+        os.fsync(fd)
+        if self._observer is not None:
+            self._observer.audit_fsynced(time.perf_counter() - start)
+
+    def _report(self) -> None:
+        """Tell the observer of the records written since the last report."""
+        appended = self._appended  # read once: appends may add to it meanwhile
+        if self._observer is not None and appended > self._reported:
+            self._observer.audit_written(appended - self._reported)
+        self._reported = appended
 
     def _notify(self, failure: AuditUnavailable) -> None:
         if self._on_failure is not None:
@@ -359,7 +400,7 @@ class AuditLog:
             try:
                 with self._sync_lock:
                     if not segment.closed:  # else a rotation fsynced it
-                        os.fsync(segment.fd)
+                        self._fsync(segment.fd)
             except OSError as exc:
                 with self._lock:
                     failed = self._fail_locked(exc)
@@ -369,3 +410,4 @@ class AuditLog:
             with self._lock:
                 self._synced = max(self._synced, target)
                 self._synced_cv.notify_all()
+            self._report()

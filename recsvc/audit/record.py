@@ -26,7 +26,8 @@ so that sorting the names sorts the segments. Each line is one record, a JSON ob
     covered by its own hash, and by the next record's ``prev``.
 
 The answer payloads (built by :func:`answer_payload` and :func:`audience_payload`, so
-their fields are named once):
+their fields are named once; :func:`encode_answer` writes what
+``encode_payload(answer_payload(...))`` does, for the serving path, without the dict):
 
 ======================  ================================================================
 ``recommendation_id``   the answer's id (hex)
@@ -43,7 +44,9 @@ their fields are named once):
                         the tolerance used and where it came from (the trained bundle, a
                         live update, or the unknown-customer default)
 ``removed``             candidates each rule removed, ``{rule: count}``
-``items``               what was returned, ``[[item_id, score], ...]`` in answer order
+``items``               what was returned, ``[[item_id, score], ...]`` in answer order;
+                        each score as it was sent (a 32-bit float), in at most 9
+                        significant digits, which name that float exactly
 ``campaign_id``         ``TargetUsers`` only, with ``channel``, ``request`` (the request's
                         fields), ``consent`` (whether marketing consent was required),
                         ``excluded`` (customers each rule left out, ``{rule: count}``),
@@ -55,23 +58,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
-from typing import Any
+from typing import Any, NewType
 
 __all__ = [
     "BASES",
     "FORMAT_VERSION",
     "GENESIS",
     "Line",
+    "Members",
     "RecordHead",
     "answer_payload",
     "audience_payload",
     "audience_sha256",
     "chains",
+    "encode_answer",
     "encode_payload",
     "encode_record",
     "lines",
@@ -120,7 +127,13 @@ class Line:
     """False for a segment's last line when it has no newline: a write cut short."""
 
 
-def encode_payload(payload: Mapping[str, Any]) -> str:
+Members = NewType("Members", str)
+"""A payload encoded for a record: a JSON object's text (from :func:`encode_payload` or
+:func:`encode_answer`), which ``AuditLog.append`` takes as it is. A plain ``str`` at run
+time (a subclass would copy every record once more)."""
+
+
+def encode_payload(payload: Mapping[str, Any]) -> Members:
     """A payload's members as they go into a record (sorted, compact, ASCII).
 
     Raises:
@@ -130,11 +143,11 @@ def encode_payload(payload: Mapping[str, Any]) -> str:
     clash = payload.keys() & _ENVELOPE
     if clash:
         raise ValueError(f"audit payload may not set {', '.join(sorted(clash))}")
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return Members(json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False))
 
 
 def encode_record(
-    seq: int, prev: str, time: datetime, kind: str, payload: str
+    seq: int, prev: str, time: datetime, kind: str, payload: Members
 ) -> tuple[bytes, str]:
     """A record's line (newline included) and hash; ``payload`` from :func:`encode_payload`."""
     head = (
@@ -230,18 +243,71 @@ def answer_payload(
         ValueError: ``subject`` is not a pseudonym (a raw id must never reach the trail),
             or ``basis`` is not one of :data:`BASES`.
     """
-    if not _PSEUDONYM.fullmatch(subject):
-        raise ValueError("audit subject must be a keyed pseudonym (Pseudonymizer), not an id")
-    if basis not in BASES:
-        raise ValueError(f"suitability basis must be one of {sorted(BASES)}, got {basis!r}")
+    _check_answer(subject, basis)
     return {
         **_common(recommendation_id, method, caller, model_version, state_sequence),
         "subject": subject,
         "source": source,
         "suitability": {"tolerance": tolerance, "basis": basis},
         "removed": dict(removed),
-        "items": [[item_id, float(score)] for item_id, score in items],
+        "items": [[item_id, float(_score(score))] for item_id, score in items],
     }
+
+
+def encode_answer(
+    *,
+    recommendation_id: str,
+    method: str,
+    caller: str | None,
+    subject: str,
+    model_version: str,
+    state_sequence: int,
+    source: str | None,
+    tolerance: int,
+    basis: str,
+    removed: Mapping[str, int],
+    items: Iterable[tuple[str, float]],
+) -> Members:
+    """``encode_payload(answer_payload(...))`` (the same JSON, the same arguments), at
+    about half its cost: the members are written out in their sorted order directly.
+
+    Raises:
+        ValueError: as :func:`answer_payload`, or a score is not finite.
+    """
+    _check_answer(subject, basis)
+    pairs = items if isinstance(items, list) else list(items)
+    if not all(map(math.isfinite, [s for _, s in pairs])):
+        raise ValueError(f"audit scores must be finite, got {[s for _, s in pairs]!r}")
+    # 9 significant digits, as _score writes them, inline: a call per item costs more here.
+    scored = ",".join([f"[{_json_str(i)},{s:.9g}]" for i, s in pairs])
+    counts = ",".join([f"{_json_str(k)}:{int(removed[k])}" for k in sorted(removed)])
+    return Members(
+        f'{{"caller":{_json_opt(caller)},"items":[{scored}],"method":{_json_str(method)},'
+        f'"model_version":{_json_str(model_version)},'
+        f'"recommendation_id":{_json_str(recommendation_id)},"removed":{{{counts}}},'
+        f'"source":{_json_opt(source)},"state_sequence":{int(state_sequence)},'
+        f'"subject":{_json_str(subject)},'
+        f'"suitability":{{"basis":{_json_str(basis)},"tolerance":{int(tolerance)}}}}}'
+    )
+
+
+def _check_answer(subject: str, basis: str) -> None:
+    if not _PSEUDONYM.fullmatch(subject):
+        raise ValueError("audit subject must be a keyed pseudonym (Pseudonymizer), not an id")
+    if basis not in BASES:
+        raise ValueError(f"suitability basis must be one of {sorted(BASES)}, got {basis!r}")
+
+
+def _json_opt(text: str | None) -> str:
+    return "null" if text is None else _json_str(text)
+
+
+def _score(score: float) -> str:
+    """A score as sent (protobuf ``float``, 32 bits): 9 significant digits name any such
+    float exactly, where Python's shortest form of its 64-bit value takes up to 17."""
+    if not math.isfinite(score):
+        raise ValueError(f"audit scores must be finite, got {score!r}")
+    return f"{score:.9g}"
 
 
 def audience_payload(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from types import MappingProxyType
 from typing import TypeVar
@@ -28,9 +28,20 @@ from recsvc.model.bundle import Bundle
 from recsvc.model.contact import CONTACTED_EVENT, DECLINE_EVENT, HISTORY_DAYS
 from recsvc.model.rules import MAX_LEVEL, MIN_LEVEL, ItemRules
 from recsvc.model.weighting import RowWeighting
-from recsvc.state.base import Changes, StoredEvent
+from recsvc.state.base import Changes, StateStore, StoredEvent
 
-__all__ = ["CLOSE_EVENT", "ERASED", "LiveUser", "Overlay", "OverlayContext", "apply", "empty"]
+__all__ = [
+    "CLOSE_EVENT",
+    "CONTACT_EVENTS",
+    "ERASED",
+    "LiveUser",
+    "Overlay",
+    "OverlayContext",
+    "apply",
+    "contact_history",
+    "empty",
+    "remember",
+]
 
 CLOSE_EVENT = "close"
 """The customer no longer holds the product (the held events say they do)."""
@@ -241,6 +252,52 @@ def apply(overlay: Overlay, changes: Changes) -> Overlay:
         unknown_item_events=unknown,
         _by_row=MappingProxyType(by_row),
     )
+
+
+CONTACT_EVENTS = frozenset({CONTACTED_EVENT, DECLINE_EVENT})
+"""The events the contact policies count: no bundle holds them (training learns nothing
+from them), so an overlay keeps them by time, not by sequence (:func:`remember`)."""
+
+
+def contact_history(
+    store: StateStore, upto: int, now: datetime | None = None
+) -> tuple[StoredEvent, ...]:
+    """The contact events at or below state sequence ``upto`` (a bundle's) dated within
+    ``HISTORY_DAYS`` of ``now`` (default: the clock): what a retrain must not forget."""
+    if upto <= 0:
+        return ()
+    since = (now if now is not None else datetime.now(timezone.utc)) - timedelta(days=HISTORY_DAYS)
+    return store.events_by_time(upto, since, CONTACT_EVENTS)
+
+
+def remember(overlay: Overlay, events: Iterable[StoredEvent]) -> Overlay:
+    """The overlay with older contact history (from :func:`contact_history`): each
+    customer's ``contacted`` and ``decline`` events at or below its sequence, which the
+    bundle does not hold. Only the contacts and declines change, never a strength, a
+    holding or the sequence; other event types are ignored.
+    """
+    ctx = overlay.context
+    kept = [e for e in events if e.type in CONTACT_EVENTS]
+    if not kept:
+        return overlay
+    users = _thawed(overlay.users)
+    by_row = _thawed(overlay._by_row)
+    items = ctx.bundle.items
+    for user_id, history in _by_user(kept).items():
+        if overlay.erased and ctx.pseudonymize(user_id) in overlay.erased:
+            continue  # one HMAC per customer only where someone was forgotten
+        before = users.get(user_id) or ctx.bundle_user(user_id)
+        contacts = [(e.time, e.channel) for e in history if e.type == CONTACTED_EVENT]
+        declined = dict(before.declined)
+        for e in history:
+            row = items.index(e.item_id) if e.type == DECLINE_EVENT else None
+            if row is not None and not (row in declined and e.time < declined[row]):
+                declined[row] = e.time
+        merged = tuple(sorted([*contacts, *before.contacts]))
+        users[user_id] = replace(before, contacts=merged, declined=declined)
+        if before.row is not None:
+            by_row[before.row] = user_id
+    return replace(overlay, users=MappingProxyType(users), _by_row=MappingProxyType(by_row))
 
 
 def _thawed(m: Mapping[K, V]) -> dict[K, V]:

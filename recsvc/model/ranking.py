@@ -9,7 +9,7 @@ back whenever k exist; a cap per category searches on below the categories it fi
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property, partial
@@ -24,12 +24,12 @@ from recsvc.model.allowed import AllowedSet
 from recsvc.model.bundle import Bundle
 from recsvc.model.contact import DEFAULT_POLICY, ContactPolicy, declined_within_cooldown
 from recsvc.model.index import IndexSpec, VectorIndex
-from recsvc.model.overlay import ERASED, Overlay, OverlayContext, apply, empty
+from recsvc.model.overlay import ERASED, Overlay, OverlayContext, apply, empty, remember
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.rules import MIN_LEVEL, ExclusiveCategories, ItemRules, cap_per_category
 from recsvc.model.weighting import RowWeighting
 from recsvc.settings import EXCLUSIVE_CATEGORIES
-from recsvc.state.base import Changes
+from recsvc.state.base import Changes, StoredEvent
 
 __all__ = [
     "DropReason",
@@ -96,6 +96,8 @@ class Ranked:
     """The live state sequence the answer reflects (0: the bundle alone)."""
     dropped: tuple[Dropped, ...] = ()
     """RankItems: every candidate left out, in the order given, with its reason."""
+    suitability: Suitability | None = None
+    """The suitability basis the answer used (what its audit record keeps)."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class Suitability:
 
 @dataclass(frozen=True)
 class _Known:
-    """A customer before recent items: vector, source, tolerance, history, confidences, holdings."""
+    """A customer before recent items: vector, source, tolerance, history, confidences,
+    holdings, and where the tolerance came from (a :attr:`Suitability.basis`)."""
 
     vector: np.ndarray | None
     source: Source
@@ -131,9 +134,12 @@ class _Known:
     rows: np.ndarray
     confidence: np.ndarray
     held: np.ndarray
+    basis: str = "bundle"
 
 
-_UNKNOWN = _Known(None, Source.POPULAR, MIN_LEVEL, _NO_ROWS, np.empty(0, np.float32), _NO_ROWS)
+_UNKNOWN = _Known(
+    None, Source.POPULAR, MIN_LEVEL, _NO_ROWS, np.empty(0, np.float32), _NO_ROWS, "default"
+)
 
 
 class Recommender:
@@ -187,13 +193,18 @@ class Recommender:
         return self.bundle.version
 
     def overlay(
-        self, pseudonymize: Callable[[str], str], changes: Changes | None = None
+        self,
+        pseudonymize: Callable[[str], str],
+        changes: Changes | None = None,
+        history: Iterable[StoredEvent] = (),
     ) -> Overlay:
         """The live overlay of this bundle, at its own state sequence, with ``changes`` applied.
 
         Args:
             pseudonymize: the keyed pseudonym of a customer id (erasures carry only that).
             changes: what the state store holds after ``manifest.state_sequence``.
+            history: the contact events up to it (``overlay.contact_history``), which the
+                bundle does not hold and the contact policies still count.
         """
         m = self.bundle.manifest
         b = self.bundle
@@ -214,7 +225,7 @@ class Recommender:
             fold_in=self.fold_in_many,
             pseudonymize=pseudonymize,
         )
-        overlay = empty(context, m.state_sequence)
+        overlay = remember(empty(context, m.state_sequence), history)
         return apply(overlay, changes) if changes is not None else overlay
 
     def info(self) -> dict[str, Any]:
@@ -286,12 +297,17 @@ class Recommender:
             base = int(self.tolerance[row]) if row is not None else MIN_LEVEL
             tolerance = live.tolerance if live.tolerance is not None else base
             held = live.held_rows
+            basis = "bundle" if row is not None else "default"
+            if live.tolerance is not None:
+                basis = "live"
             if live.refolded:
                 return _Known(
-                    live.vector, Source.FOLD_IN, tolerance, live.rows, live.confidence, held
+                    live.vector, Source.FOLD_IN, tolerance, live.rows, live.confidence, held, basis
                 )
             vector = b.user_index.vectors[row] if row is not None and live.rows.size else None
-            return _Known(vector, Source.PERSONALIZED, tolerance, live.rows, live.confidence, held)
+            return _Known(
+                vector, Source.PERSONALIZED, tolerance, live.rows, live.confidence, held, basis
+            )
         row = b.users.index(user_id) if user_id else None
         if row is None:
             return _UNKNOWN
@@ -303,15 +319,11 @@ class Recommender:
 
     def suitability_basis(self, user_id: str, overlay: Overlay | None = None) -> Suitability:
         """The tolerance an answer for ``user_id`` used, where it came from, and how many
-        products each rule removed (the facts an audit record keeps)."""
-        known = self._known(user_id, overlay)
-        live = overlay.user(user_id) if overlay is not None and user_id else None
-        if live is not None and live.tolerance is not None:
-            basis = "live"
-        elif known is _UNKNOWN or (live is not None and live.row is None):
-            basis = "default"
-        else:
-            basis = "bundle"
+        products each rule removed (the facts an audit record keeps; every answer's
+        :attr:`Ranked.suitability` holds them already)."""
+        return self._suitability(self._known(user_id, overlay), overlay)
+
+    def _suitability(self, known: _Known, overlay: Overlay | None) -> Suitability:
         sets = self._rules(overlay).by_tolerance
         n = len(self.bundle.items)
         # Each set holds the active products up to a risk level: counts, not a pass.
@@ -325,13 +337,15 @@ class Recommender:
             "exclusive_category": suitable.count - closed.count,
             "interacted": len(known.rows),
         }
-        return Suitability(known.tolerance, basis, removed)
+        return Suitability(known.tolerance, known.basis, removed)
 
     def resolve_user(
         self, user_id: str, recent_item_ids: tuple[str, ...], overlay: Overlay | None = None
     ) -> ResolvedUser:
         """The customer's vector (own, live, folded from recent items, or none), rules, history."""
-        known = self._known(user_id, overlay)
+        return self._resolve(self._known(user_id, overlay), recent_item_ids)
+
+    def _resolve(self, known: _Known, recent_item_ids: tuple[str, ...]) -> ResolvedUser:
         history, conf, tolerance = known.rows, known.confidence, known.tolerance
         recent = self.bundle.items.indices(recent_item_ids) if recent_item_ids else _NO_ROWS
         recent = np.unique(recent[recent >= 0]) if recent.size else recent
@@ -432,7 +446,8 @@ class Recommender:
         self, q: RecommendQuery, overlay: Overlay | None = None, now: datetime | None = None
     ) -> Ranked:
         """The customer's top k; ``now`` ends decline cooldowns (default: the clock)."""
-        user = self.resolve_user(q.user_id, q.recent_item_ids, overlay)
+        known = self._known(q.user_id, overlay)
+        user = self._resolve(known, q.recent_item_ids)
         sequence = overlay.sequence if overlay is not None else 0
         exclude = _NO_ROWS if q.include_interacted else user.history
         if q.exclude_item_ids:
@@ -461,7 +476,8 @@ class Recommender:
             items = [
                 ScoredItem(ids[r], s) for r, s in zip(rows.tolist(), scores.tolist(), strict=True)
             ]
-        return Ranked(items, user.source, self.version, sequence=sequence)
+        suitability = self._suitability(known, overlay)
+        return Ranked(items, user.source, self.version, sequence=sequence, suitability=suitability)
 
     def similar_items(self, q: SimilarQuery, overlay: Overlay | None = None) -> Ranked:
         b = self.bundle
@@ -480,6 +496,7 @@ class Recommender:
             Source.PERSONALIZED,
             self.version,
             sequence=overlay.sequence if overlay is not None else 0,
+            suitability=self._suitability(known, overlay),
         )
 
     def unknown_items(self, item_ids: tuple[str, ...]) -> tuple[str, ...]:
@@ -489,7 +506,8 @@ class Recommender:
 
     def rank_items(self, q: RankQuery, overlay: Overlay | None = None) -> Ranked:
         b = self.bundle
-        user = self.resolve_user(q.user_id, q.recent_item_ids, overlay)
+        customer = self._known(q.user_id, overlay)
+        user = self._resolve(customer, q.recent_item_ids)
         candidate_ids = list(dict.fromkeys(q.item_ids))  # first occurrence wins
         rows = b.items.indices(candidate_ids)
         rules = self._rules(overlay)
@@ -522,4 +540,5 @@ class Recommender:
         order = np.lexsort((np.arange(len(rows)), -scores))
         items = [ScoredItem(b.items.ids[rows[i]], float(scores[i])) for i in order]
         sequence = overlay.sequence if overlay is not None else 0
-        return Ranked(items, user.source, self.version, unknown, sequence, dropped)
+        suitability = self._suitability(customer, overlay)
+        return Ranked(items, user.source, self.version, unknown, sequence, dropped, suitability)

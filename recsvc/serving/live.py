@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from recsvc.errors import ModelUnavailable, RecsvcError
-from recsvc.model.overlay import CLOSE_EVENT, apply
+from recsvc.model.overlay import CLOSE_EVENT, apply, contact_history
 from recsvc.model.vocab import Vocabulary
 from recsvc.serving.servable import ServedModel
 from recsvc.serving.store import ModelStore
@@ -65,9 +65,12 @@ class StateFollower:
         self._behind_since: float | None = None  # monotonic time a newer commit was first seen
 
     def attach(self, model: ServedModel) -> ServedModel:
-        """``model`` with its overlay: every change after its bundle's state sequence."""
+        """``model`` with its overlay: every change after its bundle's state sequence, and
+        the contact history before it (by time: a retrain must not forget a decline)."""
         base = model.recommender.bundle.manifest.state_sequence
-        overlay = model.recommender.overlay(self._pseudonymize, self.state.changes_since(base))
+        changes = self.state.changes_since(base)
+        history = contact_history(self.state, base)
+        overlay = model.recommender.overlay(self._pseudonymize, changes, history)
         return replace(model, overlay=overlay)
 
     def event_types(self) -> Collection[str]:

@@ -15,9 +15,10 @@ exposed by prometheus_client. Three sources feed them:
   ``--state`` ``recsvc_state_sequence{kind}`` (applied here, committed as last reported
   by the store), ``recsvc_state_apply_lag_seconds`` and ``recsvc_overlay_size{kind}``
   (customers, erased, products).
-- The audit trail calls :meth:`Metrics.audit_written` once per record appended and
-  :meth:`Metrics.audit_fsynced` with each fsync's duration: ``recsvc_audit_records_total``
-  and ``recsvc_audit_fsync_seconds``. Hand it ``RunningServer.metrics``.
+- The audit trail (``recsvc.audit.AuditLog``, its ``observer``) calls
+  :meth:`Metrics.audit_written` with the answer records written since its last fsync,
+  and :meth:`Metrics.audit_fsynced` with each fsync's duration:
+  ``recsvc_audit_records_total`` and ``recsvc_audit_fsync_seconds``.
 
 With ``--workers N`` every worker writes its figures into one folder (prometheus_client's
 multiprocess mode) and the parent serves them all on the one port (:class:`SharedMetrics`):

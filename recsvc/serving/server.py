@@ -207,7 +207,9 @@ async def create_server(settings: ServerSettings, reuse_port: bool = False) -> R
 
     audit = None
     if settings.audit_dir is not None:
-        audit = AuditLog(settings.audit_dir, settings.audit_sync, on_failure=audit_failed)
+        audit = AuditLog(
+            settings.audit_dir, settings.audit_sync, on_failure=audit_failed, observer=metrics
+        )
     service = RecommenderService(store, pseudonym, live=follower is not None, audit=audit)
     _pb_grpc.add_RecommenderServicer_to_server(service, server)
     writer = None

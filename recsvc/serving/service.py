@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from recsvc.audit import AuditLog, answer_payload, audience_payload, audience_sha256
+from recsvc.audit import AuditLog, audience_payload, audience_sha256, encode_answer
 from recsvc.errors import (
     AuditUnavailable,
     BundleError,
@@ -190,18 +190,18 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         method: str,
         response: Any,
         user_id: str,
-        model: ServedModel,
         result: ranking.Ranked,
         include_interacted: bool = False,
     ) -> None:
         """The answer's audit record, written before the answer goes (none without audit)."""
         if self._audit is None:
             return
-        basis = model.recommender.suitability_basis(user_id, model.overlay)
-        removed = dict(basis.removed)
+        basis = result.suitability
+        assert basis is not None, "the recommender gives every answer its suitability basis"
+        removed = basis.removed
         if include_interacted:
-            removed["interacted"] = 0
-        payload = answer_payload(
+            removed = {**removed, "interacted": 0}
+        members = encode_answer(
             recommendation_id=response.recommendation_id,
             method=method,
             caller=current_caller(),
@@ -214,7 +214,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
             removed=removed,
             items=[(it.item_id, it.score) for it in result.items],
         )
-        await self._audit.append_async(payload)
+        await self._audit.append_async(members)
 
     def _log(self, method: str, user_id: str, **fields: object) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -242,7 +242,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         )
         _answer(response, result)
         await self._record(
-            "Recommend", response, request.user_id, model, result, request.include_interacted
+            "Recommend", response, request.user_id, result, request.include_interacted
         )
         return response
 
@@ -259,7 +259,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         model = self._store.current()
         result = model.recommender.similar_items(query, model.overlay)
         response = _answer(_pb.SimilarItemsResponse(), result)
-        await self._record("SimilarItems", response, request.user_id, model, result)
+        await self._record("SimilarItems", response, request.user_id, result)
         return response
 
     @edge
@@ -285,7 +285,7 @@ class RecommenderService(_pb_grpc.RecommenderServicer):
         )
         _answer(response, result)
         await self._record(
-            "RankItems", response, request.user_id, model, result, request.include_interacted
+            "RankItems", response, request.user_id, result, request.include_interacted
         )
         return response
 

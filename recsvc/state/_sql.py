@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Protocol
 
@@ -516,6 +516,31 @@ class SQLStore(StateStore):
                 for row in self._in_window(cur, "state_tombstones", "subject", "subject", window)
             )
         return Changes(end, events, customers, products, erased)
+
+    def events_by_time(
+        self, upto: int, since: datetime, types: Collection[str]
+    ) -> tuple[StoredEvent, ...]:
+        _prepare.check_after(0, upto)
+        if since.tzinfo is None:
+            raise ValueError(f"since must be timezone-aware, not {since!r}")
+        kinds = sorted(set(types))
+        if not kinds or upto <= 0:
+            return ()
+        marks = ", ".join("?" * len(kinds))
+        with self._cursor() as cur:
+            cur.execute(
+                self._sql(
+                    f"SELECT {_EVENT_COLUMNS} FROM state_events"
+                    f" WHERE sequence <= ? AND time > ? AND type IN ({marks})"
+                    " ORDER BY sequence, event_id"
+                ),
+                (upto, self._store_time(since), *kinds),
+            )
+            rows = cur.fetchall()
+        return tuple(
+            StoredEvent(*(e, u, i, t, self._load_time(at), w, c, ch), sequence=s)
+            for e, u, i, t, at, w, c, ch, s in rows
+        )
 
     def forgotten(self) -> frozenset[str]:
         with self._cursor() as cur:

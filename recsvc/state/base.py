@@ -26,7 +26,9 @@ The contract (``tests/recsvc/state/test_contract.py`` runs it against every back
   after ``upto`` is left to the later window, and erased customers' events are gone
   from every later answer, so a reader folds consecutive windows in order
   (profiles replace, erasures delete) and misses nothing. Reads are one consistent
-  snapshot.
+  snapshot. ``events_by_time(upto, since, types)`` gives the stored events of some
+  types by time instead: those at or below ``upto`` dated after ``since`` (a bundle
+  built at ``upto`` holds no contact history; the contact policies count by time).
 * **Limits.** Every string is at most 128 characters (``MAX_TEXT``), free of NUL
   and valid Unicode; ids are not empty; times are timezone-aware and come back in
   UTC; integers fit 32 bits. A breach raises ``InvalidArgument`` naming the field.
@@ -38,7 +40,7 @@ connection) and is opened in each process after any fork.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -258,6 +260,13 @@ class StateStore(abc.ABC):
         ``upto`` defaults to, and is capped at, the current sequence; the answer's
         ``sequence`` is the ``upto`` used (``after`` if that is higher).
         """
+
+    @abc.abstractmethod
+    def events_by_time(
+        self, upto: int, since: datetime, types: Collection[str]
+    ) -> tuple[StoredEvent, ...]:
+        """Stored events of ``types`` with ``sequence <= upto`` and ``time > since``,
+        ordered by sequence, then id (erased customers' are gone, as everywhere)."""
 
     def snapshot(self, upto: int) -> Changes:
         """Everything up to ``upto``: what a trainer folds in."""

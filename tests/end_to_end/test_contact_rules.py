@@ -10,8 +10,9 @@ scenario end to end: the RPC and the offline export answer alike, with the same 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from recsvc.errors import PreconditionFailed
 from recsvc.logs import Pseudonymizer
+from recsvc.model.bundle import load_bundle, read_latest
 from recsvc.model.contact import parse_policy
 from recsvc.model.overlay import Overlay
 from recsvc.model.queries import RecommendQuery, TargetQuery
@@ -338,3 +340,60 @@ def test_the_offline_audience_matches_the_rpc_and_its_sidecar_counts(
     sidecar = json.loads(out.with_name(out.name + ".json").read_text())
     assert sidecar["excluded"]["contact_capped"] == 1
     assert sidecar["excluded"]["declined_recently"] == 1
+
+
+def test_a_retrain_that_folds_the_state_in_forgets_no_contact(
+    scenario: Scenario,
+    sample_dir: Path,
+    oracle: Oracle,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Contacts and declines are in no bundle: once a retrain's state sequence passes them,
+    the overlay reads them by time, so the capped and the cooling customers stay out."""
+    state_db = tmp_path / "state.db"
+    with (
+        sqlite3.connect(scenario.state.removeprefix("sqlite:///")) as src,
+        sqlite3.connect(state_db) as dst,
+    ):
+        src.backup(dst)  # a copy: the fit below must not touch the module's store
+    state = f"sqlite:///{state_db}"
+    monkeypatch.setenv("RECSVC_PSEUDONYM_KEY", KEY.decode())
+    models = tmp_path / "models"
+    fit = ["-q", "fit", "--models", str(models), "--state", state]
+    for flag, name in (
+        ("--interactions", "interactions"),
+        ("--items", "items"),
+        ("--users", "users"),
+    ):
+        fit += [flag, str(sample_dir / f"{name}.parquet")]
+    assert train_main([*fit, "--factors", "8", "--iterations", "2", "--seed", "1"]) == 0
+    version = read_latest(models)
+    assert version is not None
+    assert load_bundle(models / version).manifest.state_sequence == scenario.sequence
+    retrained = replace(scenario, models=models, state=state)
+    s = ServerThread(
+        settings_for(models, state=state, pseudonym_key=KEY, contact_policy=scenario.policy)
+    )
+    try:
+        request = pb.TargetUsersRequest(
+            item_ids=[scenario.item], audience_size=400, channel="email"
+        )
+        answer = list(s.stub.TargetUsers(request, timeout=30))
+        members = {u.user_id for m in answer for u in m.users}
+        assert len(members) == 400 and not {scenario.capped, scenario.cooling} & members
+        assert (answer[-1].excluded.contact_capped, answer[-1].excluded.declined_recently) == (1, 1)
+        recommend = pb.RecommendRequest(user_id=scenario.cooling, k=50)
+        got = [i.item_id for i in s.stub.Recommend(recommend, timeout=30).items]
+        assert got and not [i for i in got if oracle.category[i] == "credit_card"]
+    finally:
+        s.stop()
+    out = tmp_path / "audience.parquet"
+    offline = ["-q", "audience", "--models", str(models), "--item", scenario.item, "--size", "400"]
+    offline += ["--state", retrained.state, "--contact-policy", str(scenario.policy)]
+    assert train_main([*offline, "--channel", "email", "--out", str(out)]) == 0
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert (sidecar["excluded"]["contact_capped"], sidecar["excluded"]["declined_recently"]) == (
+        1,
+        1,
+    )

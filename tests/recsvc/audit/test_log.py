@@ -17,7 +17,7 @@ import pytest
 
 import recsvc.audit.log
 from recsvc.audit import AuditLog, read_records, verify
-from recsvc.audit.record import GENESIS, segments
+from recsvc.audit.record import GENESIS, encode_payload, segments
 from recsvc.audit.verify import Torn
 from recsvc.errors import AuditUnavailable
 from tests.recsvc.audit.helpers import an_answer, answer_records, fill_disk
@@ -361,3 +361,43 @@ def test_sigkill_loses_no_acknowledged_record(tmp_path: Path) -> None:
         on_disk = {r["seq"] for r in read_records(tmp_path) if r["kind"] == "answer"}
         assert set(acked) <= on_disk
     assert report.segments > 2
+
+
+class _Heard:
+    """An observer that keeps what the trail told it."""
+
+    def __init__(self) -> None:
+        self.written: list[int] = []
+        self.fsyncs: list[float] = []
+
+    def audit_written(self, records: int = 1) -> None:
+        self.written.append(records)
+
+    def audit_fsynced(self, seconds: float) -> None:
+        self.fsyncs.append(seconds)
+
+
+def test_the_observer_hears_every_record_and_every_fsync(tmp_path: Path) -> None:
+    heard = _Heard()
+    with AuditLog(tmp_path, fsync_interval=0.01, observer=heard) as trail:
+        assert heard.fsyncs and not heard.written  # the start record, fsynced at once
+        for i in range(5):
+            trail.append(an_answer(i))
+        deadline = time.monotonic() + 5
+        while sum(heard.written) < 5:  # counted by the fsync thread, not the request
+            assert time.monotonic() < deadline, "records never reported"
+            time.sleep(0.005)
+        during = len(heard.fsyncs)
+        assert during >= 2 and all(s >= 0 for s in heard.fsyncs)
+        for i in range(5, 8):
+            trail.append(an_answer(i))
+    assert sum(heard.written) == 8  # close reports what the last fsync had not
+    assert len(heard.fsyncs) > during  # and its own fsync
+
+
+def test_encoded_members_go_in_as_they_are_and_nothing_else_does(tmp_path: Path) -> None:
+    with AuditLog(tmp_path) as trail:
+        trail.append(encode_payload(an_answer(1)))
+        with pytest.raises(ValueError, match="JSON object"):
+            trail.append('"method":"Recommend"')  # type: ignore[arg-type]
+    assert list(answer_records(tmp_path)) == [f"{1:032x}"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,6 +17,7 @@ from recsvc.audit.record import (
     answer_payload,
     audience_payload,
     audience_sha256,
+    encode_answer,
     encode_payload,
     encode_record,
     parse_record,
@@ -95,6 +98,61 @@ def _answer_args() -> dict[str, object]:
         "removed": {},
         "items": [],
     }
+
+
+_ids = st.text(st.characters(codec="utf-8"), max_size=12)
+_answers = st.fixed_dictionaries(
+    {
+        "recommendation_id": st.text("0123456789abcdef", min_size=32, max_size=32),
+        "method": st.sampled_from(["Recommend", "SimilarItems", "RankItems"]),
+        "caller": st.none() | _ids,
+        "subject": st.just("anonymous")
+        | st.text("0123456789abcdef", min_size=16, max_size=16).map(lambda h: "u_" + h),
+        "model_version": _ids,
+        "state_sequence": st.integers(0, 2**63 - 1),
+        "source": st.none() | st.sampled_from(["PERSONALIZED", "FOLD_IN", "POPULAR"]),
+        "tolerance": st.integers(1, 5),
+        "basis": st.sampled_from(["bundle", "live", "default"]),
+        "removed": st.dictionaries(_ids, st.integers(0, 10**7), max_size=5),
+        "items": st.lists(
+            st.tuples(_ids, st.floats(width=32, allow_nan=False, allow_infinity=False)),
+            max_size=12,
+        ),
+    }
+)
+
+
+@given(_answers)
+def test_the_serving_paths_encoding_is_the_payloads(fields: dict[str, object]) -> None:
+    fast = encode_answer(**fields)  # type: ignore[arg-type]
+    slow = encode_payload(answer_payload(**fields))  # type: ignore[arg-type]
+    assert fast.isascii() and json.loads(fast) == json.loads(slow)
+    assert list(json.loads(fast)) == sorted(json.loads(fast))
+    line, _ = encode_record(3, GENESIS, WHEN, "answer", fast)
+    assert parse_record(line[:-1]) is not None
+
+
+@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), max_size=10))
+def test_scores_are_recorded_as_sent_in_at_most_nine_digits(scores: list[float]) -> None:
+    fields = {**_answer_args(), "items": [(f"SAV-{i:06d}", s) for i, s in enumerate(scores)]}
+    recorded = json.loads(encode_answer(**fields))["items"]  # type: ignore[arg-type]
+    sent = np.array(scores, dtype=np.float32)  # protobuf float: what the client got
+    assert np.array_equal(np.array([s for _, s in recorded], dtype=np.float32), sent)
+    text = encode_answer(**fields)  # type: ignore[arg-type]
+    texts = re.findall(r",(-?[0-9.e+-]+)\]", text.split('"method"')[0])
+    assert len(texts) == len(scores)
+    assert all(len(t.lstrip("-0.").split("e")[0].replace(".", "")) <= 9 for t in texts)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_score_that_is_not_finite_is_refused(bad: float) -> None:
+    fields = {**_answer_args(), "items": [("SAV-000001", bad)]}
+    with pytest.raises(ValueError, match="finite"):
+        encode_answer(**fields)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite"):
+        answer_payload(**fields)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pseudonym"):
+        encode_answer(**{**_answer_args(), "subject": "C00000042"})  # type: ignore[arg-type]
 
 
 def test_an_audience_is_recorded_by_size_and_hash() -> None:

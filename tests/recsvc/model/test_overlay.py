@@ -89,3 +89,25 @@ def test_erasure_outranks_everything_and_products_update_the_rules(
     assert 6 in o.changed_rows.tolist() and o.erased_rows.tolist() == [6]
     # A change behind the overlay's sequence is not applied twice.
     assert apply(o, _changes(2, _ev(9, "X", b.items.ids[0], "view", T, 2))) is o
+
+
+def test_older_contact_history_is_remembered_without_touching_the_model(
+    recommender: Recommender,
+) -> None:
+    b = recommender.bundle
+    user = b.users.ids[4]
+    history = [
+        StoredEvent("h1", user, b.items.ids[0], "contacted", T, channel="email", sequence=1),
+        StoredEvent("h2", user, b.items.ids[1], "decline", T, sequence=1),
+        StoredEvent("h3", user, b.items.ids[2], "view", T, sequence=1),  # not history: ignored
+    ]
+    o = recommender.overlay(P, history=history)
+    assert o.sequence == b.manifest.state_sequence
+    live = o.users[user]
+    assert live.contacts == ((T, "email"),) and live.declined == {1: T}
+    assert not live.refolded and live.rows.tolist() == b.user_item_rows(4).tolist()
+    assert live.strength.tolist() == b.strength[b.indptr[4] : b.indptr[5]].tolist()
+    later = T + timedelta(days=1)
+    o = apply(o, _changes(9, _ev(4, user, b.items.ids[0], "contacted", later, 9)))
+    assert sorted(c[0] for c in o.users[user].contacts) == [T, later]
+    assert o.users[user].declined == {1: T}

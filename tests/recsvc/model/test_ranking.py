@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,11 @@ import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
 from recsvc.errors import NotFound
+from recsvc.logs import Pseudonymizer
+from recsvc.model.overlay import apply
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.ranking import DropReason, Ranked, Recommender, Source
+from recsvc.state import Changes, CustomerState, StoredEvent
 from tests.rules_oracle import Oracle
 
 
@@ -210,3 +214,49 @@ def test_similar_items_returns_k_whenever_k_are_allowed(
             n_allowed = oracle.n_allowed(user_id, {item_id})
             assert len(ids) == len(set(ids)) == min(k, n_allowed), (user_id, item_id)
             assert all(oracle.allowed(user_id, i, {item_id}) for i in ids)
+
+
+def test_every_answer_carries_the_suitability_basis_it_used(recommender: Recommender) -> None:
+    b = recommender.bundle
+    p = Pseudonymizer(b"basis-test")
+    at = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    raised, viewer, new_rated, new_viewer, gone = (
+        b.users.ids[1],
+        b.users.ids[2],
+        "NEW-RATED",
+        "NEW-VIEWER",
+        b.users.ids[3],
+    )
+    events = tuple(
+        StoredEvent(f"e{n}", user, b.items.ids[n], "view", at, sequence=1)
+        for n, user in enumerate((viewer, new_viewer))
+    )
+    customers = (CustomerState(raised, 5, True, 1), CustomerState(new_rated, 4, True, 1))
+    overlay = apply(recommender.overlay(p), Changes(1, events, customers, (), (p(gone),)))
+    expected = {
+        b.users.ids[0]: (int(recommender.tolerance[0]), "bundle"),
+        viewer: (int(recommender.tolerance[2]), "bundle"),  # events change no tolerance
+        raised: (5, "live"),
+        new_rated: (4, "live"),
+        new_viewer: (1, "default"),
+        gone: (1, "default"),  # forgotten: answered as nobody known
+        "never-seen": (1, "default"),
+        "": (1, "default"),
+    }
+    item = b.items.ids[0]
+    for user, (tolerance, basis) in expected.items():
+        answers = [
+            recommender.recommend(
+                RecommendQuery(user_id=user, k=5, recent_item_ids=() if user else (item,)),
+                overlay,
+            ),
+            recommender.similar_items(SimilarQuery(item_id=item, k=5, user_id=user), overlay),
+            recommender.rank_items(RankQuery(user_id=user, item_ids=b.items.ids[:30]), overlay),
+        ]
+        for answer in answers:
+            got = answer.suitability
+            assert got is not None and (got.tolerance, got.basis) == (tolerance, basis), user
+            assert got == recommender.suitability_basis(user, overlay)
+    assert recommender.suitability_basis(viewer, overlay).removed["interacted"] == len(
+        overlay.users[viewer].rows
+    )

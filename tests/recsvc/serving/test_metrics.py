@@ -267,3 +267,23 @@ def test_one_scrape_sees_every_worker(models_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_served_audit_trail_moves_the_audit_counters(models_dir: Path, tmp_path: Path) -> None:
+    s = ServerThread(
+        settings_for(models_dir, host="127.0.0.1", metrics_port=0, audit_dir=tmp_path / "audit")
+    )
+    try:
+        port = _metrics_port(s)
+        before = scrape(port)
+        assert value(before, "recsvc_audit_records_total") == 0
+        assert (value(before, "recsvc_audit_fsync_seconds_count") or 0) >= 1  # the start record
+        for _ in range(6):
+            s.stub.Recommend(pb.RecommendRequest(user_id="C00000004", k=3), timeout=10)
+        eventually(lambda: value(scrape(port), "recsvc_audit_records_total") == 6)
+        after = scrape(port)
+        fsyncs = value(after, "recsvc_audit_fsync_seconds_count") or 0
+        assert fsyncs > (value(before, "recsvc_audit_fsync_seconds_count") or 0)
+        assert (value(after, "recsvc_audit_fsync_seconds_sum") or 0) > 0
+    finally:
+        s.stop()

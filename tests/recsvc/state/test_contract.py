@@ -266,6 +266,36 @@ def test_profiles_merge_field_by_field(store: StateStore) -> None:
 # --- reading ----------------------------------------------------------------------------
 
 
+def test_events_by_time_reach_behind_a_sequence_by_type_and_date(store: StateStore) -> None:
+    since = AT - timedelta(days=365)
+    old = ev("d", type="decline", time=since - timedelta(seconds=1))
+    first = [
+        ev("b", type="decline", time=AT),
+        ev("a", type="contacted", time=since + timedelta(microseconds=1), channel="email"),
+        ev("c", type="view", time=AT),
+        old,
+        ev("f", "u2", type="contacted", time=AT, channel="sms"),
+    ]
+    assert store.record_events(first).sequence == 1
+    later = ev("e", type="contacted", time=AT - timedelta(days=400))
+    assert store.record_events([later, ev("g", type="decline")]).sequence == 2
+    kinds = ("contacted", "decline")
+    assert store.events_by_time(1, since, kinds) == (
+        stored(first[1], 1),
+        stored(first[0], 1),
+        stored(first[4], 1),
+    )
+    assert store.events_by_time(2, since, kinds)[-1] == stored(ev("g", type="decline"), 2)
+    further = store.events_by_time(2, since - timedelta(days=40), kinds)
+    assert stored(later, 2) in further and stored(old, 1) in further
+    assert store.events_by_time(0, since, kinds) == ()
+    assert store.events_by_time(2, since, ()) == ()
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.events_by_time(2, since.replace(tzinfo=None), kinds)
+    store.forget("u1", "ref", AT)
+    assert store.events_by_time(3, since, kinds) == (stored(first[4], 1),)
+
+
 def test_changes_since_gives_each_window_and_a_row_changed_later_waits_for_its_window(
     store: StateStore,
 ) -> None:
