@@ -48,9 +48,8 @@ def test_sampled_candidates_stay_in_range_and_are_valid(rng: np.random.Generator
     for _ in range(300):
         p = sample_params(rng, options)
         assert isinstance(p, FitParams)  # __post_init__ validated it
-        for name, (low, high, _log, _int, algorithms) in SEARCH_SPACE.items():
-            if p.algorithm in algorithms and name != "regularization":
-                assert low <= getattr(p, name) <= high, (name, p)
+        for name, r in SEARCH_SPACE[p.algorithm].items():
+            assert r.low <= getattr(p, name) <= r.high, (name, p)
         assert p.weighting in options.weightings
 
 
@@ -63,12 +62,25 @@ def test_neighbours_step_each_value_both_ways_within_the_space() -> None:
     assert {"regularization", "alpha"} in changed  # the ridge move
     assert any(m.factors == 128 for m in moves) and any(m.factors == 32 for m in moves)
     assert {m.weighting for m in moves} == {"log", "raw", "bm25"}
-    # BM25's constants are not moved unless BM25 weighting is on; bounds are respected.
+    # BM25's constants are not moved unless BM25 weighting is on.
     assert not any(c & {"bm25_k1", "bm25_b"} for c in changed)
-    top = neighbours(replace(p, factors=256, weighting="bm25"), 1.0, options)
-    assert max(m.factors for m in top) == 256
-    assert any(m.bm25_k1 != p.bm25_k1 for m in top)
+    bm25 = neighbours(replace(p, weighting="bm25"), 1.0, options)
+    assert any(m.bm25_k1 != p.bm25_k1 for m in bm25)
     assert p not in moves and len(moves) == len(set(moves))
+
+
+def test_at_a_range_edge_neighbours_step_past_it_up_to_the_hard_limit() -> None:
+    options = TuneOptions()
+    als = SEARCH_SPACE["als"]
+    top = FitParams(factors=256, regularization=als["regularization"].high, alpha=50.0)
+    moves = neighbours(top, 1.0, options)
+    assert max(m.factors for m in moves) == round(256 * math.e)  # past the range's 256
+    assert max(m.regularization for m in moves) > als["regularization"].high
+    assert max(m.alpha for m in moves) > als["alpha"].high
+    # At the hard limit it stops; an integer too close to move by a step moves by one.
+    ceiling = FitParams(factors=1024, iterations=5)
+    assert max(m.factors for m in neighbours(ceiling, 1.0, options)) == 1024
+    assert min(m.iterations for m in neighbours(ceiling, 0.01, options)) == 4
 
 
 def test_tune_keeps_the_best_trial_and_starts_from_the_defaults(
@@ -131,6 +143,10 @@ def test_bad_options_are_named() -> None:
         TuneOptions(validation_fraction=1.0)
     with pytest.raises(ValueError, match="algorithms must be among als, bpr"):
         TuneOptions(algorithms=("svd",))
+    with pytest.raises(ValueError, match="ranges: 'gamma' is not a searched value"):
+        TuneOptions(ranges={"gamma": (1.0, 2.0)})
+    with pytest.raises(ValueError, match="ranges: alpha low 2.0 is above high 1.0"):
+        TuneOptions(ranges={"alpha": (2.0, 1.0)})
 
 
 def test_too_little_data_to_carve_is_an_error(tmp_path: Path) -> None:
