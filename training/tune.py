@@ -618,7 +618,9 @@ def tune(
     start = time.perf_counter()
     folds = _carve_folds(data, options)
     validation = _describe_folds(folds, data, options)
-    options = replace(options, base=replace(options.base, seed=options.seed))
+    # The data-scaled defaults are filled in once, so the search moves from concrete values.
+    base = replace(options.base, seed=options.seed).resolved(data.user_items)
+    options = replace(options, base=base)
     search = _Search(options)
     trials: list[Trial] = []
     best: Trial | None = None
