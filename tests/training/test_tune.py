@@ -79,7 +79,7 @@ def test_at_a_range_edge_neighbours_step_past_it_up_to_the_hard_limit() -> None:
     assert max(m.regularization for m in moves) > als["regularization"].high
     assert max(m.alpha for m in moves) > als["alpha"].high
     # At the hard limit it stops; an integer too close to move by a step moves by one.
-    ceiling = FitParams(factors=1024, iterations=5)
+    ceiling = FitParams(factors=1024, iterations=5, regularization=1.0, alpha=2.0)
     assert max(m.factors for m in neighbours(ceiling, 1.0, options)) == 1024
     assert min(m.iterations for m in neighbours(ceiling, 0.01, options)) == 4
 
