@@ -309,7 +309,7 @@ def _cmd_receipt(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from recsvc.audit import verify
+    from recsvc.audit import verify_chains
 
     expect = None
     if args.head:
@@ -317,9 +317,10 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
         if not seq.isdigit() or len(digest) != 64:
             raise ValueError(f"--head {args.head!r}: expected SEQ:HASH (64 hex digits)")
         expect = (int(seq), digest)
-    report = verify(Path(args.dir), expect)
-    print(report)
-    return 0 if report.ok else 1
+    reports = verify_chains(Path(args.dir), expect)
+    for chain, report in reports.items():
+        print(report if chain == "." else f"{chain}: {report}".replace("\n", f"\n{chain}: "))
+    return 0 if all(r.ok for r in reports.values()) else 1
 
 
 def _cmd_audit_find(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ and becomes INTERNAL with a generic message.
     ├── BundleError            INTERNAL: a version missing, corrupt or inconsistent
     │   └── BundleUnreadable   (an I/O error: retried, not a verdict)
     ├── DataError              training input breaks the data contract (the trainer's)
+    ├── FitError               a fit diverged under its parameters (the trainer's)
     └── StateError             INTERNAL: the live state store refused or failed a write
         └── StateUnavailable   UNAVAILABLE: the store cannot be reached (retry)
 
@@ -29,6 +30,7 @@ __all__ = [
     "BundleUnreadable",
     "DataError",
     "DeadlineExpired",
+    "FitError",
     "InvalidArgument",
     "ModelUnavailable",
     "NotFound",
@@ -85,6 +87,11 @@ class BundleUnreadable(BundleError):
 
 class DataError(RecsvcError):
     """Training input breaks the data contract; the message names file and column."""
+
+
+class FitError(RecsvcError):
+    """A fit diverged (it raised, or left factors that are not finite); the message names
+    the algorithm and its parameters. Nothing fit from it is published."""
 
 
 class StateError(RecsvcError):

@@ -244,11 +244,8 @@ class ServerSettings:
 
             read_tokens(self.auth_tokens)  # a bad file stops start-up here, not in a worker
         _audit_sync(self.audit_sync)
-        if self.audit_dir is not None:
-            if self.audit_dir.exists() and not self.audit_dir.is_dir():
-                raise ValueError(f"--audit-dir {self.audit_dir}: not a folder")
-            if self.workers > 1:
-                raise ValueError("--audit-dir takes one writer: not yet with --workers above 1")
+        if self.audit_dir is not None and self.audit_dir.exists() and not self.audit_dir.is_dir():
+            raise ValueError(f"--audit-dir {self.audit_dir}: not a folder")
 
 
 @dataclass(frozen=True)

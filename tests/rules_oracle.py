@@ -107,7 +107,7 @@ class Oracle:
         risk = max(self.risk[i] for i in items)
         return {
             u
-            for u in self.tolerance
+            for u in self.consent
             if self.consent[u]
             and self.tol(u) >= risk
             and (include_holders or not (self.held.get(u, set()) & set(items)))

@@ -17,7 +17,7 @@ from recsvc.errors import RecsvcError
 from recsvc.logs import Pseudonymizer
 from recsvc.state import StateStore, open_store
 from training.data import DataConfig, TrainingData, load_training_data
-from training.fit import FitParams, fit_model
+from training.fit import FitParams, fit_checked
 from training.publish import publish
 from training.sample import SampleSpec, write_sample
 from training.state import (
@@ -178,7 +178,7 @@ def _fit(args: argparse.Namespace, state: FoldedState | None) -> tuple[Path, Tra
         f"fitting {params.algorithm} ({params.factors} factors, {params.iterations} iterations) "
         f"on {data.user_items.nnz:,} pairs",
     )
-    model = fit_model(data.user_items, params, progress=progress_bars(args.quiet))
+    model = fit_checked(data.user_items, params, progress=progress_bars(args.quiet))
     t1 = time.perf_counter()
     _stage(args, f"building indexes and publishing to {args.models}")
     folder = publish(Path(args.models), data, model, keep=args.keep)
@@ -198,6 +198,11 @@ def _fit(args: argparse.Namespace, state: FoldedState | None) -> tuple[Path, Tra
         f"merged {report.duplicates_merged:,} duplicate pairs; "
         f"{report.unknown_events} unknown events"
     )
+    if data.has_users_table:
+        print(
+            f"  customers missing from the users table: {report.missing_customers:,} "
+            "(kept, with risk tolerance 1 and no marketing consent)"
+        )
     print(f"  load {t_load:.2f}s, fit {model.seconds:.2f}s, index+publish {t_publish:.2f}s")
     return folder, data
 

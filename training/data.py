@@ -94,6 +94,9 @@ class DropReport:
     """Erased customers found in the inputs: every row of theirs is dropped."""
     forgotten_rows: int = 0
     """Interaction rows of erased customers dropped from the logs."""
+    missing_customers: int = 0
+    """Customers of the interactions the users table lacks: kept, with the unknown
+    customer's defaults (risk tolerance 1, no marketing consent)."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -191,7 +194,14 @@ def _id_column(table: pa.Table, what: str, path: object, column: str) -> pa.Chun
     raise _mistyped(what, path, column, col.type, "string")
 
 
-def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.ChunkedArray | None:
+_EXAMPLES = 5
+"""Rows an error names by id (the operator's own data, on their terminal; never logged)."""
+
+
+def _check_level(
+    table: pa.Table, what: str, path: object, column: str, id_col: str
+) -> pa.ChunkedArray | None:
+    """The 1..5 ``column`` as int8; out of range, the error counts the rows and names a few."""
     if column not in table.column_names:
         return None
     col = table.column(column)
@@ -199,7 +209,20 @@ def _check_level(table: pa.Table, what: str, path: object, column: str) -> pa.Ch
         raise _mistyped(what, path, column, col.type, "integer")
     lo, hi = pc.min(col).as_py(), pc.max(col).as_py()
     if lo is not None and (lo < 1 or hi > 5):
-        raise DataError(f"{what} {path}: column {column!r} holds values outside 1..5")
+        bad = table.filter(pc.or_(pc.less(col, 1), pc.greater(col, 5)))
+        shown = ", ".join(
+            f"{i} ({v})"
+            for i, v in zip(
+                bad.column(id_col).slice(0, _EXAMPLES).to_pylist(),
+                bad.column(column).slice(0, _EXAMPLES).to_pylist(),
+                strict=True,
+            )
+        )
+        more = ", ..." if bad.num_rows > _EXAMPLES else ""
+        raise DataError(
+            f"{what} {path}: column {column!r} holds values outside 1..5 in "
+            f"{bad.num_rows:,} of {table.num_rows:,} rows ({id_col}: {shown}{more})"
+        )
     return col.cast(pa.int8())
 
 
@@ -219,7 +242,7 @@ def _read_table(
     if pc.count_distinct(ids).as_py() != table.num_rows:
         raise DataError(f"{what} {path}: column {id_col!r} has duplicate ids")
     table = table.set_column(table.schema.get_field_index(id_col), id_col, ids)
-    level = _check_level(table, what, path, level_col)
+    level = _check_level(table, what, path, level_col, id_col)
     if level is not None:
         table = table.set_column(table.schema.get_field_index(level_col), level_col, level)
     _check_bool(table, what, path, bool_col)
@@ -245,6 +268,7 @@ def _events(
     interaction = np.ones(n, dtype=bool)
     codes = _event_codes(table, path)
     if codes is not None:
+        _refuse_unknown_events(*codes, config, path)
         names, idx = codes
         held = _flags(names, idx, set(config.held_events))
         close = _flags(names, idx, {CLOSE_EVENT})
@@ -288,13 +312,37 @@ def _weight_column(table: pa.Table, path: object) -> np.ndarray:
     return np.asarray(wcol.cast(pa.float64()).fill_null(1.0).to_numpy())
 
 
+def _known(names: list[str], config: DataConfig) -> list[bool]:
+    """Whether each event name means something: it has a weight, or records no interest."""
+    return [name in config.event_weights or name in NON_INTERACTION_EVENTS for name in names]
+
+
+def _refuse_unknown_events(
+    names: list[str], idx: np.ndarray, config: DataConfig, path: object
+) -> None:
+    """Refuse an ``event`` column in which no row names a known event.
+
+    Such a column is another vocabulary (``PURCHASE``, ``txn``), not a few stray
+    rows: every row would count 1 and none would be held, so the model learns nothing
+    the events meant. A null event is not a known one.
+    """
+    if len(idx) == 0 or np.array([*_known(names, config), False])[idx].any():
+        return
+    shown = ", ".join(repr(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
+    known = ", ".join(sorted(set(config.event_weights) | NON_INTERACTION_EVENTS))
+    raise DataError(
+        f"interactions {path}: column 'event' names no known event in any of its "
+        f"{len(idx):,} rows ({shown or 'only nulls'}; known: {known}): name yours in "
+        "--event-weights (and --held-events), or drop the column"
+    )
+
+
 def _event_weights(
     names: list[str], idx: np.ndarray, config: DataConfig, report: DropReport
 ) -> np.ndarray:
     """Each row's strength by its event; an unknown or null event counts 1 (and is counted)."""
-    known = [name in config.event_weights or name in NON_INTERACTION_EVENTS for name in names]
     lut = np.array([config.event_weights.get(name, 1.0) for name in names] + [1.0])
-    report.unknown_events += int((~np.array([*known, True]))[idx].sum())
+    report.unknown_events += int((~np.array([*_known(names, config), True]))[idx].sum())
     return np.asarray(lut[idx])
 
 
@@ -386,9 +434,21 @@ def _read_interactions(path: str | Path, report: DropReport) -> pa.Table:
     i_col = _id_column(table, "interactions", path, "item_id")
     table = table.set_column(table.schema.get_field_index("user_id"), "user_id", u_col)
     table = table.set_column(table.schema.get_field_index("item_id"), "item_id", i_col)
+    _check_ts_type(table, path)
     valid = pc.and_(pc.is_valid(u_col), pc.is_valid(i_col))
     report.null_ids = table.num_rows - pc.sum(valid.cast(pa.int64())).as_py()
     return table.filter(valid) if report.null_ids else table
+
+
+def _check_ts_type(table: pa.Table, path: object) -> None:
+    """A ``ts`` column must hold timestamps, whether or not this fit reads the times.
+
+    Times are only read where they matter (decay, close events), but a column of
+    text or numbers is a broken export either way: refused at once, not on the day
+    ``--half-life-days`` is first given.
+    """
+    if "ts" in table.column_names and not pa.types.is_timestamp(table.schema.field("ts").type):
+        raise _mistyped("interactions", path, "ts", table.schema.field("ts").type, "timestamp")
 
 
 def _item_vocabulary(table: pa.Table | None, item_ids: pa.ChunkedArray) -> Vocabulary:
@@ -398,18 +458,28 @@ def _item_vocabulary(table: pa.Table | None, item_ids: pa.ChunkedArray) -> Vocab
     return Vocabulary(pc.unique(item_ids).sort())
 
 
-def _user_vocabulary(table: pa.Table | None, user_ids: pa.ChunkedArray) -> Vocabulary:
-    """The customer table's users in its order, then the users only events name, sorted."""
+def _user_vocabulary(
+    table: pa.Table | None, user_ids: pa.ChunkedArray, report: DropReport
+) -> Vocabulary:
+    """The customer table's users in its order, then the users only events name, sorted.
+
+    Those the table lacks are counted (``report.missing_customers``) and warned of
+    by count only: customer ids never reach a log.
+    """
     interaction_users = pc.unique(user_ids)
     if table is None:
         return Vocabulary(interaction_users.sort())
     known = table.column("user_id").combine_chunks()
     extra = pc.filter(interaction_users, pc.invert(pc.is_in(interaction_users, known)))
+    report.missing_customers = len(extra)
     if len(extra):  # often ids of another form: 42 (read as "42") against "C00000042"
         log.warning(
-            "customers in the interactions are missing from the users table: they get risk "
-            "tolerance 1 and no marketing consent; ids must match exactly (integers are read "
-            "as text)",
+            "%d of %d customers in the interactions are missing from the users table (%d "
+            "rows): they are kept, with risk tolerance 1 and no marketing consent; ids must "
+            "match exactly (integers are read as text)",
+            len(extra),
+            len(interaction_users),
+            len(known),
             extra={"missing": len(extra), "users_table": len(known)},
         )
     return Vocabulary(pa.concat_arrays([known, extra.sort()]))
@@ -538,7 +608,7 @@ def load_training_data(
             events, weight=events.weight * _decay(events.seconds, config.half_life_days)
         )
     item_vocab = _item_vocabulary(inputs.items, events.items)
-    user_vocab = _user_vocabulary(inputs.users, events.users)
+    user_vocab = _user_vocabulary(inputs.users, events.users, report)
     keys, keep = _pair_keys(events, user_vocab, item_vocab, interactions, report)
     matrix, pair_held = _merge_pairs(keys, keep, events, len(user_vocab), len(item_vocab), report)
     data = TrainingData(

@@ -30,9 +30,9 @@ from recsvc.model.bundle import Bundle, load_bundle, read_latest
 from recsvc.model.manifest import MANIFEST
 from recsvc.model.queries import MAX_K, RecommendQuery
 from recsvc.model.ranking import Recommender
-from training.baselines import rank_baseline
+from training.baselines import BASELINES, check_ease_items, choose_ease_lambda, rank_baseline
 from training.data import DataConfig, TrainingData, load_training_data
-from training.fit import FitParams, fit_model
+from training.fit import FitParams, fit_checked
 from training.metrics import suitability_violations, summarize
 from training.publish import publish
 from training.scoring import Eligibility
@@ -68,9 +68,10 @@ class EvalOptions:
     """
 
     ks: tuple[int, ...] = (10,)
-    baselines: tuple[str, ...] = ("popularity", "itemknn", "random")
+    baselines: tuple[str, ...] = BASELINES
     seed: int = 0
-    """Seeds the random baseline (the split and the model have their own)."""
+    """Seeds the random baseline and EASE's validation carve (the split and the model
+    have their own)."""
     endpoint: str | None = None
     """host:port of a server serving the evaluated bundle; its figure is checked against ours."""
     progress: bool = True
@@ -108,10 +109,13 @@ class Result:
     seconds: float
     sources: dict[str, int] = field(default_factory=dict)
     errors: int = 0
+    params: dict[str, Any] | None = None
+    """How a baseline was configured, where it chose something (EASE's lambda)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "params": self.params,
             "metrics": {
                 m: {str(k): v for k, v in by_k.items()} for m, by_k in self.metrics.items()
             },
@@ -353,7 +357,7 @@ def _train(
 ) -> Path:
     """Fit on the train part and publish the bundle under ``models``; returns its folder."""
     with _timed(seconds, "fit"):
-        model = fit_model(data.user_items, params, progress=progress)
+        model = fit_checked(data.user_items, params, progress=progress)
     with _timed(seconds, "publish"):
         folder = publish(models, data, model, evaluation=True)
     return folder
@@ -394,14 +398,27 @@ def _score_baselines(
     options: EvalOptions,
     stage: Callable[[str], None],
 ) -> list[Result]:
-    """Rank and score every baseline of ``options`` on the same split, under the same rules."""
+    """Rank and score every baseline of ``options`` on the same split, under the same rules.
+
+    EASE's lambda is chosen first on the tuner's validation carve of the train part
+    (seeded ``options.seed``), never on the test part.
+    """
     eligibility = Eligibility.from_data(data)
     results = []
     for name in options.baselines:
         stage(f"baseline {name}")
         start = time.perf_counter()
-        rows = rank_baseline(name, eligibility, test.user_rows, ks[-1], options.seed)
-        results.append(score(name, Lists(rows, time.perf_counter() - start), test, data, ks))
+        params: dict[str, Any] | None = None
+        if name == "ease":
+            choice = choose_ease_lambda(data, seed=options.seed)
+            params = choice.to_json()
+            stage(f"baseline ease: lambda {choice.lam:g} ({choice.metric} on validation)")
+            rows = rank_baseline(name, eligibility, test.user_rows, ks[-1], ease_lambda=choice.lam)
+        else:
+            rows = rank_baseline(name, eligibility, test.user_rows, ks[-1], options.seed)
+        result = score(name, Lists(rows, time.perf_counter() - start), test, data, ks)
+        result.params = params
+        results.append(result)
     return results
 
 
@@ -460,6 +477,8 @@ def evaluate(
     with _timed(seconds, "load"):
         data = load_training_data(split_dir / "train.parquet", items, users, data_config)
     test = holdout(split.test, data)
+    if "ease" in options.baselines:
+        check_ease_items(len(data.items))  # before training, not after
     if bundle is None:
         stage(f"fitting {params.algorithm} on {data.user_items.nnz:,} training pairs")
         folder = _train(data, params, report / "models", options.progress, seconds)

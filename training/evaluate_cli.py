@@ -33,7 +33,7 @@ from training.cli import (
     progress_bars,
 )
 from training.evaluate import EvalOptions, evaluate
-from training.report import machine, markdown_table, write_report
+from training.report import baseline_notes, machine, markdown_table, write_report
 from training.splits import SplitSpec, make_split, write_split
 
 __all__ = ["build_parser", "main", "parse_ks"]
@@ -143,6 +143,11 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     paths = write_report(report, args.report)
     for k in report["ks"]:
         print(f"\nk = {k}\n{markdown_table(report['results'], k)}")
+    for line in [*baseline_notes(report["results"]), *report["model_losses"]]:
+        print(line)
+    baselines = [r for r in report["results"] if not r["name"].startswith("model")]
+    if baselines and report["results"][0]["name"] == "model" and not report["model_losses"]:
+        print("the served model is ahead of every baseline on every metric")
     print(f"\nreport: {paths['markdown']} and {paths['json']}")
     status = 0
     for r in report["results"]:

@@ -14,9 +14,16 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from recsvc.errors import DataError
+from recsvc.errors import DataError, FitError
 
-__all__ = ["FitParams", "FittedModel", "apply_weighting", "fit_model"]
+__all__ = [
+    "FitParams",
+    "FittedModel",
+    "apply_weighting",
+    "check_converged",
+    "fit_checked",
+    "fit_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +190,61 @@ def fit_model(user_items: sp.csr_matrix, params: FitParams, progress: bool = Tru
         confidence=confidence,
         seconds=seconds,
     )
+
+
+# The parameters that steer each algorithm's updates, named when its fit diverges.
+_STEERING = {
+    "als": ("factors", "iterations", "regularization", "alpha", "weighting"),
+    "bpr": ("factors", "iterations", "learning_rate", "regularization", "weighting"),
+}
+
+
+def fit_checked(user_items: sp.csr_matrix, params: FitParams, progress: bool = True) -> FittedModel:
+    """``fit_model``, refusing a fit that diverged: only finite factors go on to publish.
+
+    Raises:
+        FitError: the fit raised, or left factors that are not finite
+            (``check_converged``); the message names the algorithm and its parameters.
+    """
+    from implicit.recommender_base import ModelFitError
+
+    try:
+        model = fit_model(user_items, params, progress)
+    except (ModelFitError, FloatingPointError, np.linalg.LinAlgError) as exc:
+        raise _diverged(params, str(exc)) from exc
+    check_converged(model)
+    return model
+
+
+def check_converged(model: FittedModel) -> None:
+    """Refuse factors that are not all finite.
+
+    implicit itself raises on NaN factors only: infinite ones it returns, and they
+    would reach the indexes (and every score) as they are.
+
+    Raises:
+        FitError: naming how many users' and items' vectors are not finite.
+    """
+    bad_users = int(np.count_nonzero(~np.isfinite(model.user_factors).all(axis=1)))
+    bad_items = int(np.count_nonzero(~np.isfinite(model.item_factors).all(axis=1)))
+    if bad_users or bad_items:
+        why = f"non-finite factors for {bad_users:,} users and {bad_items:,} items"
+        raise _diverged(model.params, why)
+
+
+def _diverged(params: FitParams, why: str) -> FitError:
+    """The error for a diverged fit: the algorithm, its steering parameters, a remedy."""
+    named = ", ".join(f"{k}={_show(getattr(params, k))}" for k in _STEERING[params.algorithm])
+    if params.algorithm == "bpr":
+        remedy = "a smaller learning_rate or a larger regularization"
+    else:
+        remedy = "a smaller alpha or a larger regularization"
+        remedy += " or log weighting" if params.weighting == "raw" else ""
+    return FitError(
+        f"the {params.algorithm} fit diverged ({why}) with {named}: try {remedy}; "
+        "nothing was published"
+    )
+
+
+def _show(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

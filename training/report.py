@@ -18,16 +18,22 @@ from training.metrics import METRICS
 
 __all__ = [
     "HEADLINE",
+    "QUALITY",
+    "baseline_notes",
     "cpu_model",
     "machine",
     "markdown_table",
     "memory_gib",
+    "model_losses",
     "plot_metrics",
     "write_report",
 ]
 
 HEADLINE = ("map", "ndcg", "precision", "recall")
 """The four metrics of the published MovieLens table, in its column order."""
+
+QUALITY = ("precision", "recall", "ndcg", "map", "hit_rate", "mrr")
+"""The metrics where higher is better for the user (not coverage or novelty)."""
 
 _TITLES = {
     "precision": "Precision",
@@ -96,6 +102,49 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def model_losses(report: dict[str, Any]) -> list[str]:
+    """One line per (k, metric) where a baseline beats the served model, else none.
+
+    The served model is the ``model`` result; every result not named ``model...`` is a
+    baseline. Only the :data:`QUALITY` metrics count.
+    """
+    results = report["results"]
+    model = next((r for r in results if r["name"] == "model"), None)
+    if model is None:
+        return []
+    baselines = [r for r in results if not r["name"].startswith("model")]
+    lines = []
+    for k in report["ks"]:
+        for m in QUALITY:
+            ours = model["metrics"][m][str(k)]
+            better = sorted(
+                (r for r in baselines if r["metrics"][m][str(k)] > ours),
+                key=lambda r: -r["metrics"][m][str(k)],
+            )
+            if better:
+                theirs = ", ".join(f"{r['name']} {r['metrics'][m][str(k)]:.4f}" for r in better)
+                lines.append(
+                    f"the served model loses on {_TITLES[m]}@{k}: {ours:.4f} against {theirs}"
+                )
+    return lines
+
+
+def baseline_notes(results: Sequence[dict[str, Any]]) -> list[str]:
+    """What a baseline chose (EASE's lambda), one line each."""
+    lines = []
+    for r in results:
+        params = r.get("params")
+        if r["name"] == "ease" and params:
+            by_lambda = sorted(params["by_lambda"].items(), key=lambda kv: float(kv[0]))
+            tried = ", ".join(f"{lam} {v:.4f}" for lam, v in by_lambda)
+            edge = " (still at the edge of the range)" if params["at_edge"] else ""
+            lines.append(
+                f"ease: lambda {params['lambda']:g}{edge}, chosen by {params['chosen_by']} "
+                f"(tried: {tried})"
+            )
+    return lines
+
+
 def plot_metrics(report: dict[str, Any], folder: Path) -> list[Path] | str:
     """One PNG per metric against k, a line per result; a note if matplotlib is missing."""
     try:
@@ -140,6 +189,7 @@ def _markdown(report: dict[str, Any], plots: list[Path] | str) -> str:
         f"- command: `{report.get('command', '')}`",
         f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores",
     ]
+    lines += [f"- {note}" for note in baseline_notes(report["results"])]
     agreement = report.get("endpoint_agreement")
     if agreement:
         verdict = "agree" if agreement["agree"] else "DISAGREE"
@@ -148,6 +198,10 @@ def _markdown(report: dict[str, Any], plots: list[Path] | str) -> str:
             f"{agreement['users_compared']} users got different lists, largest metric gap "
             f"{agreement['max_metric_difference']:.2e}"
         )
+    if any(not r["name"].startswith("model") for r in report["results"]):
+        losses = [f"- {line}" for line in model_losses(report)]
+        lines += ["", "## Where a baseline beats the served model", ""]
+        lines += losses or ["Nowhere: the served model is ahead of every baseline on every metric."]
     for k in report["ks"]:
         lines += ["", f"## At k = {k}", "", markdown_table(report["results"], k)]
     lines += ["", "Definitions: docs/EVALUATION.md.", ""]
@@ -163,6 +217,7 @@ def write_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plots = plot_metrics(report, folder / "plots")
     report["plots"] = plots if isinstance(plots, str) else [str(p) for p in plots]
+    report["model_losses"] = model_losses(report)
     paths = {"json": folder / "report.json", "markdown": folder / "report.md"}
     paths["json"].write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
     paths["markdown"].write_text(_markdown(report, plots), encoding="utf-8")

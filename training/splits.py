@@ -8,7 +8,8 @@ Specs, as ``recsvc-eval --split`` takes them:
 
 - ``stratified[:FRACTION]``: per user, a random FRACTION (default 0.25) of their pairs
   goes to test, rounding as Microsoft Recommenders' ``python_stratified_split``
-  (a user keeps ``floor((1 - FRACTION) * n)`` pairs for training);
+  (a user keeps ``round((1 - FRACTION) * n)`` pairs for training, halves to even: 2
+  pairs keep 2, 6 keep 4, 10 keep 8);
 - ``time[:CUTOFF]``: events before CUTOFF (ISO date-time, UTC if naive, or a fraction
   of events in (0, 1) such as 0.8) train, later pairs not already in train are tested;
 - ``last[:N]``: per user, the N pairs begun last (by first event) are tested, for users
@@ -144,7 +145,11 @@ def _rank_within_user(pair_user: np.ndarray, order_key: np.ndarray) -> tuple[np.
 def stratified_holdout(
     pair_user: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Which pairs to hold out: per user a random ``fraction``, keeping ``floor((1-f) n)``.
+    """Which pairs to hold out: per user a random ``fraction``, keeping ``round((1-f) n)``.
+
+    The rounding is Microsoft Recommenders' ``python_stratified_split`` (a pair trains
+    when its rank is at most ``round(0.75 * n)``, numpy rounding halves to even), so a
+    user with one pair keeps it and a split here holds out what theirs holds out.
 
     Args:
         pair_user: the user (any integer code) of each pair.
@@ -152,8 +157,9 @@ def stratified_holdout(
         rng: the randomness (one draw per pair).
     """
     rank, count = _rank_within_user(pair_user, rng.random(len(pair_user)))
-    # A user keeps floor((1 - f) * n) pairs; the epsilon absorbs 0.75 * 4 = 2.9999...
-    keep = np.floor((1.0 - fraction) * count + 1e-9)
+    # Computed as theirs is, (1 - f) * n in floating point then np.round (half to even):
+    # 0.75 * n is exact, so its halves (n = 2, 6, 10, ...) are true halves.
+    keep = np.round((1.0 - fraction) * count)
     return rank > keep
 
 

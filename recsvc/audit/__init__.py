@@ -17,7 +17,7 @@ from __future__ import annotations
 from recsvc.audit.find import find, parse_time, read_records
 from recsvc.audit.log import FSYNC_INTERVAL, SYNC_MODES, AuditLog
 from recsvc.audit.record import answer_payload, audience_payload, audience_sha256
-from recsvc.audit.verify import Problem, VerifyReport, verify
+from recsvc.audit.verify import Problem, VerifyReport, verify, verify_chains
 
 __all__ = [
     "FSYNC_INTERVAL",
@@ -32,4 +32,5 @@ __all__ = [
     "parse_time",
     "read_records",
     "verify",
+    "verify_chains",
 ]

@@ -7,22 +7,36 @@ Reading verifies nothing: ``recsvc audit verify`` does.
 
 from __future__ import annotations
 
+import heapq
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from recsvc.audit.record import lines, segments
+from recsvc.audit.record import Line, chains, lines, segments
 
 __all__ = ["find", "parse_time", "read_records"]
 
 
 def read_records(folder: Path) -> Iterator[dict[str, Any]]:
-    """Every complete record of the trail, oldest first, as JSON objects."""
-    for line in lines(segments(folder)):
-        if line.complete:
-            yield json.loads(line.data)
+    """Every complete record of the trail (of every chain), oldest first, as JSON objects."""
+    for line in _complete_lines(folder):
+        yield json.loads(line.data)
+
+
+def _complete_lines(folder: Path) -> Iterable[Line]:
+    """Every complete line of every chain of the trail: each chain in order, the chains
+    merged by record time (ISO 8601 in UTC, so it sorts as text)."""
+    per_chain = [(line for line in lines(segments(c)) if line.complete) for c in chains(folder)]
+    if len(per_chain) == 1:
+        return per_chain[0]
+    return heapq.merge(*per_chain, key=_time)
+
+
+def _time(line: Line) -> str:
+    start = line.data.find(b'"time":"') + 8
+    return line.data[start : line.data.find(b'"', start)].decode()
 
 
 def parse_time(text: str) -> datetime:
@@ -55,8 +69,8 @@ def find(
     # A cheap look at the bytes first: json.loads only the lines that may match.
     needles = [f'"{key}":{json.dumps(value)}'.encode() for key, value in wanted.items()]
     start = since.astimezone(timezone.utc).isoformat(timespec="microseconds") if since else ""
-    for line in lines(segments(folder)):
-        if line.complete and all(needle in line.data for needle in needles):
+    for line in _complete_lines(folder):
+        if all(needle in line.data for needle in needles):
             record = json.loads(line.data)
             matches = all(record.get(key) == value for key, value in wanted.items())
             if matches and record["kind"] == "answer" and record["time"] >= start:

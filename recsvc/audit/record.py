@@ -71,12 +71,14 @@ __all__ = [
     "answer_payload",
     "audience_payload",
     "audience_sha256",
+    "chains",
     "encode_payload",
     "encode_record",
     "lines",
     "parse_record",
     "segment_name",
     "segments",
+    "worker_folder",
 ]
 
 FORMAT_VERSION = 1
@@ -93,6 +95,7 @@ _HASH_SUFFIX = re.compile(rb',"hash":"([0-9a-f]{64})"\}')
 _SUFFIX_LEN = len(',"hash":"') + 64 + len('"}')
 _PSEUDONYM = re.compile(r"u_[0-9a-f]{16}|anonymous")  # what recsvc.logs.Pseudonymizer gives
 _SEGMENT = re.compile(r"audit-\d{12}-\d{8}T\d{6}\.\d{6}Z\.jsonl")
+_WORKER = re.compile(r"worker-\d+")
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,19 @@ def segment_name(first_seq: int, created: datetime) -> str:
 def segments(folder: Path) -> list[Path]:
     """The trail's segment files, oldest first (other files are ignored)."""
     return sorted(p for p in folder.iterdir() if _SEGMENT.fullmatch(p.name) and p.is_file())
+
+
+def worker_folder(folder: Path, worker: int) -> Path:
+    """The chain of worker ``worker`` of ``recsvc serve --workers N --audit-dir folder``."""
+    return folder / f"worker-{worker}"
+
+
+def chains(folder: Path) -> list[Path]:
+    """The folders of a trail's chains: ``folder`` itself (one process wrote it) and
+    each ``worker-N`` folder in it (one chain a worker), in worker order."""
+    workers = [p for p in folder.iterdir() if _WORKER.fullmatch(p.name) and p.is_dir()]
+    workers.sort(key=lambda p: int(p.name.removeprefix("worker-")))
+    return [folder, *workers] if segments(folder) or not workers else workers
 
 
 def lines(paths: Iterable[Path]) -> Iterator[Line]:

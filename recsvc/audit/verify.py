@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsvc.audit.record import GENESIS, Line, RecordHead, lines, parse_record, segments
+from recsvc.audit.record import GENESIS, Line, RecordHead, chains, lines, parse_record, segments
 
-__all__ = ["Problem", "Torn", "VerifyReport", "verify"]
+__all__ = ["Problem", "Torn", "VerifyReport", "verify", "verify_chains"]
 
 
 @dataclass(frozen=True)
@@ -194,3 +194,19 @@ def verify(folder: Path, expect: tuple[int, str] | None = None) -> VerifyReport:
             problem = expected.problem("edited", "not the hash of the expected head")
     end = (good.head.seq, good.head.hash) if good else None
     return VerifyReport(len(paths), count, end, tuple(torn), problem)
+
+
+def verify_chains(folder: Path, expect: tuple[int, str] | None = None) -> dict[str, VerifyReport]:
+    """:func:`verify` each chain of a trail: the folder's own, and one per ``worker-N``
+    folder (``recsvc serve --workers N``), by the chain's folder relative to ``folder``.
+
+    Raises:
+        ValueError: ``expect`` given for a trail of several chains (a head is one chain's).
+    """
+    found = chains(folder)
+    if expect is not None and len(found) > 1:
+        raise ValueError(
+            f"{folder} holds {len(found)} chains, one a worker: a head is one chain's, "
+            f"so verify that chain's folder (e.g. {found[-1]}) with it"
+        )
+    return {p.relative_to(folder).as_posix(): verify(p, expect) for p in found}

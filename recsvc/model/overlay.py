@@ -15,7 +15,7 @@ happens once per change, here, never per request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -92,7 +92,8 @@ class OverlayContext:
         weighting: its training data's weighting (one customer's row at a time).
         event_weights: strength of one event of each kind (the trainer's).
         held_events: events that mean the customer holds the product from now on.
-        fold_in: the bundle's least-squares solve from (rows, confidences) to a vector.
+        fold_in: the bundle's least-squares solve from (rows, confidences) to a vector,
+            for many customers at once (one row each).
         pseudonymize: the keyed pseudonym of a customer id (erasures carry only that).
     """
 
@@ -100,7 +101,7 @@ class OverlayContext:
     weighting: RowWeighting
     event_weights: Mapping[str, float]
     held_events: frozenset[str]
-    fold_in: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    fold_in: Callable[[Sequence[tuple[np.ndarray, np.ndarray]]], np.ndarray]
     pseudonymize: Callable[[str], str]
 
     @cached_property
@@ -194,6 +195,7 @@ def apply(overlay: Overlay, changes: Changes) -> Overlay:
             if live.row is not None:
                 by_row.pop(live.row, None)
     unknown = overlay.unknown_item_events
+    unsolved: list[str] = []
     for user_id, events in _by_user(changes.events).items():
         if ctx.pseudonymize(user_id) in erased:
             continue  # the store drops these too; a race must not resurrect a customer
@@ -201,8 +203,14 @@ def apply(overlay: Overlay, changes: Changes) -> Overlay:
         after, skipped = _with_events(ctx, before, events)
         unknown += skipped
         users[user_id] = after
+        if after.refolded and after.vector is None and len(after.rows):
+            unsolved.append(user_id)
         if after.row is not None:
             by_row[after.row] = user_id
+    if unsolved:  # every changed history re-solved in one batch
+        vectors = ctx.fold_in([(users[u].rows, users[u].confidence) for u in unsolved])
+        for user_id, vector in zip(unsolved, vectors, strict=True):
+            users[user_id] = replace(users[user_id], vector=vector)
     for c in changes.customers:
         if ctx.pseudonymize(c.user_id) in erased:
             continue
@@ -254,7 +262,8 @@ def _by_user(events: Iterable[StoredEvent]) -> dict[str, list[StoredEvent]]:
 def _with_events(
     ctx: OverlayContext, before: LiveUser, events: list[StoredEvent]
 ) -> tuple[LiveUser, int]:
-    """``before`` with ``events`` applied, its vector re-solved; and the unknown-item count."""
+    """``before`` with ``events`` applied, and the unknown-item count. A changed history
+    comes back ``refolded`` with no vector: ``apply`` solves them together."""
     strength = dict(zip(before.rows.tolist(), before.strength.tolist(), strict=True))
     held = dict(zip(before.rows.tolist(), before.held.tolist(), strict=True))
     held_at = dict(before.held_at)
@@ -292,7 +301,6 @@ def _with_events(
     rows = np.array(sorted(strength), dtype=np.int64)
     s = np.array([strength[r] for r in rows.tolist()], dtype=np.float32)
     conf = ctx.weighting.row(rows, s)
-    vector = ctx.fold_in(rows, conf) if len(rows) else None
     after = replace(
         before,
         rows=rows,
@@ -300,7 +308,7 @@ def _with_events(
         confidence=conf,
         held=np.array([held[r] for r in rows.tolist()], dtype=bool),
         held_at=held_at,
-        vector=vector,
+        vector=None,
         refolded=True,
         contacts=kept,
         declined=declined,

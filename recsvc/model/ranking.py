@@ -9,10 +9,10 @@ back whenever k exist; a cap per category searches on below the categories it fi
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import faiss
@@ -211,7 +211,7 @@ class Recommender:
             weighting=weighting,
             event_weights=m.events.weights,
             held_events=frozenset(m.events.held),
-            fold_in=self.fold_in,
+            fold_in=self.fold_in_many,
             pseudonymize=pseudonymize,
         )
         overlay = empty(context, m.state_sequence)
@@ -239,18 +239,38 @@ class Recommender:
 
         Solves (YtY + reg*I + Yu^T (Cu - I) Yu) x = Yu^T Cu, with Cu = alpha * confidence.
         """
-        x = np.linalg.solve(
-            self._fold_in_matrix(rows, confidence), self._fold_in_rhs(rows, confidence)
-        )
+        return self.fold_in_many([(rows, confidence)])[0]
+
+    def fold_in_many(
+        self, histories: Sequence[tuple[np.ndarray, np.ndarray]], chunk: int = 512
+    ) -> np.ndarray:
+        """``fold_in`` of each (rows, confidences), one row each: the solves batched.
+
+        One ``numpy.linalg.solve`` per call has a fixed cost several times that of a
+        64 x 64 solve itself; a live overlay re-solves every changed customer at once.
+        """
+        d = self._yty.shape[0]
+        out = np.empty((len(histories), d + self._has_bias), dtype=np.float32)
+        for start in range(0, len(histories), chunk):
+            part = histories[start : start + chunk]
+            a = np.empty((len(part), d, d))
+            b = np.empty((len(part), d, 1))
+            for i, (rows, confidence) in enumerate(part):
+                a[i] = self._fold_in_matrix(rows, confidence)
+                b[i, :, 0] = self._fold_in_rhs(rows, confidence)
+            out[start : start + len(part), :d] = np.linalg.solve(a, b)[:, :, 0]
         if self._has_bias:
-            x = np.append(x, 1.0)
-        return x.astype(np.float32)
+            out[:, d] = 1.0
+        return out
+
+    @cached_property
+    def _fold_in_base(self) -> np.ndarray:
+        return self._yty + self.regularization * np.eye(self._yty.shape[0])
 
     def _fold_in_matrix(self, rows: np.ndarray, confidence: np.ndarray) -> np.ndarray:
         y = self._y[rows].astype(np.float64)
         c = self.alpha * confidence.astype(np.float64)
-        a = self._yty + self.regularization * np.eye(self._yty.shape[0])
-        return a + (y.T * (c - 1.0)) @ y
+        return self._fold_in_base + (y.T * (c - 1.0)) @ y
 
     def _fold_in_rhs(self, rows: np.ndarray, confidence: np.ndarray) -> np.ndarray:
         return (self.alpha * confidence.astype(np.float64)) @ self._y[rows].astype(np.float64)

@@ -122,8 +122,13 @@ class StateFollower:
                 committed = self.state.wait_for_change(after, self._wait)
                 if committed > after or self.models.loaded() is None:
                     self.catch_up()
-                self._note(committed, self._applied())
+                applied = self._applied()
+                self._note(committed, applied)
                 self._last_error = ""
+                if applied < committed and applied == after:
+                    # Nothing could be applied (no model loaded yet): the store would answer
+                    # the same wait at once, so look again after a wait, not in a spin.
+                    self._stop.wait(self._wait)
             except RecsvcError as exc:  # the store is down: keep trying, log once per error
                 if str(exc) != self._last_error:
                     self._last_error = str(exc)

@@ -13,7 +13,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsvc.audit import AuditLog
+from recsvc.audit.record import worker_folder
 from recsvc.logs import Pseudonymizer, configure_logging
 from recsvc.model.bundle import LATEST, list_versions
 from recsvc.model.contact import load_policy
@@ -254,6 +255,13 @@ async def serve(settings: ServerSettings, reuse_port: bool = False) -> None:
     await running.stop()
 
 
+def _worker_settings(settings: ServerSettings, worker: int) -> ServerSettings:
+    """A worker's settings: its own audit chain (one writer a folder), the rest shared."""
+    if settings.audit_dir is None:
+        return settings
+    return replace(settings, audit_dir=worker_folder(settings.audit_dir, worker))
+
+
 def _worker(settings: ServerSettings) -> None:
     configure_logging(settings.log_level)
     asyncio.run(serve(settings, reuse_port=True))
@@ -282,7 +290,10 @@ def serve_forever(settings: ServerSettings) -> int:
 def _run_workers(settings: ServerSettings, shared: SharedMetrics | None) -> int:
     # gRPC must not be started before fork: use spawn, as gRPC's multiprocessing example warns.
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(settings,)) for _ in range(settings.workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(_worker_settings(settings, i),))
+        for i in range(settings.workers)
+    ]
     for p in procs:
         p.start()
 

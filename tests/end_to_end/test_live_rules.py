@@ -44,13 +44,13 @@ class LiveOracle:
         self.o = copy.deepcopy(base)
         self.forgotten: set[str] = set()
         # Customers the model does not know, before they have an interaction: not scorable,
-        # so in no audience, but their profile counts once they are.
-        self.pending_tolerance: dict[str, int] = {}
+        # so in no audience, but their consent counts once they are. A tolerance governs
+        # at once (training would add them to the users table with it).
         self.pending_consent: dict[str, bool] = {}
 
     def _ensure(self, user: str) -> None:
-        if user not in self.o.tolerance:
-            self.o.tolerance[user] = self.pending_tolerance.pop(user, 1)
+        if user not in self.o.consent:
+            self.o.tolerance.setdefault(user, 1)
             self.o.consent[user] = self.pending_consent.pop(user, False)
 
     def event(self, user: str, item: str, kind: str) -> None:
@@ -69,13 +69,11 @@ class LiveOracle:
     def customer(self, user: str, tolerance: int | None, consent: bool | None) -> None:
         if user in self.forgotten:
             return
-        known = user in self.o.tolerance
-        tol = self.o.tolerance if known else self.pending_tolerance
-        con = self.o.consent if known else self.pending_consent
         if tolerance is not None:
-            tol[user] = tolerance
+            self.o.tolerance[user] = tolerance
         if consent is not None:
-            con[user] = consent
+            known = user in self.o.consent
+            (self.o.consent if known else self.pending_consent)[user] = consent
 
     def product(self, item: str, active: bool | None, risk: int | None) -> None:
         if active is not None:
@@ -87,7 +85,6 @@ class LiveOracle:
         self.forgotten.add(user)
         for table in (self.o.tolerance, self.o.consent, self.o.history, self.o.held):
             table.pop(user, None)
-        self.pending_tolerance.pop(user, None)
         self.pending_consent.pop(user, None)
 
 

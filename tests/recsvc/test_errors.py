@@ -21,6 +21,7 @@ _EXPECTED_STATUS = {
     errors.BundleError: grpc.StatusCode.INTERNAL,
     errors.BundleUnreadable: grpc.StatusCode.INTERNAL,
     errors.DataError: grpc.StatusCode.INTERNAL,
+    errors.FitError: grpc.StatusCode.INTERNAL,
     errors.StateError: grpc.StatusCode.INTERNAL,
     errors.StateUnavailable: grpc.StatusCode.UNAVAILABLE,
 }

@@ -143,8 +143,6 @@ def test_audit_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--audit-dir needs a fixed --pseudonym-key"):
         ServerSettings.from_env(models=tmp_path, audit_dir=tmp_path / "audit")
     keyed = {"models": tmp_path, "pseudonym_key": b"k"}
-    with pytest.raises(ValueError, match="one writer"):
-        ServerSettings.from_env(**keyed, audit_dir=tmp_path, workers=2, port=7000)
     with pytest.raises(ValueError, match="not a folder"):
         ServerSettings.from_env(**keyed, audit_dir=Path(__file__))
     with pytest.raises(ValueError, match="group or always"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -71,6 +72,33 @@ def test_custom_event_weights_and_unknown_events(tmp_path: Path) -> None:
     assert data.report.unknown_events == 1
 
 
+@pytest.mark.parametrize(
+    ("event", "weight", "shown"),
+    [
+        (["PURCHASE", "VIEW", "PURCHASE"], None, "'PURCHASE', 'VIEW'; known: apply, click, close"),
+        (["txn", "txn", "txn"], [1.0, 2.0, 3.0], "'txn'; known:"),  # a weight column too
+        (pa.nulls(3, pa.string()), None, "only nulls; known:"),
+    ],
+)
+def test_an_event_column_naming_no_known_event_is_refused(
+    tmp_path: Path, event: object, weight: list[float] | None, shown: str
+) -> None:
+    cols: dict[str, object] = {"user_id": ["a", "b", "c"], "item_id": ["x", "y", "x"]}
+    cols.update(event=event, **({"weight": weight} if weight else {}))
+    path = _write(tmp_path / "i.parquet", **cols)
+    expected = f"i.parquet: column 'event' names no known event in any of its 3 rows ({shown}"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_training_data(path)
+    # One known event is enough: the rest count as before (unknown ones counted, without
+    # a weight column; with one, the weight decides the strength).
+    mixed = _write(tmp_path / "m.parquet", **{**cols, "event": ["zap", "view", None]})
+    assert load_training_data(mixed).report.unknown_events == (0 if weight else 1)
+    # Events named in --event-weights are known.
+    renamed = DataConfig(event_weights={"PURCHASE": 8.0, "VIEW": 1.0, "txn": 1.0})
+    if not isinstance(event, pa.Array):
+        assert load_training_data(path, config=renamed).user_items.nnz == 3
+
+
 def test_time_decay_halves_per_half_life(tmp_path: Path) -> None:
     now = datetime(2026, 1, 31, tzinfo=timezone.utc)
     path = _write(
@@ -130,7 +158,30 @@ def test_integer_ids_missing_from_the_users_table_are_logged(
         load_training_data(inter, users=users)
     (record,) = [r for r in caplog.records if "missing from the users table" in r.getMessage()]
     assert (record.missing, record.users_table) == (2, 3)  # type: ignore[attr-defined]
+    assert record.getMessage().startswith("2 of 2 customers in the interactions are missing")
     assert "42" not in record.getMessage()  # counts only: customer ids stay out of logs
+
+
+def test_customers_missing_from_the_users_table_are_counted_and_get_the_defaults(
+    tmp_path: Path,
+) -> None:
+    inter = _write(tmp_path / "i.parquet", user_id=["a", "b", "c", "d"], item_id=["x"] * 4)
+    users = _write(
+        tmp_path / "u.parquet",
+        user_id=["a", "c"],
+        risk_tolerance=pa.array([4, 5], pa.int8()),
+        marketing_consent=[True, True],
+    )
+    data = load_training_data(inter, users=users)
+    assert data.report.missing_customers == 2
+    assert data.report.as_dict()["missing_customers"] == 2  # what the manifest records
+    table = data.user_table
+    assert table.column("user_id").to_pylist() == ["a", "c", "b", "d"]
+    # Null tolerance and consent: read as 1 and no, the unknown customer's defaults.
+    assert table.column("risk_tolerance").to_pylist() == [4, 5, None, None]
+    assert table.column("marketing_consent").to_pylist() == [True, True, None, None]
+    complete = _write(tmp_path / "all.parquet", user_id=["a", "b", "c", "d", "e"])
+    assert load_training_data(inter, users=complete).report.missing_customers == 0
 
 
 def test_folder_and_glob_inputs(tmp_path: Path) -> None:
@@ -164,6 +215,24 @@ def test_interaction_contract_errors_name_file_and_column(
     with pytest.raises(DataError, match=message) as err:
         load_training_data(path, config=DataConfig(half_life_days=10))
     assert "bad.parquet" in str(err.value)
+
+
+@pytest.mark.parametrize("half_life_days", [None, 10.0])
+@pytest.mark.parametrize(
+    ("ts", "type_name"),
+    [
+        (["2024-01-01"], "string"),
+        (pa.array([1704067200], pa.int64()), "int64"),
+        (pa.array([1.5], pa.float64()), "double"),
+    ],
+)
+def test_a_ts_column_that_is_not_a_timestamp_is_refused_with_or_without_decay(
+    tmp_path: Path, ts: object, type_name: str, half_life_days: float | None
+) -> None:
+    path = _write(tmp_path / "bad.parquet", user_id=["a"], item_id=["x"], ts=ts)
+    expected = f"bad.parquet: column 'ts' has type {type_name}, expected timestamp"
+    with pytest.raises(DataError, match=expected):
+        load_training_data(path, config=DataConfig(half_life_days=half_life_days))
 
 
 def test_empty_and_missing_inputs(tmp_path: Path) -> None:
@@ -203,6 +272,33 @@ def test_users_contract_errors(tmp_path: Path) -> None:
     users = _write(tmp_path / "users.parquet", user_id=["a"], marketing_consent=[1])
     with pytest.raises(DataError, match="users .*users.parquet: column 'marketing_consent'"):
         load_training_data(inter, users=users)
+
+
+def test_tolerances_out_of_range_are_counted_and_a_few_named(tmp_path: Path) -> None:
+    inter = _write(tmp_path / "i.parquet", user_id=["a"], item_id=["x"])
+    ids = [f"C{n:03d}" for n in range(20)]
+    tolerance = [3] * 20
+    for row, value in zip([2, 5, 6, 11, 12, 17, 19], [0, 6, 9, -1, 7, 8, 6], strict=True):
+        tolerance[row] = value
+    users = _write(
+        tmp_path / "users.parquet",
+        user_id=ids,
+        risk_tolerance=pa.array(tolerance, pa.int16()),
+    )
+    expected = (
+        "users.parquet: column 'risk_tolerance' holds values outside 1..5 in 7 of 20 rows "
+        "(user_id: C002 (0), C005 (6), C006 (9), C011 (-1), C012 (7), ...)"
+    )
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_training_data(inter, users=users)
+    # Few bad rows: every one named, no ellipsis; nulls are not out of range.
+    one = _write(
+        tmp_path / "one.parquet",
+        user_id=["a", "b", "c"],
+        risk_tolerance=pa.array([None, 2, 6], pa.int8()),
+    )
+    with pytest.raises(DataError, match=re.escape("in 1 of 3 rows (user_id: c (6))")):
+        load_training_data(inter, users=one)
 
 
 def test_no_interaction_on_a_known_item(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def test_report_has_every_metric_at_every_k_for_model_and_baselines(evaluated: P
     report = _report(evaluated)
     assert report["ks"] == [1, 5, 10]
     names = [r["name"] for r in report["results"]]
-    assert names == ["model", "popularity", "itemknn", "random"]
+    assert names == ["model", "popularity", "itemknn", "ease", "random"]
     for r in report["results"]:
         assert set(r["metrics"]) == set(METRICS)
         assert set(r["metrics"]["ndcg"]) == {"1", "5", "10"}
@@ -74,6 +74,12 @@ def test_report_has_every_metric_at_every_k_for_model_and_baselines(evaluated: P
     assert read_latest(evaluated / "models") == report["bundle"]["version"]
     markdown = (evaluated / "report.md").read_text(encoding="utf-8")
     assert "| model |" in markdown and "nDCG@10" in markdown
+    # EASE's lambda was chosen on the train part's validation carve, and the report says so.
+    ease = next(r for r in report["results"] if r["name"] == "ease")
+    assert ease["params"]["lambda"] in [float(v) for v in ease["params"]["by_lambda"]]
+    assert f"- ease: lambda {ease['params']['lambda']:g}, chosen by ndcg@10" in markdown
+    assert "## Where a baseline beats the served model" in markdown
+    assert all(line in markdown for line in report["model_losses"])
     assert sorted(p.name for p in (evaluated / "plots").iterdir()) == sorted(
         f"{m}.png" for m in METRICS
     )
@@ -222,3 +228,16 @@ def test_cli_bad_split_exits_2_naming_it(sample_dir: Path, tmp_path: Path, capsy
     )  # fmt: skip
     assert status == 2
     assert "split 'kfold': kind must be one of" in capsys.readouterr().err
+
+
+def test_cli_a_diverging_fit_exits_2_naming_its_parameters(
+    sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        ["--interactions", str(sample_dir / "interactions.parquet"), "--report", str(tmp_path),
+         "--split", "stratified:0.25", "--algorithm", "bpr", "--learning-rate", "1e9",
+         "--factors", "8", "--baselines", "popularity", "-q"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert "the bpr fit diverged" in err and "learning_rate=1e+09" in err

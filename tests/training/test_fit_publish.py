@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from implicit.cpu.als import AlternatingLeastSquares
 
+from recsvc.errors import FitError
 from recsvc.model.bundle import (
     LATEST,
     list_versions,
@@ -31,7 +32,7 @@ from recsvc.model.bundle import (
 from recsvc.model.manifest import FILES, MANIFEST, RuleFlags
 from training.cli import main as train_main
 from training.data import TrainingData
-from training.fit import FitParams, apply_weighting, fit_model
+from training.fit import FitParams, apply_weighting, check_converged, fit_checked, fit_model
 from training.publish import prune, publish
 
 PARAMS = FitParams(factors=8, iterations=4, seed=5)
@@ -223,6 +224,78 @@ def test_cli_bad_input_publishes_nothing(
     )
     assert code == 2 and "missing.parquet" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() or not os.listdir(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (
+            ["--algorithm=bpr", "--learning-rate=1e9"],
+            "the bpr fit diverged (NaN encountered in factors) with factors=8, iterations=3, "
+            "learning_rate=1e+09, regularization=0.05, weighting=log: try a smaller "
+            "learning_rate or a larger regularization; nothing was published",
+        ),
+        (
+            ["--alpha=1e30", "--regularization=0", "--weighting=raw"],
+            "the als fit diverged (NaN encountered in factors) with factors=8, iterations=3, "
+            "regularization=0, alpha=1e+30, weighting=raw: try a smaller alpha or a larger "
+            "regularization or log weighting; nothing was published",
+        ),
+    ],
+)
+def test_a_diverging_fit_is_named_with_its_parameters_and_publishes_nothing(
+    models_copy: Path,
+    sample_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    named: str,
+) -> None:
+    before = sorted(p.name for p in models_copy.iterdir())
+    latest = (models_copy / LATEST).read_bytes()
+    data = [f"--{t}={sample_dir / t}.parquet" for t in ("interactions", "items", "users")]
+    fit = ["-q", "fit", *data, "--models", str(models_copy), "--factors=8", "--iterations=3"]
+    code = train_main([*fit, *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == f"recsvc-train: error: {named}"
+    assert sorted(p.name for p in models_copy.iterdir()) == before  # no version, no leftovers
+    assert (models_copy / LATEST).read_bytes() == latest
+
+
+def test_infinite_factors_are_refused_too(training_data: TrainingData) -> None:
+    model = fit_checked(training_data.user_items, PARAMS, progress=False)  # a sound fit passes
+    model.item_factors[[3, 7], 0] = np.inf  # implicit returns these as they are
+    model.user_factors[5, 1] = -np.inf
+    expected = "the als fit diverged (non-finite factors for 1 users and 2 items) with factors=8"
+    with pytest.raises(FitError, match=re.escape(expected)):
+        check_converged(model)
+
+
+def test_cli_fit_counts_customers_missing_from_the_users_table(
+    sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    users = pq.read_table(sample_dir / "users.parquet")
+    kept = users.slice(100)  # the first 100 customers lose their profile row
+    pq.write_table(kept, tmp_path / "users.parquet")
+    models = tmp_path / "m"
+    data = [f"--interactions={sample_dir / 'interactions.parquet'}"]
+    data += [f"--items={sample_dir / 'items.parquet'}", f"--users={tmp_path / 'users.parquet'}"]
+    code = train_main(["-q", "fit", *data, "--models", str(models), "--factors=4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    active = set(pq.read_table(sample_dir / "interactions.parquet")["user_id"].to_pylist())
+    missing = set(users.column("user_id").to_pylist()[:100]) & active
+    assert 50 < len(missing) <= 100
+    bundle = load_bundle(models / read_latest(models))  # type: ignore[operator]
+    rows = [bundle.users.index(u) for u in sorted(missing)]
+    assert None not in rows  # kept and ranked, not dropped
+    n = len(missing)
+    assert f"customers missing from the users table: {n} (kept" in out
+    assert bundle.manifest.data_report["missing_customers"] == n
+    # The unknown customer's defaults: the lowest tolerance, no consent.
+    assert set(bundle.tolerance[rows].tolist()) == {1}
+    assert not bundle.consent[rows].any()
+    assert bundle.consent.sum() > 0  # the others keep theirs
 
 
 def _fill_the_disk_at(monkeypatch: pytest.MonkeyPatch, target: str) -> None:

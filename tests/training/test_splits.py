@@ -11,7 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsvc.errors import DataError
-from training.splits import SplitSpec, make_split, read_split, split_interactions, write_split
+from training.splits import (
+    SplitSpec,
+    make_split,
+    read_split,
+    split_interactions,
+    stratified_holdout,
+    write_split,
+)
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
@@ -60,7 +67,7 @@ def test_stratified_holds_out_the_recommenders_share_per_user(log: pa.Table) -> 
         n = 1 + u % 12
         kept = sum(1 for p in train if p[0] == f"u{u}")
         held = sum(1 for p in test if p[0] == f"u{u}")
-        assert kept == int(np.floor(0.75 * n + 1e-9)), u  # python_stratified_split's rounding
+        assert kept == KEPT_AT_75[n], u  # python_stratified_split's rounding
         assert kept + held == n
     # Every event of a training pair stays in training.
     assert split.train.num_rows == sum(
@@ -68,6 +75,31 @@ def test_stratified_holds_out_the_recommenders_share_per_user(log: pa.Table) -> 
         for p in zip(log["user_id"].to_pylist(), log["item_id"].to_pylist(), strict=True)
         if p in train
     )
+
+
+# Pairs a user keeps for training at a 75/25 split, by hand: round(0.75 n), halves to even,
+# as Microsoft Recommenders' python_stratified_split keeps them. Floor would keep 0, 1, 3,
+# 6 and 7 at n = 1, 2, 5, 9 and 10; rounding halves up would keep 5 at n = 6 and 11 at 14.
+KEPT_AT_75 = {1: 1, 2: 2, 3: 2, 4: 3, 5: 4, 6: 4, 7: 5, 8: 6, 9: 7, 10: 8, 11: 8, 12: 9, 14: 10}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stratified_holdout_rounds_half_to_even_as_recommenders_does(seed: int) -> None:
+    counts = np.array(sorted(KEPT_AT_75))
+    pair_user = np.repeat(np.arange(len(counts)), counts)
+    held = stratified_holdout(pair_user, 0.25, np.random.default_rng(seed))
+    kept = np.bincount(pair_user[~held], minlength=len(counts))
+    assert dict(zip(counts.tolist(), kept.tolist(), strict=True)) == KEPT_AT_75
+
+
+def test_stratified_holdout_keeps_the_rounded_share_at_other_fractions() -> None:
+    pair_user = np.repeat(np.arange(4), [2, 5, 7, 10])
+    held = stratified_holdout(pair_user, 0.5, np.random.default_rng(0))
+    # round(0.5 n): 1, 2 (2.5 to even), 4 (3.5 to even), 5
+    assert np.bincount(pair_user[~held]).tolist() == [1, 2, 4, 5]
+    held = stratified_holdout(pair_user, 0.2, np.random.default_rng(0))
+    # round(0.8 n): 2 (1.6), 4, 6 (5.6), 8
+    assert np.bincount(pair_user[~held]).tolist() == [2, 4, 6, 8]
 
 
 def test_same_seed_same_split_other_seed_other_split(log: pa.Table) -> None:

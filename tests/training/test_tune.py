@@ -38,7 +38,7 @@ def test_carve_puts_every_pair_on_exactly_one_side(training_data: TrainingData) 
     assert (fit + valid != x).nnz == 0
     assert fit.multiply(valid).nnz == 0
     per_user = np.diff(x.indptr)
-    assert (np.diff(fit.indptr) == np.floor(0.75 * per_user + 1e-9)).all()
+    assert (np.diff(fit.indptr) == np.round(0.75 * per_user)).all()  # the split's rounding
     again, _ = carve_validation(x, 0.25, seed=4)
     other, _ = carve_validation(x, 0.25, seed=5)
     assert (again != fit).nnz == 0 and (other != fit).nnz > 0
@@ -154,7 +154,7 @@ def test_too_little_data_to_carve_is_an_error(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # One pair per user: each keeps floor((1 - f) * 1) = 0 pairs, so nothing is left to fit.
+    # One pair per user: each keeps round((1 - f) * 1) = 1 pair, so nothing is left to validate.
     pq.write_table(pa.table({"user_id": ["a", "b"], "item_id": ["x", "y"]}), tmp_path / "i.parquet")
     data = load_training_data(tmp_path / "i.parquet")
     with pytest.raises(DataError, match="too few pairs per user to carve out a validation part"):

@@ -9,11 +9,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsvc.audit import audience_sha256
+from recsvc.audit import audience_sha256, find, read_records
+from recsvc.cli import main as cli_main
 from recsvc.logs import Pseudonymizer
 from recsvc.model.bundle import load_bundle
 from recsvc.v1 import recommender_pb2 as pb
-from tests.conftest import ServerThread, settings_for
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+from tests.conftest import NEW_CONNECTION, ServerThread, serve_process, settings_for, wait_serving
+from tests.postgres import free_port
 from tests.recsvc.audit.helpers import answer_records, fill_disk
 
 KEY = b"audit-served-key"
@@ -99,3 +102,49 @@ def test_a_failed_trail_means_unavailable_and_not_serving(
         s.stop()
     # Only the answer sent before the failure has a record: no unaudited OK went out.
     assert ok.recommendation_id in answer_records(trail)
+
+
+def test_each_worker_writes_its_own_chain_and_the_trail_reads_as_one(
+    models_dir: Path, bundle_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--workers 2 --audit-dir``: one chain a worker; verify checks both, find reads both."""
+    user = load_bundle(bundle_path).users.ids[2]
+    trail, port = tmp_path / "audit", free_port()
+    env = {"RECSVC_PSEUDONYM_KEY": KEY.decode()}
+    proc = serve_process(models_dir, port, "--workers", "2", "--audit-dir", str(trail), env=env)
+    answered: list[str] = []
+    try:
+        wait_serving(port)
+        deadline = time.monotonic() + 60
+        # New connections until both workers have answered (SO_REUSEPORT spreads them).
+        while _chains_with_answers(trail) < 2 or len(answered) < 8:
+            assert time.monotonic() < deadline, answered
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=NEW_CONNECTION) as channel:
+                stub = pb_grpc.RecommenderStub(channel)
+                request = pb.RecommendRequest(user_id=user, k=3)
+                try:
+                    answered.append(stub.Recommend(request, timeout=10).recommendation_id)
+                except grpc.RpcError as exc:  # the other worker may still be loading
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    time.sleep(0.1)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    assert sorted(p.name for p in trail.iterdir()) == ["worker-0", "worker-1"]
+    records = answer_records(trail)  # both chains verify
+    assert set(records) == set(answered)
+    capsys.readouterr()
+    assert cli_main(["audit", "verify", str(trail)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("OK") == 2 and "worker-0: " in out and "worker-1: " in out
+    assert cli_main(["audit", "verify", str(trail), "--head", f"0:{'0' * 64}"]) == 2
+    assert "holds 2 chains" in capsys.readouterr().err
+    found = list(find(trail, subject=Pseudonymizer(KEY)(user)))
+    assert [r["recommendation_id"] for r in found] == sorted(
+        answered, key=lambda rid: records[rid]["time"]
+    )
+
+
+def _chains_with_answers(trail: Path) -> int:
+    chains = trail.glob("worker-*")
+    return sum(any(r["kind"] == "answer" for r in read_records(c)) for c in chains)

@@ -6,7 +6,7 @@ import shutil
 import signal
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,7 +21,7 @@ from recsvc.state.base import ProductUpdate
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc, updates_pb2_grpc
 from recsvc.v1 import updates_pb2 as upb
-from tests.conftest import ServerThread, serve_process, settings_for, wait_serving
+from tests.conftest import ServerThread, eventually, serve_process, settings_for, wait_serving
 from tests.postgres import free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -40,14 +40,6 @@ def scrape(port: int) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for ``check`` (the sampler reads the store every second)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "never happened"
-        time.sleep(0.05)
 
 
 @pytest.fixture
