@@ -208,6 +208,7 @@ def fit_checked(user_items: sp.csr_matrix, params: FitParams, progress: bool = T
     """
     from implicit.recommender_base import ModelFitError
 
+    params = params.resolved(user_items)  # the message names the values fitted with
     try:
         model = fit_model(user_items, params, progress)
     except (ModelFitError, FloatingPointError, np.linalg.LinAlgError) as exc:
