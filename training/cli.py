@@ -27,6 +27,7 @@ from training.state import (
     pseudonymizer_from_env,
     read_state,
 )
+from training.tune import DEFAULT_EXPLORE, DEFAULT_TIME_BUDGET
 
 __all__ = ["main", "progress_bars"]
 
@@ -254,8 +255,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     base = fit_params_from_args(args)
     options = TuneOptions(
         trials=args.trials,
-        time_budget=args.time_budget,
+        time_budget=args.time_budget if args.time_budget > 0 else None,
         seed=args.seed if args.seed is not None else 0,
+        explore=args.explore,
         validation_fraction=args.validation_fraction,
         folds=args.folds,
         metric=args.metric,
@@ -267,7 +269,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     data = load_training_data(
         args.interactions, args.items, args.users, data_config_from_args(args)
     )
-    _stage(args, f"{options.trials} trials on {data.user_items.nnz:,} pairs")
+    until = f"{options.trials} trials" if options.trials else "converged"
+    budget = f", at most {options.time_budget:.0f}s" if options.time_budget is not None else ""
+    _stage(args, f"searching on {data.user_items.nnz:,} pairs until {until}{budget}")
     result = tune(data, options, progress=progress_bars(args.quiet))
     # The winner is refit later on all the training data: record the caller's seed, not a trial's.
     best = replace(result.best.params, seed=base.seed)
@@ -279,11 +283,29 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         json.dumps({"interactions": str(args.interactions), **result.to_json()}, indent=2),
         encoding="utf-8",
     )
-    ranked = sorted(result.trials, key=lambda t: -t.score)[:5]
+    spread = result.spread
+    sure = ""
+    if spread["stderr"] is not None:
+        users = sum(result.validation["validation_users"])
+        sure = (
+            f" ± {spread['stderr']:.4f} (standard error over {users:,} validation users; "
+            f"{spread['trials_within_stderr']} trials within it)"
+        )
     print(
         f"{len(result.trials)} trials in {result.seconds:.1f}s (stopped by {result.stopped_by}); "
-        f"best validation {options.metric}@{options.k} = {result.best.score:.4f}"
+        f"best validation {options.metric}@{options.k} = {result.best.score:.4f}{sure}"
     )
+    if result.stopped_by == "time_budget":
+        print(
+            "  not converged: the time budget stopped the search, so a faster or slower "
+            "machine may return other parameters (raise --time-budget)"
+        )
+    if result.widened:
+        values = ", ".join(f"{k}={v:.4g}" for k, v in result.widened.items())
+        print(f"  beyond the initial ranges (widened): {values}")
+    if result.at_limit:
+        print(f"  at the search's hard limit: {', '.join(result.at_limit)}")
+    ranked = sorted(result.trials, key=lambda t: -t.score)[:5]
     for t in ranked:
         p = t.params
         print(
@@ -371,8 +393,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     add_fit_args(p)
     p.add_argument("--out", required=True, help="best FitParams JSON, for fit --params")
-    p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--time-budget", type=float, help="seconds; no trial starts after it")
+    p.add_argument(
+        "--trials",
+        type=int,
+        help="at most this many trials (default: until the search has converged)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=DEFAULT_TIME_BUDGET,
+        help="seconds; no trial starts after it (default %(default)s; 0: no limit)",
+    )
+    p.add_argument(
+        "--explore",
+        type=int,
+        help=f"random candidates before local search (default {DEFAULT_EXPLORE}, "
+        "or 30%% of --trials)",
+    )
     p.add_argument("--validation-fraction", type=float, default=0.25)
     p.add_argument("--folds", type=int, default=1, help="validation carves to average over")
     p.add_argument("--metric", default="ndcg", help="metric to maximize (see recsvc-eval)")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _WEIGHTINGS = ("raw", "log", "bm25")
+# The defaults' evidence is in docs/EVALUATION.md ("Defaults and the tuner").
+_ALPHA_PER_ROOT_USER = 0.5  # ALS: alpha = 0.5 * sqrt(users)
+_RIDGE_PER_LOG_FREQUENCY = 1.5  # ALS: regularization = alpha * 1.5 * ln(1 + pairs per item)
+_BPR_REGULARIZATION = 0.05
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,13 @@ class FitParams:
     """``als`` (implicit's AlternatingLeastSquares) or ``bpr``."""
     factors: int = 64
     iterations: int = 15
-    regularization: float = 0.05
-    alpha: float = 2.0
-    """ALS confidence scale: confidence = alpha * weighted strength."""
+    regularization: float | None = None
+    """None: scaled to the data when fitting. ALS: alpha * 1.5 * ln(1 + pairs per item),
+    the ridge along which the two trade off rising with item frequency; BPR: 0.05."""
+    alpha: float | None = None
+    """ALS confidence scale: confidence = alpha * weighted strength. None: 0.5 *
+    sqrt(users with interactions) (the unobserved pairs' relative weight, 1 / alpha,
+    falling as users grow), or the given regularization over the ridge's ratio."""
     learning_rate: float = 0.05
     """BPR only."""
     weighting: str = "log"
@@ -65,8 +74,31 @@ class FitParams:
             raise ValueError(f"weighting must be one of {', '.join(_WEIGHTINGS)}")
         if self.factors < 1 or self.iterations < 1:
             raise ValueError("factors and iterations must be at least 1")
-        if self.regularization < 0 or self.alpha <= 0 or self.learning_rate <= 0:
+        regularization = 0.0 if self.regularization is None else self.regularization
+        alpha = 1.0 if self.alpha is None else self.alpha
+        if regularization < 0 or alpha <= 0 or self.learning_rate <= 0:
             raise ValueError("regularization must be >= 0; alpha and learning_rate > 0")
+
+    def resolved(self, user_items: sp.csr_matrix) -> FitParams:
+        """These parameters with the data-scaled defaults filled in for ``user_items``."""
+        if self.regularization is not None and self.alpha is not None:
+            return self
+        x = user_items.tocsr()
+        users = max(int(np.count_nonzero(np.diff(x.indptr))), 1)
+        items = max(int(np.count_nonzero(np.bincount(x.indices, minlength=x.shape[1]))), 1)
+        ridge = _RIDGE_PER_LOG_FREQUENCY * math.log1p(x.nnz / items)
+        alpha = self.alpha
+        if alpha is None:
+            if self.algorithm == "als" and self.regularization is not None:
+                alpha = self.regularization / ridge if self.regularization > 0 else 1.0
+            else:  # for BPR alpha is unused: the ALS value keeps the params complete
+                alpha = _ALPHA_PER_ROOT_USER * math.sqrt(users)
+            alpha = max(round(alpha, 3), 1e-3)
+        regularization = self.regularization
+        if regularization is None:
+            regularization = _BPR_REGULARIZATION if self.algorithm == "bpr" else alpha * ridge
+            regularization = round(regularization, 3)
+        return replace(self, regularization=regularization, alpha=alpha)
 
     @classmethod
     def from_json(cls, path: Path, **overrides: Any) -> FitParams:
@@ -110,12 +142,16 @@ def apply_weighting(user_items: sp.csr_matrix, params: FitParams) -> sp.csr_matr
 
 
 def fit_model(user_items: sp.csr_matrix, params: FitParams, progress: bool = True) -> FittedModel:
-    """Fit implicit on ``user_items`` (users x items strengths)."""
+    """Fit implicit on ``user_items`` (users x items strengths).
+
+    The model's ``params`` are ``params`` resolved for the data (no defaults left unset).
+    """
     from implicit.cpu.als import AlternatingLeastSquares
     from implicit.cpu.bpr import BayesianPersonalizedRanking
 
     if user_items.nnz == 0:
         raise DataError("interactions: nothing to fit (no interactions left)")
+    params = params.resolved(user_items)
     confidence = apply_weighting(user_items, params)
     start = time.perf_counter()
     model: Any
@@ -172,6 +208,7 @@ def fit_checked(user_items: sp.csr_matrix, params: FitParams, progress: bool = T
     """
     from implicit.recommender_base import ModelFitError
 
+    params = params.resolved(user_items)  # the message names the values fitted with
     try:
         model = fit_model(user_items, params, progress)
     except (ModelFitError, FloatingPointError, np.linalg.LinAlgError) as exc:

@@ -8,14 +8,23 @@ validation users under the serving rules (``training.scoring``) and keeps the
 candidate with the best validation metric. The winner is written as ``FitParams``
 JSON for ``recsvc-train fit --params`` and ``recsvc-eval --params``.
 
-The search: the default parameters first, then random candidates (30% of the trials);
-then the three best of those each found a local search, and the three take turns. A
-local search is an opportunistic pattern search: it tries each value of its best one
-step up and down (log units for log-scale values; regularization and alpha also
-together, as they trade off), and the other weightings; an improvement restarts the
-sweep around the new best, a sweep without one halves the step. Converged searches give
-their turns back to random candidates. All is drawn from one seeded generator; a time
-budget stops the search between trials.
+The search: the default parameters first, then random candidates drawn from
+:data:`SEARCH_SPACE`'s ranges; then the three best of those each found a local search,
+and the three take turns. A local search is an opportunistic pattern search: it tries
+each value of its best one step up and down (log units for log-scale values;
+regularization and alpha also together, as they trade off), and the other weightings;
+an improvement restarts the sweep around the new best, a sweep without one halves the
+step. A local search is not held to the ranges random candidates come from: at a
+range's edge it steps past it (widening the range) as far as the value's hard limits,
+so a best at an edge is always one whose outer neighbour was tried and lost.
+
+By default (no trial count) the search stops when every local search has converged
+(a sweep at the smallest step without improvement), or at the time budget, whichever
+is first. All is drawn from one seeded generator and every fit is seeded (BPR trials
+fit on one thread, as multi-threaded BPR is Hogwild); ALS is reproducible at any thread
+count. A search that converges is therefore reproducible: the same data and seed give
+the same parameters. One stopped by the time budget depends on the machine's speed, and
+says so.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,43 +44,92 @@ from tqdm import tqdm
 from recsvc.errors import DataError
 from training.data import TrainingData
 from training.fit import FitParams, fit_model
-from training.metrics import METRICS, summarize
+from training.metrics import (
+    METRICS,
+    hit_matrix,
+    hit_rate_at_k,
+    map_at_k,
+    mrr_at_k,
+    ndcg_at_k,
+    precision_at_k,
+    recall_at_k,
+    summarize,
+)
 from training.scoring import Eligibility
 from training.splits import stratified_holdout
 
 __all__ = [
+    "DEFAULT_EXPLORE",
+    "DEFAULT_TIME_BUDGET",
     "SEARCH_SPACE",
+    "Range",
     "Trial",
     "TuneOptions",
     "TuneResult",
     "carve_validation",
     "neighbours",
     "sample_params",
+    "search_space",
     "tune",
     "validation_score",
 ]
 
 log = logging.getLogger(__name__)
 
-# name: (low, high, log scale, integer, algorithms it applies to)
-SEARCH_SPACE: dict[str, tuple[float, float, bool, bool, tuple[str, ...]]] = {
-    "factors": (16, 256, True, True, ("als", "bpr")),
-    "regularization": (1e-3, 300.0, True, False, ("als",)),
-    "alpha": (0.1, 50.0, True, False, ("als",)),
-    "iterations": (5, 40, False, True, ("als",)),
-    "bm25_k1": (0.5, 200.0, True, False, ("als", "bpr")),
-    "bm25_b": (0.0, 1.0, False, False, ("als", "bpr")),
-}
-"""Ranges searched; BPR has its own for regularization, learning rate and iterations."""
 
-_BPR_SPACE: dict[str, tuple[float, float, bool, bool]] = {
-    "regularization": (1e-5, 0.1, True, False),
-    "learning_rate": (1e-3, 0.2, True, False),
-    "iterations": (50, 300, False, True),
+@dataclass(frozen=True)
+class Range:
+    """One searched value: where random candidates come from, and how far search may go.
+
+    Example:
+        >>> Range(1e-2, 300.0, log=True, floor=1e-6, ceiling=1e6)
+    """
+
+    low: float
+    high: float
+    """Random candidates are drawn between ``low`` and ``high``."""
+    log: bool = False
+    """Drawn log-uniformly, and stepped in log units."""
+    integer: bool = False
+    floor: float | None = None
+    """The hard limits a local search may widen the range to (default: the range)."""
+    ceiling: float | None = None
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        low = self.low if self.floor is None else self.floor
+        high = self.high if self.ceiling is None else self.ceiling
+        return low, high
+
+
+_SHARED: dict[str, Range] = {
+    "factors": Range(16, 256, log=True, integer=True, floor=4, ceiling=1024),
+    "bm25_k1": Range(0.5, 200.0, log=True, floor=1e-2, ceiling=1e4),
+    "bm25_b": Range(0.0, 1.0),
 }
-_EXPLORE_SHARE = 0.3
+SEARCH_SPACE: dict[str, dict[str, Range]] = {
+    "als": {
+        **_SHARED,
+        "regularization": Range(1e-2, 300.0, log=True, floor=1e-6, ceiling=1e6),
+        "alpha": Range(0.1, 50.0, log=True, floor=1e-3, ceiling=1e4),
+        "iterations": Range(5, 40, integer=True, floor=2, ceiling=100),
+    },
+    "bpr": {
+        **_SHARED,
+        "regularization": Range(1e-5, 0.1, log=True, floor=1e-8, ceiling=10.0),
+        "learning_rate": Range(1e-3, 0.2, log=True, floor=1e-5, ceiling=1.0),
+        "iterations": Range(50, 300, integer=True, floor=10, ceiling=1000),
+    },
+}
+"""Per algorithm, the values searched and their ranges (local search may widen them)."""
+
+DEFAULT_TIME_BUDGET = 900.0
+"""Seconds: the default search stops at convergence, or here at the latest."""
+DEFAULT_EXPLORE = 16
+"""Random candidates before local search, when no trial count is given."""
+_EXPLORE_SHARE = 0.3  # of an explicit trial count
 _STARTS = 3  # local searches after exploring
-_MIN_STEP = 0.1
+_MIN_STEP = 0.2  # steps 1, 1/2, 1/4: a sweep at 1/4 without improvement converges
 
 
 @dataclass(frozen=True)
@@ -79,14 +137,20 @@ class TuneOptions:
     """How to search.
 
     Example:
+        >>> TuneOptions()  # until converged, at most DEFAULT_TIME_BUDGET seconds
         >>> TuneOptions(trials=60, time_budget=300, metric="ndcg", k=10)
     """
 
-    trials: int = 40
-    time_budget: float | None = None
-    """Seconds; no new trial starts after it."""
+    trials: int | None = None
+    """At most this many trials (converged searches then draw random candidates);
+    None: stop when the search has converged."""
+    time_budget: float | None = DEFAULT_TIME_BUDGET
+    """Seconds; no new trial starts after it. None: no limit."""
     seed: int = 0
     """Seeds the validation carve, the search and every fit."""
+    explore: int | None = None
+    """Random candidates before local search (default: 30% of ``trials``, or
+    :data:`DEFAULT_EXPLORE`)."""
     validation_fraction: float = 0.25
     folds: int = 1
     """Independent validation carves (seeds seed, seed+1, ...); the score is their mean."""
@@ -94,12 +158,19 @@ class TuneOptions:
     k: int = 10
     algorithms: tuple[str, ...] = ("als", "bpr")
     weightings: tuple[str, ...] = ("raw", "log", "bm25")
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    """Replaces the ranges random candidates are drawn from (name: (low, high)), for
+    every algorithm that searches the value; the hard limits stay."""
     base: FitParams = field(default_factory=FitParams)
     """Fields not searched (threads, indexes) come from here; so does the first trial."""
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
+        if self.trials is not None and self.trials < 1:
             raise ValueError(f"trials must be at least 1, got {self.trials}")
+        if self.explore is not None and self.explore < 1:
+            raise ValueError(f"explore must be at least 1, got {self.explore}")
+        if self.time_budget is not None and self.time_budget < 0:
+            raise ValueError(f"time_budget must be at least 0, got {self.time_budget}")
         if self.folds < 1:
             raise ValueError(f"folds must be at least 1, got {self.folds}")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -110,6 +181,22 @@ class TuneOptions:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
         if not self.algorithms or set(self.algorithms) - {"als", "bpr"}:
             raise ValueError(f"algorithms must be among als, bpr, got {self.algorithms}")
+        searched = {name for space in SEARCH_SPACE.values() for name in space}
+        for name, (low, high) in self.ranges.items():
+            if name not in searched:
+                known = ", ".join(sorted(searched))
+                raise ValueError(f"ranges: {name!r} is not a searched value ({known})")
+            if not low <= high:
+                raise ValueError(f"ranges: {name} low {low} is above high {high}")
+
+    @property
+    def explorers(self) -> int:
+        """How many random candidates come before local search."""
+        if self.explore is not None:
+            return self.explore
+        if self.trials is not None:
+            return max(1, round(self.trials * _EXPLORE_SHARE))
+        return DEFAULT_EXPLORE
 
 
 @dataclass
@@ -125,12 +212,17 @@ class Trial:
     """The exploring trial this one descends from (its own number while exploring)."""
     error: str | None = None
     """Why the fit failed (the score is then -inf)."""
+    stderr: float | None = None
+    """Standard error of the score over validation users (None for coverage, novelty)."""
+    fold_scores: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         searched = {k: v for k, v in self.params.to_json().items() if k in _SEARCHED}
         return {
             "trial": self.number,
             "score": self.score if math.isfinite(self.score) else None,
+            "stderr": self.stderr,
+            "fold_scores": self.fold_scores,
             "error": self.error,
             "metrics": self.metrics,
             "seconds": round(self.seconds, 3),
@@ -147,11 +239,32 @@ class TuneResult:
     trials: list[Trial]
     validation: dict[str, Any]
     seconds: float
-    stopped_by: str  # "trials" or "time_budget"
+    stopped_by: str
+    """``converged``, ``trials`` or ``time_budget`` (then not reproducible: say so)."""
+    widened: dict[str, float] = field(default_factory=dict)
+    """The best's values outside the range random candidates came from."""
+    at_limit: list[str] = field(default_factory=list)
+    """The best's values at a hard limit, where search could not go further."""
+
+    @property
+    def spread(self) -> dict[str, Any]:
+        """How sure the winner is: its standard error, and the trials within it."""
+        within = None
+        if self.best.stderr is not None:
+            floor = self.best.score - self.best.stderr
+            within = sum(1 for t in self.trials if t.score >= floor)
+        return {
+            "stderr": self.best.stderr,
+            "fold_scores": self.best.fold_scores,
+            "trials_within_stderr": within,
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
             "best": self.best.to_json(),
+            "spread": self.spread,
+            "widened": self.widened,
+            "at_limit": self.at_limit,
             "trials": [t.to_json() for t in self.trials],
             "validation": self.validation,
             "seconds": round(self.seconds, 3),
@@ -159,7 +272,15 @@ class TuneResult:
         }
 
 
-_SEARCHED = {"algorithm", "weighting", "learning_rate", *SEARCH_SPACE}
+_SEARCHED = {"algorithm", "weighting", *(n for space in SEARCH_SPACE.values() for n in space)}
+_PER_USER = {
+    "precision": precision_at_k,
+    "recall": recall_at_k,
+    "ndcg": ndcg_at_k,
+    "map": map_at_k,
+    "hit_rate": hit_rate_at_k,
+    "mrr": mrr_at_k,
+}
 
 
 def carve_validation(
@@ -184,26 +305,32 @@ def carve_validation(
     return parts[0], parts[1]
 
 
-def _draw(rng: np.random.Generator, low: float, high: float, log_scale: bool, integer: bool) -> Any:
-    value = (
-        math.exp(rng.uniform(math.log(low), math.log(high)))
-        if log_scale
-        else rng.uniform(low, high)
-    )
-    return round(value) if integer else float(value)
-
-
-def _space(algorithm: str) -> dict[str, tuple[float, float, bool, bool]]:
-    space = {k: v[:4] for k, v in SEARCH_SPACE.items() if algorithm in v[4]}
-    if algorithm == "bpr":
-        space.update(_BPR_SPACE)
+def search_space(algorithm: str, options: TuneOptions) -> dict[str, Range]:
+    """``algorithm``'s searched values, with ``options.ranges`` applied."""
+    space = dict(SEARCH_SPACE[algorithm])
+    for name, (low, high) in options.ranges.items():
+        if name in space:
+            r = space[name]
+            floor, ceiling = r.limits
+            space[name] = replace(
+                r, low=low, high=high, floor=min(floor, low), ceiling=max(ceiling, high)
+            )
     return space
 
 
+def _draw(rng: np.random.Generator, r: Range) -> Any:
+    if r.log:
+        value = math.exp(rng.uniform(math.log(r.low), math.log(r.high)))
+    else:
+        value = rng.uniform(r.low, r.high)
+    return round(value) if r.integer else float(value)
+
+
 def sample_params(rng: np.random.Generator, options: TuneOptions) -> FitParams:
-    """A random candidate from the whole space (log-uniform for log-scale values)."""
+    """A random candidate from the ranges (log-uniform for log-scale values)."""
     algorithm = str(rng.choice(options.algorithms))
-    values: dict[str, Any] = {name: _draw(rng, *spec) for name, spec in _space(algorithm).items()}
+    space = search_space(algorithm, options)
+    values: dict[str, Any] = {name: _draw(rng, r) for name, r in space.items()}
     values["weighting"] = str(rng.choice(options.weightings))
     return replace(options.base, algorithm=algorithm, **values)
 
@@ -233,43 +360,66 @@ def _fold(data: TrainingData, fraction: float, seed: int) -> _Fold:
     )
 
 
-def validation_score(
-    params: FitParams, fold: _Fold, k: int, progress: bool = False
-) -> dict[str, float]:
-    """Fit ``params`` on the fold's fit part; every metric at ``k`` on its validation part."""
-    model = fit_model(fold.fit, params, progress=progress)
+def _ranked(params: FitParams, fold: _Fold, k: int, progress: bool) -> np.ndarray:
+    # Multi-threaded BPR is Hogwild (threads race on shared factors): one thread is
+    # reproducible. ALS solves each row on its own and is reproducible at any count.
+    fitted = replace(params, threads=1) if params.algorithm == "bpr" else params
+    model = fit_model(fold.fit, fitted, progress=progress)
     user_factors, item_factors = model.user_factors, model.item_factors
 
     def scores(users: np.ndarray) -> np.ndarray:
         return np.asarray(user_factors[users] @ item_factors.T, dtype=np.float64)
 
-    rows = fold.eligibility.rank(fold.users, k, scores)
+    return fold.eligibility.rank(fold.users, k, scores)
+
+
+def validation_score(
+    params: FitParams, fold: _Fold, k: int, progress: bool = False
+) -> dict[str, float]:
+    """Fit ``params`` on the fold's fit part; every metric at ``k`` on its validation part.
+
+    Also ``<metric>_stderr`` for each per-user metric: its standard error over the
+    validation users.
+    """
+    rows = _ranked(params, fold, k, progress)
     figures = summarize(
         rows, fold.relevant_users, fold.relevant_items, (k,), fold.item_users, fold.fit.shape[0]
     )
-    return {name: by_k[k] for name, by_k in figures.items()}
+    out = {name: by_k[k] for name, by_k in figures.items()}
+    hits = hit_matrix(rows, fold.relevant_users, fold.relevant_items)
+    n_relevant = np.bincount(fold.relevant_users, minlength=len(rows))
+    for name, per_user in _PER_USER.items():
+        values = per_user(hits, n_relevant, k)
+        out[f"{name}_stderr"] = float(np.std(values) / math.sqrt(max(len(values), 1)))
+    return out
+
+
+def _moved(r: Range, current: float, sign: float, step: float) -> Any:
+    """``current`` one ``step`` up or down, within the hard limits (past the range)."""
+    low, high = r.limits
+    if r.log:
+        value = current * math.exp(sign * step)
+    else:
+        value = current + sign * step * 0.25 * (r.high - r.low)
+    value = min(max(value, low), high)
+    if r.integer:
+        # A step too small to change an integer still moves it by one.
+        value = round(value)
+        if value == round(current):
+            value = min(max(value + int(sign), math.ceil(low)), math.floor(high))
+    return value if r.integer else float(value)
 
 
 def neighbours(params: FitParams, step: float, options: TuneOptions) -> list[FitParams]:
-    """Pattern-search moves around ``params``, within the search space.
+    """Pattern-search moves around ``params``, within the values' hard limits.
 
     Each searched value once up and once down by ``step`` (log units for log-scale
-    values, ``step / 4`` of the range for the others); for ALS also regularization and
-    alpha together, since they trade off along a ridge; and each other weighting.
+    values, ``step / 4`` of the range for the others), past the range random candidates
+    come from if need be; for ALS also regularization and alpha together, since they
+    trade off along a ridge; and each other weighting.
     """
-    space = _space(params.algorithm)
+    space = search_space(params.algorithm, options)
     out: list[FitParams] = []
-
-    def moved(name: str, sign: float) -> Any:
-        low, high, log_scale, integer = space[name]
-        current = float(getattr(params, name))
-        if log_scale:
-            value = current * math.exp(sign * step)
-        else:
-            value = current + sign * step * 0.25 * (high - low)
-        value = min(max(value, low), high)
-        return round(value) if integer else float(value)
-
     # BM25's constants only matter under BM25 weighting.
     names = [n for n in space if params.weighting == "bm25" or not n.startswith("bm25")]
     groups = [[n] for n in names]
@@ -277,7 +427,8 @@ def neighbours(params: FitParams, step: float, options: TuneOptions) -> list[Fit
         groups.append(["regularization", "alpha"])
     for group in groups:
         for sign in (1.0, -1.0):
-            candidate = replace(params, **{n: moved(n, sign) for n in group})
+            moved = {n: _moved(space[n], float(getattr(params, n)), sign, step) for n in group}
+            candidate = replace(params, **moved)
             if candidate != params and candidate not in out:
                 out.append(candidate)
     out += [replace(params, weighting=w) for w in options.weightings if w != params.weighting]
@@ -327,13 +478,21 @@ class _Search:
 
     def __init__(self, options: TuneOptions) -> None:
         self.options = options
-        self.explore = max(1, round(options.trials * _EXPLORE_SHARE))
+        self.explore = options.explorers
         self.rng = np.random.default_rng(options.seed)
         self.climbers: list[_Climber] | None = None
         self.turn = 0
 
-    def propose(self, trials: list[Trial]) -> tuple[FitParams, int]:
-        """The next candidate and the family it belongs to; the base parameters come first."""
+    @property
+    def converged(self) -> bool:
+        """Every local search has converged (or none could start)."""
+        return self.climbers is not None and all(c.done for c in self.climbers)
+
+    def propose(self, trials: list[Trial]) -> tuple[FitParams, int] | None:
+        """The next candidate and the family it belongs to; the base parameters come first.
+
+        None when the search has converged and no trial count asks for more.
+        """
         number = len(trials)
         if number == 0:
             return self.options.base, 0
@@ -352,6 +511,8 @@ class _Search:
             move = climber.propose(best, self.rng, self.options, seen)
             if move is not None:
                 return move, climber.family
+        if self.converged and self.options.trials is None:
+            return None
         # Exploring, or every climber has converged: a fresh random candidate.
         for _ in range(10):  # a repeat teaches nothing: draw again
             params = sample_params(self.rng, self.options)
@@ -402,8 +563,39 @@ def _run_trial(
         # candidate, not a failed search.
         return Trial(number, params, -math.inf, {}, time.perf_counter() - start, family, str(exc))
     metrics = {m: float(np.mean([p[m] for p in per_fold])) for m in per_fold[0]}
+    stderrs = {m: metrics.pop(m) for m in list(metrics) if m.endswith("_stderr")}
+    # The folds' mean has the folds' mean standard error over sqrt(folds) (carves overlap
+    # in users, so this is optimistic for more than one fold).
+    stderr = stderrs.get(f"{options.metric}_stderr")
+    if stderr is not None:
+        stderr /= math.sqrt(len(folds))
     seconds = time.perf_counter() - start
-    return Trial(number, params, metrics[options.metric], metrics, seconds, family)
+    return Trial(
+        number,
+        params,
+        metrics[options.metric],
+        metrics,
+        seconds,
+        family,
+        stderr=stderr,
+        fold_scores=[p[options.metric] for p in per_fold],
+    )
+
+
+def _beyond(best: FitParams, options: TuneOptions) -> tuple[dict[str, float], list[str]]:
+    """The best's values outside their draw range, and those at a hard limit."""
+    widened: dict[str, float] = {}
+    at_limit: list[str] = []
+    for name, r in search_space(best.algorithm, options).items():
+        if name.startswith("bm25") and best.weighting != "bm25":
+            continue
+        value = float(getattr(best, name))
+        if not r.low <= value <= r.high:
+            widened[name] = value
+        low, high = r.limits
+        if (value <= low or value >= high) and (low, high) != (r.low, r.high):
+            at_limit.append(name)
+    return widened, at_limit
 
 
 def tune(
@@ -412,7 +604,7 @@ def tune(
     progress: bool = True,
     on_trial: Callable[[Trial, Trial], None] | None = None,
 ) -> TuneResult:
-    """Search ``options.trials`` candidates (or until the time budget); the best wins.
+    """Search until converged (or ``options.trials``, or the time budget); the best wins.
 
     Args:
         data: the training data; a validation part is carved out of it.
@@ -421,24 +613,30 @@ def tune(
         on_trial: called with (trial, best so far) after each trial.
 
     Raises:
-        DataError: nothing left to validate on.
+        DataError: nothing left to validate on, or every trial failed to fit.
     """
     start = time.perf_counter()
     folds = _carve_folds(data, options)
     validation = _describe_folds(folds, data, options)
-    options = replace(options, base=replace(options.base, seed=options.seed))
+    # The data-scaled defaults are filled in once, so the search moves from concrete values.
+    base = replace(options.base, seed=options.seed).resolved(data.user_items)
+    options = replace(options, base=base)
     search = _Search(options)
     trials: list[Trial] = []
     best: Trial | None = None
     stopped_by = "trials"
     bar = tqdm(total=options.trials, desc="tune", disable=not progress)
-    for number in range(options.trials):
+    while options.trials is None or len(trials) < options.trials:
         elapsed = time.perf_counter() - start
-        if number and options.time_budget is not None and elapsed > options.time_budget:
+        if trials and options.time_budget is not None and elapsed > options.time_budget:
             stopped_by = "time_budget"
             break
-        params, family = search.propose(trials)
-        trial = _run_trial(number, params, family, folds, options)
+        proposal = search.propose(trials)
+        if proposal is None:
+            stopped_by = "converged"
+            break
+        params, family = proposal
+        trial = _run_trial(len(trials), params, family, folds, options)
         trials.append(trial)
         if best is None or trial.score > best.score:
             best = trial
@@ -450,4 +648,13 @@ def tune(
     assert best is not None  # the first trial always runs
     if best.error is not None:
         raise DataError(f"tune: every trial failed to fit (first: {best.error})")
-    return TuneResult(best, trials, validation, time.perf_counter() - start, stopped_by)
+    if stopped_by == "time_budget":
+        log.warning(
+            "tune: the time budget (%.0fs) stopped the search after %d trials, before it "
+            "converged: the result depends on this machine's speed",
+            options.time_budget,
+            len(trials),
+        )
+    widened, at_limit = _beyond(best.params, options)
+    seconds = time.perf_counter() - start
+    return TuneResult(best, trials, validation, seconds, stopped_by, widened, at_limit)

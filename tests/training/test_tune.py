@@ -15,7 +15,8 @@ from tests.conftest import PARAMS
 from training.cli import main as train_main
 from training.data import TrainingData, load_training_data
 from training.evaluate_cli import main as eval_main
-from training.fit import FitParams
+from training.fit import FitParams, fit_model
+from training.sample import SampleSpec, write_sample
 from training.tune import (
     SEARCH_SPACE,
     TuneOptions,
@@ -48,9 +49,8 @@ def test_sampled_candidates_stay_in_range_and_are_valid(rng: np.random.Generator
     for _ in range(300):
         p = sample_params(rng, options)
         assert isinstance(p, FitParams)  # __post_init__ validated it
-        for name, (low, high, _log, _int, algorithms) in SEARCH_SPACE.items():
-            if p.algorithm in algorithms and name != "regularization":
-                assert low <= getattr(p, name) <= high, (name, p)
+        for name, r in SEARCH_SPACE[p.algorithm].items():
+            assert r.low <= getattr(p, name) <= r.high, (name, p)
         assert p.weighting in options.weightings
 
 
@@ -63,12 +63,25 @@ def test_neighbours_step_each_value_both_ways_within_the_space() -> None:
     assert {"regularization", "alpha"} in changed  # the ridge move
     assert any(m.factors == 128 for m in moves) and any(m.factors == 32 for m in moves)
     assert {m.weighting for m in moves} == {"log", "raw", "bm25"}
-    # BM25's constants are not moved unless BM25 weighting is on; bounds are respected.
+    # BM25's constants are not moved unless BM25 weighting is on.
     assert not any(c & {"bm25_k1", "bm25_b"} for c in changed)
-    top = neighbours(replace(p, factors=256, weighting="bm25"), 1.0, options)
-    assert max(m.factors for m in top) == 256
-    assert any(m.bm25_k1 != p.bm25_k1 for m in top)
+    bm25 = neighbours(replace(p, weighting="bm25"), 1.0, options)
+    assert any(m.bm25_k1 != p.bm25_k1 for m in bm25)
     assert p not in moves and len(moves) == len(set(moves))
+
+
+def test_at_a_range_edge_neighbours_step_past_it_up_to_the_hard_limit() -> None:
+    options = TuneOptions()
+    als = SEARCH_SPACE["als"]
+    top = FitParams(factors=256, regularization=als["regularization"].high, alpha=50.0)
+    moves = neighbours(top, 1.0, options)
+    assert max(m.factors for m in moves) == round(256 * math.e)  # past the range's 256
+    assert max(m.regularization for m in moves) > als["regularization"].high
+    assert max(m.alpha for m in moves) > als["alpha"].high
+    # At the hard limit it stops; an integer too close to move by a step moves by one.
+    ceiling = FitParams(factors=1024, iterations=5, regularization=1.0, alpha=2.0)
+    assert max(m.factors for m in neighbours(ceiling, 1.0, options)) == 1024
+    assert min(m.iterations for m in neighbours(ceiling, 0.01, options)) == 4
 
 
 def test_tune_keeps_the_best_trial_and_starts_from_the_defaults(
@@ -76,7 +89,7 @@ def test_tune_keeps_the_best_trial_and_starts_from_the_defaults(
 ) -> None:
     result = tune(training_data, FAST, progress=False)
     assert [t.number for t in result.trials] == [0, 1, 2]
-    assert result.trials[0].params == replace(FAST.base, seed=1)
+    assert result.trials[0].params == replace(FAST.base, seed=1).resolved(training_data.user_items)
     assert result.best.score == max(t.score for t in result.trials)
     assert result.best.score == result.best.metrics["ndcg"]
     assert result.stopped_by == "trials"
@@ -131,6 +144,10 @@ def test_bad_options_are_named() -> None:
         TuneOptions(validation_fraction=1.0)
     with pytest.raises(ValueError, match="algorithms must be among als, bpr"):
         TuneOptions(algorithms=("svd",))
+    with pytest.raises(ValueError, match="ranges: 'gamma' is not a searched value"):
+        TuneOptions(ranges={"gamma": (1.0, 2.0)})
+    with pytest.raises(ValueError, match="ranges: alpha low 2.0 is above high 1.0"):
+        TuneOptions(ranges={"alpha": (2.0, 1.0)})
 
 
 def test_too_little_data_to_carve_is_an_error(tmp_path: Path) -> None:
@@ -183,3 +200,70 @@ def test_cli_tunes_on_the_train_part_only_and_fit_accepts_the_result(
         ["-q", "fit", "--interactions", str(train), *inputs, "--params", str(out),
          "--models", str(tmp_path / "models")]
     ) == 0  # fmt: skip
+
+
+# Cheap fits for searches of many trials: few factors and iterations to draw from.
+SMALL = {"factors": (4.0, 8.0), "iterations": (2.0, 4.0)}
+
+
+def test_a_best_at_a_range_edge_is_searched_past_it(training_data: TrainingData) -> None:
+    # Regularization drawn from far below what the sample wants: local search must widen.
+    options = replace(
+        FAST,
+        trials=24,
+        explore=4,
+        algorithms=("als",),
+        weightings=("log",),
+        ranges={**SMALL, "regularization": (1e-3, 1e-2)},
+    )
+    result = tune(training_data, options, progress=False)
+    explorers = [t.params.regularization for t in result.trials[1:4]]
+    assert all(1e-3 <= r <= 1e-2 for r in explorers)
+    assert result.best.params.regularization > 1e-2
+    assert result.widened["regularization"] == result.best.params.regularization
+    assert result.to_json()["widened"] == result.widened
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> TrainingData:
+    """A bank small enough for a search run to convergence in seconds."""
+    out = tmp_path_factory.mktemp("tiny")
+    write_sample(out, SampleSpec(users=300, items=40, seed=7), progress=False)
+    return load_training_data(
+        out / "interactions.parquet", out / "items.parquet", out / "users.parquet"
+    )
+
+
+def test_the_default_search_stops_when_converged_and_reproduces(tiny_data: TrainingData) -> None:
+    base = replace(PARAMS, iterations=3, factors=4, threads=1)
+    options = TuneOptions(seed=2, explore=4, base=base, ranges=SMALL)
+    assert options.trials is None and options.time_budget is not None
+    a = tune(tiny_data, options, progress=False)
+    assert a.stopped_by == "converged"
+    assert {"als", "bpr"} <= {t.params.algorithm for t in a.trials}
+    b = tune(tiny_data, options, progress=False)
+    assert [t.params for t in a.trials] == [t.params for t in b.trials]
+    assert [t.score for t in a.trials] == [t.score for t in b.trials]
+    assert a.best.params == b.best.params
+
+
+def test_bpr_trials_reproduce_when_many_threads_are_asked_for(tiny_data: TrainingData) -> None:
+    # Multi-threaded BPR is Hogwild: two fits differ. Trials fit it on one thread.
+    bpr = FitParams(algorithm="bpr", factors=16, iterations=50, threads=2, seed=1)
+    hogwild = [fit_model(tiny_data.user_items, bpr, progress=False) for _ in range(2)]
+    assert not np.array_equal(hogwild[0].item_factors, hogwild[1].item_factors)
+    once = TuneOptions(trials=1, seed=1, base=bpr)
+    a, b = (tune(tiny_data, once, progress=False).best for _ in range(2))
+    assert a.params.threads == 2 and a.metrics == b.metrics
+
+
+def test_the_spread_is_the_winners_standard_error(training_data: TrainingData) -> None:
+    result = tune(training_data, replace(FAST, ranges=SMALL), progress=False)
+    best = result.best
+    assert best.stderr is not None and 0 < best.stderr < best.score
+    assert best.fold_scores == [best.score]
+    spread = result.spread
+    within = [t for t in result.trials if t.score >= best.score - best.stderr]
+    assert spread["stderr"] == best.stderr and spread["trials_within_stderr"] == len(within) >= 1
+    # Coverage has no per-user values to take an error over.
+    assert tune(training_data, replace(FAST, metric="coverage"), progress=False).best.stderr is None
