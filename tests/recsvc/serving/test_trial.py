@@ -5,6 +5,7 @@ A child that dies, and one the store never loads after, are in ``test_store``.
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from recsvc.errors import BundleError
+from recsvc.serving import trial
 from recsvc.serving.trial import TrialRequest, TrialRunner
 
 
@@ -67,3 +69,40 @@ def test_a_child_that_takes_too_long_is_a_rejection(bundle_path: Path) -> None:
             runner.trial(bundle_path)
     finally:
         runner.close()
+
+
+def _child_verdict(monkeypatch: pytest.MonkeyPatch, stdin: str) -> int:
+    """The trial child's verdict on ``stdin``, in this process (what the child runs)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    return trial._main()
+
+
+def test_the_child_passes_a_good_version_and_rejects_a_bad_one_with_its_reason(
+    bundle_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert _child_verdict(monkeypatch, TrialRequest(bundle_path).to_line()) == 0
+    assert capsys.readouterr().err == ""
+    missing = tmp_path / "v0"
+    assert _child_verdict(monkeypatch, TrialRequest(missing).to_line()) == 3
+    assert capsys.readouterr().err.splitlines()[-1] == "v0: no such bundle folder"
+
+
+def test_the_child_names_what_is_wrong_with_a_malformed_request(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _child_verdict(monkeypatch, '{"folder": ""}\n') == 2
+    assert capsys.readouterr().err == (
+        "bad trial request: expected an object with exactly folder and no_consent_data\n"
+    )
+
+
+def test_a_child_asked_nothing_exits_cleanly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The server closed the pipe (or sent a blank line) before asking: not a verdict.
+    for stdin in ("", "\n", "  \n"):
+        assert _child_verdict(monkeypatch, stdin) == 0
+    assert capsys.readouterr().err == ""
