@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from recsvc.errors import BundleError
+from recsvc.model.bundle import load_bundle, read_latest
+from recsvc.model.manifest import FILES
 from recsvc.serving import trial
 from recsvc.serving.trial import TrialRequest, TrialRunner
 
@@ -31,10 +34,10 @@ def test_a_request_is_one_json_line_that_reads_back() -> None:
         ('["models/v1", false]', "exactly"),
         ('{"folder": "models/v1"}', "exactly"),
         ('{"folder": "m", "no_consent_data": false, "verify": false}', "exactly"),
-        ('{"folder": "", "no_consent_data": false}', "folder"),
-        ('{"folder": 7, "no_consent_data": false}', "folder"),
-        ('{"folder": "m", "no_consent_data": "false"}', "no_consent_data"),
-        ('{"folder": "m", "no_consent_data": 0}', "no_consent_data"),
+        ('{"folder": "", "no_consent_data": false}', "^folder must be a non-empty string$"),
+        ('{"folder": 7, "no_consent_data": false}', "^folder must be a non-empty string$"),
+        ('{"folder": "m", "no_consent_data": "false"}', "^no_consent_data must be true or false$"),
+        ('{"folder": "m", "no_consent_data": 0}', "^no_consent_data must be true or false$"),
     ],
 )
 def test_a_malformed_request_is_refused(line: str, match: str) -> None:
@@ -58,6 +61,19 @@ def test_a_good_version_passes(bundle_path: Path) -> None:
     try:
         runner.trial(bundle_path)
         runner.trial(bundle_path)  # the second from the child started ahead
+    finally:
+        runner.close()
+
+
+def test_a_closed_runner_still_trials_in_a_fresh_child(bundle_path: Path) -> None:
+    runner = TrialRunner()
+    try:
+        runner.prestart()
+        runner.close()
+        runner.trial(bundle_path)
+        runner.close()
+        runner.close()  # closing twice is harmless
+        runner.trial(bundle_path)
     finally:
         runner.close()
 
@@ -105,4 +121,19 @@ def test_a_child_asked_nothing_exits_cleanly(
     # The server closed the pipe (or sent a blank line) before asking: not a verdict.
     for stdin in ("", "\n", "  \n"):
         assert _child_verdict(monkeypatch, stdin) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_the_child_parses_without_hashing_again_what_the_server_verified(
+    models_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The server checks every checksum before it asks; hashing each file again in the
+    # child would double a version's load time. A file changed after publishing (still
+    # a valid array) shows it: only a check of the checksums would notice.
+    folder = models_copy / str(read_latest(models_copy))
+    factors = np.load(folder / FILES.item_factors, allow_pickle=False)
+    np.save(folder / FILES.item_factors, factors * np.float32(2))
+    with pytest.raises(BundleError, match="fails its sha256 check"):
+        load_bundle(folder)
+    assert _child_verdict(monkeypatch, TrialRequest(folder).to_line()) == 0
     assert capsys.readouterr().err == ""
