@@ -78,6 +78,52 @@ def test_a_closed_runner_still_trials_in_a_fresh_child(bundle_path: Path) -> Non
         runner.close()
 
 
+def test_prestart_keeps_one_child_waiting_and_replaces_it_if_it_died(bundle_path: Path) -> None:
+    runner = TrialRunner()
+    try:
+        runner.prestart()
+        waiting = runner._next
+        assert waiting is not None and waiting.poll() is None
+        runner.prestart()
+        assert runner._next is waiting  # not a second child
+        waiting.kill()
+        waiting.wait()
+        runner.prestart()
+        assert runner._next is not waiting and runner._next.poll() is None
+    finally:
+        runner.close()
+
+
+def test_a_trial_does_not_use_a_waiting_child_that_died(bundle_path: Path) -> None:
+    runner = TrialRunner()
+    try:
+        runner.prestart()
+        assert runner._next is not None
+        runner._next.kill()
+        runner._next.wait()
+        runner.trial(bundle_path)  # in a fresh child: not "trial load died"
+    finally:
+        runner.close()
+
+
+def test_what_a_child_prints_never_reaches_the_servers_output(
+    bundle_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # A library in the child that prints (here at start-up) must not write into the
+    # server's stdout, which may carry its own output.
+    (tmp_path / "sitecustomize.py").write_text("print('child noise')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    runner = TrialRunner()
+    try:
+        runner.trial(bundle_path)
+    finally:
+        runner.close()
+    assert "child noise" not in capfd.readouterr().out
+
+
 def test_a_child_that_takes_too_long_is_a_rejection(bundle_path: Path) -> None:
     runner = TrialRunner(timeout=0.01)
     try:
