@@ -124,6 +124,25 @@ def test_what_a_child_prints_never_reaches_the_servers_output(
     assert "child noise" not in capfd.readouterr().out
 
 
+def test_a_child_that_dies_is_reported_as_died_whatever_it_printed_first(
+    bundle_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a child that exits with the rejected status speaks for the version; the last
+    # words of one that crashed are not a verdict.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, signal, sys\nsys.stderr.write('some last words\\n')\nsys.stderr.flush()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    runner = TrialRunner()
+    try:
+        with pytest.raises(BundleError) as err:
+            runner.trial(bundle_path)
+    finally:
+        runner.close()
+    assert str(err.value) == f"{bundle_path.name}: trial load died (exit -9)"
+
+
 def test_a_child_that_takes_too_long_is_a_rejection(bundle_path: Path) -> None:
     runner = TrialRunner(timeout=0.01)
     try:
