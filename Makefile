@@ -64,9 +64,13 @@ lint: install
 
 # Mutation testing of the guarantee code ([tool.mutmut] in pyproject.toml). Slow: run it
 # by module, e.g. make mutation MUTANTS='recsvc.model.rules.*'; results are kept in mutants/.
-MUTANTS ?=
+# Each mutant is a fresh pytest session: the sample and its trained bundle are built once
+# into mutants/fixture-cache instead (tests/fixture_cache.py). CHILDREN=1 on a busy machine.
+MUTANTS  ?=
+CHILDREN ?= 2
 mutation: install
-	$(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	RECSVC_TEST_FIXTURE_CACHE=$(CURDIR)/mutants/fixture-cache \
+		$(VENV)/bin/mutmut run --max-children $(CHILDREN) $(MUTANTS)
 	$(VENV)/bin/mutmut results
 
 bench: install

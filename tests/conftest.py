@@ -24,6 +24,7 @@ from recsvc.model.ranking import Recommender
 from recsvc.serving.server import RunningServer, create_server
 from recsvc.settings import ServerSettings
 from recsvc.v1 import recommender_pb2_grpc
+from tests.fixture_cache import kept
 from tests.postgres import pg_cluster  # noqa: F401  (one throwaway cluster a session)
 from training.data import TrainingData, load_training_data
 from training.fit import FitParams, fit_model
@@ -41,9 +42,12 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sample")
-    write_sample(out, SAMPLE, progress=False)
-    return out
+    """The sample bank's Parquet files; treat as read-only."""
+    return kept(
+        "sample",
+        lambda out: write_sample(out, SAMPLE, progress=False),
+        lambda: tmp_path_factory.mktemp("sample"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -56,11 +60,14 @@ def training_data(sample_dir: Path) -> TrainingData:
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory, training_data: TrainingData) -> Path:
+def models_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     """A models folder with one published version; treat as read-only."""
-    models = tmp_path_factory.mktemp("models")
-    publish(models, training_data, fit_model(training_data.user_items, PARAMS, progress=False))
-    return models
+
+    def build(models: Path) -> None:
+        data: TrainingData = request.getfixturevalue("training_data")
+        publish(models, data, fit_model(data.user_items, PARAMS, progress=False))
+
+    return kept("models", build, lambda: tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,10 @@ class TrialRunner:
     def prestart(self) -> None:
         """Start the next child now, so a later trial skips its start-up."""
         with self._lock:
-            if self._next is None or self._next.poll() is not None:
+            if self._next is not None and self._next.poll() is not None:
+                _reap(self._next)
+                self._next = None
+            if self._next is None:
                 self._next = self._spawn()
 
     def close(self) -> None:
@@ -103,8 +106,10 @@ class TrialRunner:
     def trial(self, folder: Path) -> None:
         """Raise BundleError unless a child loads and warms ``folder`` cleanly."""
         with self._lock:
-            proc = self._next if self._next is not None and self._next.poll() is None else None
-            self._next = None
+            proc, self._next = self._next, None
+        if proc is not None and proc.poll() is not None:
+            _reap(proc)
+            proc = None
         proc = proc or self._spawn()
         request = TrialRequest(folder, self._no_consent_data).to_line()
         try:
@@ -121,6 +126,11 @@ class TrialRunner:
         if proc.returncode == _REJECTED and lines:
             raise BundleError(lines[-1])
         raise BundleError(f"{folder.name}: trial load died (exit {proc.returncode})")
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    """Close the pipes of a child that died waiting (the pipes would leak otherwise)."""
+    proc.communicate()
 
 
 def _main() -> int:

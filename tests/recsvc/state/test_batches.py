@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import pytest
@@ -64,3 +65,72 @@ def test_levels_are_one_to_five() -> None:
     with pytest.raises(InvalidArgument) as err:
         check_products([ProductUpdate("")])
     assert err.value.field == "products[0].item_id"
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"event_id": ""}, "events[1].event_id: is required"),
+        ({"user_id": "u" * 129}, "events[1].user_id: must be at most 128 characters, got 129"),
+        ({"item_id": "i\x00"}, "events[1].item_id: must not contain NUL"),
+        ({"campaign_id": "c\x00"}, "events[1].campaign_id: must not contain NUL"),
+        ({"channel": "c" * 129}, "events[1].channel: must be at most 128 characters, got 129"),
+        (
+            {"type": "teleport"},
+            "events[1].type: unknown event type 'teleport' (known: close, purchase, view)",
+        ),
+        (
+            {"type": "t" * 100},  # quoted to 64 characters: the client sent the rest
+            f"events[1].type: unknown event type {'t' * 64!r} (known: close, purchase, view)",
+        ),
+        ({"weight": -0.5}, "events[1].weight: must be finite and not negative, got -0.5"),
+        ({"weight": math.inf}, "events[1].weight: must be finite and not negative, got inf"),
+    ],
+)
+def test_a_refusal_says_what_is_wrong_with_the_field(bad: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        check_events([_event(), _event(**bad)], TYPES)
+    assert str(err.value) == message
+
+
+def test_optional_texts_may_be_empty_and_every_text_may_be_128_characters() -> None:
+    longest = "x" * 128
+    check_events([_event(campaign_id="", channel="")], TYPES)
+    check_events(
+        [_event(event_id=longest, user_id=longest, item_id=longest, campaign_id=longest)], TYPES
+    )
+    check_customers([CustomerUpdate(longest)])
+    check_products([ProductUpdate(longest)])
+
+
+def test_a_weight_of_zero_or_below_one_is_accepted() -> None:
+    check_events([_event(weight=0.0), _event(weight=0.5)], TYPES)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: check_events([], TYPES), "events: must hold 1 to 1000 entries, got 0"),
+        (lambda: check_customers([]), "customers: must hold 1 to 1000 entries, got 0"),
+        (
+            lambda: check_products([ProductUpdate("i")] * 1001),
+            "products: must hold 1 to 1000 entries, got 1001",
+        ),
+        (
+            lambda: check_customers([CustomerUpdate("u"), CustomerUpdate("")]),
+            "customers[1].user_id: is required",
+        ),
+        (
+            lambda: check_customers([CustomerUpdate("u", 0)]),
+            "customers[0].risk_tolerance: must be between 1 and 5, got 0",
+        ),
+        (
+            lambda: check_products([ProductUpdate("i", risk_level=6)]),
+            "products[0].risk_level: must be between 1 and 5, got 6",
+        ),
+    ],
+)
+def test_a_refused_update_batch_says_what_is_wrong(call: Callable[[], None], message: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        call()
+    assert str(err.value) == message
