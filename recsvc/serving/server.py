@@ -13,6 +13,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -257,6 +259,20 @@ async def serve(settings: ServerSettings, reuse_port: bool = False) -> None:
     await running.stop()
 
 
+def _stop_when_orphaned(parent: int, every: float = 0.5) -> None:
+    """Drain and stop this worker, as on SIGTERM, once ``parent`` (the ``serve`` process
+    that watches the workers) is gone: killed with SIGKILL it cannot stop them, and a
+    worker left alone would go on answering on the shared port unwatched."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        log.error("the serve process is gone; stopping this worker")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def _worker_settings(settings: ServerSettings, worker: int) -> ServerSettings:
     """A worker's settings: its own audit chain (one writer a folder), the rest shared."""
     if settings.audit_dir is None:
@@ -264,8 +280,9 @@ def _worker_settings(settings: ServerSettings, worker: int) -> ServerSettings:
     return replace(settings, audit_dir=worker_folder(settings.audit_dir, worker))
 
 
-def _worker(settings: ServerSettings) -> None:
+def _worker(settings: ServerSettings, parent: int) -> None:
     configure_logging(settings.log_level)
+    _stop_when_orphaned(parent)
     asyncio.run(serve(settings, reuse_port=True))
 
 
@@ -293,7 +310,7 @@ def _run_workers(settings: ServerSettings, shared: SharedMetrics | None) -> int:
     # gRPC must not be started before fork: use spawn, as gRPC's multiprocessing example warns.
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(_worker_settings(settings, i),))
+        ctx.Process(target=_worker, args=(_worker_settings(settings, i), os.getpid()))
         for i in range(settings.workers)
     ]
     for p in procs:

@@ -508,6 +508,41 @@ def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers in /proc")
+def test_workers_stop_when_the_serve_process_is_killed(models_dir: Path) -> None:
+    """SIGKILL to `serve --workers` leaves no worker answering on the port unwatched."""
+    grace = 2.0
+    port = free_port()
+    proc = serve_process(
+        models_dir, port, "--workers", "2", env={"RECSVC_GRACE_SECONDS": str(grace)}
+    )
+    workers: list[int] = []
+    try:
+        wait_serving(port)
+        deadline = time.monotonic() + 60
+        while len(workers := _workers(proc.pid)) < 2:
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        limit = killed + grace + 5  # noticed within a poll, then drained as on SIGTERM
+        while any(map(_alive, workers)) and time.monotonic() < limit:
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+        assert not any(map(_alive, workers)), f"workers still running {took:.1f}s after"
+        print(f"\nserve killed: both workers stopped in {took:.2f}s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
 def test_serve_exits_1_when_a_worker_cannot_start(models_dir: Path) -> None:
     with socket.socket() as taken:  # held without SO_REUSEPORT: no worker can bind
         taken.bind(("127.0.0.1", 0))
