@@ -14,6 +14,7 @@ import numpy as np
 
 __all__ = [
     "METRICS",
+    "PER_USER",
     "coverage_at_k",
     "hit_matrix",
     "hit_rate_at_k",
@@ -140,7 +141,7 @@ def suitability_violations(
     return int((risk > np.asarray(user_tolerance)[:, None]).sum())
 
 
-_PER_USER = {
+PER_USER = {
     "precision": precision_at_k,
     "recall": recall_at_k,
     "ndcg": ndcg_at_k,
@@ -148,6 +149,7 @@ _PER_USER = {
     "hit_rate": hit_rate_at_k,
     "mrr": mrr_at_k,
 }
+"""The metrics computed per user (each user's value at k; :func:`summarize` averages them)."""
 
 
 def summarize(
@@ -180,7 +182,7 @@ def summarize(
     lists = recommended[evaluated]
     out: dict[str, dict[int, float]] = {name: {} for name in METRICS}
     for k in ks:
-        for name, fn in _PER_USER.items():
+        for name, fn in PER_USER.items():
             values = fn(hits, n_rel, k)
             out[name][k] = float(np.mean(values)) if values.size else 0.0
         out["coverage"][k] = coverage_at_k(lists, k, len(item_users))

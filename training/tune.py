@@ -44,17 +44,7 @@ from tqdm import tqdm
 from recsvc.errors import DataError
 from training.data import TrainingData
 from training.fit import FitParams, fit_model
-from training.metrics import (
-    METRICS,
-    hit_matrix,
-    hit_rate_at_k,
-    map_at_k,
-    mrr_at_k,
-    ndcg_at_k,
-    precision_at_k,
-    recall_at_k,
-    summarize,
-)
+from training.metrics import METRICS, PER_USER, hit_matrix, summarize
 from training.scoring import Eligibility
 from training.splits import stratified_holdout
 
@@ -273,14 +263,6 @@ class TuneResult:
 
 
 _SEARCHED = {"algorithm", "weighting", *(n for space in SEARCH_SPACE.values() for n in space)}
-_PER_USER = {
-    "precision": precision_at_k,
-    "recall": recall_at_k,
-    "ndcg": ndcg_at_k,
-    "map": map_at_k,
-    "hit_rate": hit_rate_at_k,
-    "mrr": mrr_at_k,
-}
 
 
 def carve_validation(
@@ -388,7 +370,7 @@ def validation_score(
     out = {name: by_k[k] for name, by_k in figures.items()}
     hits = hit_matrix(rows, fold.relevant_users, fold.relevant_items)
     n_relevant = np.bincount(fold.relevant_users, minlength=len(rows))
-    for name, per_user in _PER_USER.items():
+    for name, per_user in PER_USER.items():
         values = per_user(hits, n_relevant, k)
         out[f"{name}_stderr"] = float(np.std(values) / math.sqrt(max(len(values), 1)))
     return out

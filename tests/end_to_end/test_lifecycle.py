@@ -10,9 +10,11 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -464,10 +466,12 @@ def _alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"  # a zombie has exited
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers in /proc")
-def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
-    grace = 2.0
+@contextlib.contextmanager
+def _two_workers(
+    models_dir: Path, grace: float
+) -> Iterator[tuple[subprocess.Popen[bytes], int, list[int]]]:
+    """`recsvc serve --workers 2` serving: the process, its port and its two workers'
+    pids; whatever the test does, neither the process nor a worker is left behind."""
     port = free_port()
     proc = serve_process(
         models_dir, port, "--workers", "2", env={"RECSVC_GRACE_SECONDS": str(grace)}
@@ -476,12 +480,30 @@ def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
     try:
         wait_serving(port)
         deadline = time.monotonic() + 60
-        while len(workers := _workers(proc.pid)) < 2:
+        while len(workers) < 2:
             assert time.monotonic() < deadline, workers
             time.sleep(0.05)
+            workers[:] = _workers(proc.pid)
+        yield proc, port, workers
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers in /proc")
+def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
+    grace = 2.0
+    with _two_workers(models_dir, grace) as (proc, port, workers):
         # Every worker serving (a worker still loading a model finishes that first):
         # 30 new connections in a row answered SERVING, each by a worker the kernel
         # picks, miss one of 2 workers with odds of about 1 in 500 million.
+        deadline = time.monotonic() + 60
         in_a_row = 0
         while in_a_row < 30:
             assert time.monotonic() < deadline, "workers never all SERVING"
@@ -497,14 +519,6 @@ def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
         assert proc.poll() == 1, f"parent still running {took:.1f}s after a worker died"
         assert not _alive(other)
         print(f"\none of 2 workers killed: the other stopped and serve exited 1 in {took:.2f}s")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in workers:  # never leave a worker behind, whatever the outcome
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -512,17 +526,7 @@ def test_serve_stops_the_other_workers_when_one_dies(models_dir: Path) -> None:
 def test_workers_stop_when_the_serve_process_is_killed(models_dir: Path) -> None:
     """SIGKILL to `serve --workers` leaves no worker answering on the port unwatched."""
     grace = 2.0
-    port = free_port()
-    proc = serve_process(
-        models_dir, port, "--workers", "2", env={"RECSVC_GRACE_SECONDS": str(grace)}
-    )
-    workers: list[int] = []
-    try:
-        wait_serving(port)
-        deadline = time.monotonic() + 60
-        while len(workers := _workers(proc.pid)) < 2:
-            assert time.monotonic() < deadline, workers
-            time.sleep(0.05)
+    with _two_workers(models_dir, grace) as (proc, _port, workers):
         proc.kill()
         proc.wait()
         killed = time.monotonic()
@@ -532,14 +536,6 @@ def test_workers_stop_when_the_serve_process_is_killed(models_dir: Path) -> None
         took = time.monotonic() - killed
         assert not any(map(_alive, workers)), f"workers still running {took:.1f}s after"
         print(f"\nserve killed: both workers stopped in {took:.2f}s")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in workers:
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
