@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,14 @@ import pytest
 
 import recsvc.model.bundle
 import recsvc.serving.store
+from recsvc.errors import StateUnavailable
+from recsvc.logs import Pseudonymizer
 from recsvc.model.bundle import LATEST, read_latest, sha256_file
+from recsvc.model.contact import ContactPolicy
 from recsvc.model.manifest import MANIFEST
 from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Recommender
-from recsvc.serving.servable import ServedModel
+from recsvc.serving.servable import ServedModel, load_served_model
 from recsvc.serving.store import ModelStore
 from training.publish import write_latest
 
@@ -214,3 +218,75 @@ def test_a_version_whose_trial_child_dies_is_rejected_and_never_loaded_here(
         assert loaded == []
     finally:
         store.close()
+
+
+def test_every_version_gets_the_stores_rules_and_its_attach_step(models_copy: Path) -> None:
+    """The store's contact policy and exclusive categories reach each loaded version, and
+    ``attach`` (the live overlay) completes it before it serves."""
+    policy = ContactPolicy(window_days=3, max_all_channels=1)
+    attached: list[str] = []
+
+    def attach(model: ServedModel) -> ServedModel:
+        attached.append(model.version)
+        return replace(model, overlay=model.recommender.overlay(Pseudonymizer(b"k")))
+
+    store = ModelStore(
+        models_copy, trial_in_child=False, exclusive_categories=(), contact_policy=policy
+    )
+    store.attach = attach
+    assert store.refresh()
+    served = store.current()
+    assert attached == [served.version] and served.overlay is not None
+    assert served.recommender.contact_policy is policy
+    assert served.targeter.contact_policy is policy
+    assert not served.recommender.exclusive._codes  # none exclusive, as asked
+    assert ModelStore(models_copy, trial_in_child=False).refresh()  # and the default:
+    assert load_served_model(models_copy / served.version).recommender.exclusive._codes
+
+
+def test_an_attach_step_that_fails_is_retried_or_rejected_by_its_error(
+    models_copy: Path,
+) -> None:
+    """A state store that cannot be read is a passing trouble; any other failure of
+    ``attach`` rejects the version for good, naming the error's type."""
+    failures: list[Exception] = [StateUnavailable("state store down"), RuntimeError("boom")]
+
+    def attach(model: ServedModel) -> ServedModel:
+        raise failures.pop(0)
+
+    store = ModelStore(models_copy, trial_in_child=False, attach=attach)
+    assert not store.refresh()
+    assert store.stats.unreadable == 1 and store.stats.rejected == 0
+    assert store.stats.last_error == "state store down"
+    assert not store.refresh()
+    version = read_latest(models_copy)
+    assert store.stats.rejected_versions == [version]
+    assert store.stats.last_error == "RuntimeError: boom"
+
+
+def test_loads_and_rejections_are_counted_and_logged(
+    models_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = read_latest(models_copy)
+    assert good is not None
+    store = ModelStore(models_copy, trial_in_child=False)
+    with caplog.at_level(logging.INFO, logger="recsvc.serving.store"):
+        assert store.refresh()
+        for n in (1, 2):
+            bad = _copy_as(models_copy, good, f"v9999010{n}-000000-000001")
+            (bad / "popularity.npy").unlink()
+            write_latest(models_copy, bad.name)
+            assert not store.refresh()
+        newer = _copy_as(models_copy, good, "v99990201-000000-000001")
+        write_latest(models_copy, newer.name)
+        assert store.refresh()
+    assert (store.stats.loaded, store.stats.rejected) == (2, 2)
+    served = [r for r in caplog.records if r.getMessage() == "serving model version"]
+    assert [r.version for r in served] == [good, newer.name]  # type: ignore[attr-defined]
+    assert all(0 <= r.load_seconds < 60 for r in served)  # type: ignore[attr-defined]
+    rejected = [r for r in caplog.records if r.getMessage() == "rejected model version"]
+    assert [r.version for r in rejected] == [  # type: ignore[attr-defined]
+        "v99990101-000000-000001",
+        "v99990102-000000-000001",
+    ]
+    assert all("popularity.npy is missing" in r.reason for r in rejected)  # type: ignore[attr-defined]
