@@ -7,7 +7,6 @@ under a configured key, so one customer's lines can be joined without the id.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import sys
@@ -48,6 +47,11 @@ def configure_logging(level: str) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
+_BLOCK = 64  # sha256's block size in bytes
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
 class Pseudonymizer:
     """Keyed pseudonyms of customer ids for logs.
 
@@ -58,10 +62,20 @@ class Pseudonymizer:
     """
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
+        # HMAC-SHA256 (RFC 2104) with its two keyed states computed once: each call then
+        # costs two sha256 copies, where hmac.new sets up an object (3 to 4 times as long;
+        # on the serving path, with an audit record per answer, it is paid per answer).
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
 
     def __call__(self, user_id: str) -> str:
         if not user_id:
             return "anonymous"
-        digest = hmac.new(self._key, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256)
-        return "u_" + digest.hexdigest()[:16]
+        inner = self._inner.copy()
+        inner.update(user_id.encode("utf-8", "surrogatepass"))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return "u_" + outer.hexdigest()[:16]

@@ -45,8 +45,9 @@ their fields are named once; :func:`encode_answer` writes what
                         live update, or the unknown-customer default)
 ``removed``             candidates each rule removed, ``{rule: count}``
 ``items``               what was returned, ``[[item_id, score], ...]`` in answer order;
-                        each score as it was sent (a 32-bit float), in at most 9
-                        significant digits, which name that float exactly
+                        each score as it was sent (a 32-bit float), in the shortest
+                        decimal that names that float exactly (at most 9 significant
+                        digits)
 ``campaign_id``         ``TargetUsers`` only, with ``channel``, ``request`` (the request's
                         fields), ``consent`` (whether marketing consent was required),
                         ``excluded`` (customers each rule left out, ``{rule: count}``),
@@ -63,9 +64,11 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
 from typing import Any, NewType
+
+import numpy as np
+import orjson
 
 __all__ = [
     "BASES",
@@ -100,6 +103,9 @@ _HEAD = re.compile(
 )
 _HASH_SUFFIX = re.compile(rb',"hash":"([0-9a-f]{64})"\}')
 _SUFFIX_LEN = len(',"hash":"') + 64 + len('"}')
+_float32 = np.float32
+_ORJSON = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
+"""Sorted members; a ``numpy.float32`` written in the shortest decimal that names it."""
 _PSEUDONYM = re.compile(r"u_[0-9a-f]{16}|anonymous")  # what recsvc.logs.Pseudonymizer gives
 _SEGMENT = re.compile(r"audit-\d{12}-\d{8}T\d{6}\.\d{6}Z\.jsonl")
 _WORKER = re.compile(r"worker-\d+")
@@ -250,7 +256,7 @@ def answer_payload(
         "source": source,
         "suitability": {"tolerance": tolerance, "basis": basis},
         "removed": dict(removed),
-        "items": [[item_id, float(_score(score))] for item_id, score in items],
+        "items": [[item_id, _score(score)] for item_id, score in items],
     }
 
 
@@ -268,27 +274,41 @@ def encode_answer(
     removed: Mapping[str, int],
     items: Iterable[tuple[str, float]],
 ) -> Members:
-    """``encode_payload(answer_payload(...))`` (the same JSON, the same arguments), at
-    about half its cost: the members are written out in their sorted order directly.
+    """``encode_payload(answer_payload(...))`` (the same JSON values, the same arguments)
+    at a fraction of its cost, for the serving path: one call of orjson's encoder where
+    the record's work runs between two searches, with the CPU's caches cold (measured on
+    the 100K-item bundle: 45 us against 73 to 118 us for the members written out in
+    Python). orjson writes UTF-8 as it is, so a record with a non-ASCII id goes the
+    ``json`` way instead.
 
     Raises:
         ValueError: as :func:`answer_payload`, or a score is not finite.
     """
     _check_answer(subject, basis)
-    pairs = items if isinstance(items, list) else list(items)
-    if not all(map(math.isfinite, [s for _, s in pairs])):
-        raise ValueError(f"audit scores must be finite, got {[s for _, s in pairs]!r}")
-    # 9 significant digits, as _score writes them, inline: a call per item costs more here.
-    scored = ",".join([f"[{_json_str(i)},{s:.9g}]" for i, s in pairs])
-    counts = ",".join([f"{_json_str(k)}:{int(removed[k])}" for k in sorted(removed)])
-    return Members(
-        f'{{"caller":{_json_opt(caller)},"items":[{scored}],"method":{_json_str(method)},'
-        f'"model_version":{_json_str(model_version)},'
-        f'"recommendation_id":{_json_str(recommendation_id)},"removed":{{{counts}}},'
-        f'"source":{_json_opt(source)},"state_sequence":{int(state_sequence)},'
-        f'"subject":{_json_str(subject)},'
-        f'"suitability":{{"basis":{_json_str(basis)},"tolerance":{int(tolerance)}}}}}'
-    )
+    scored = [[item_id, _float32(score)] for item_id, score in items]
+    if not all(map(math.isfinite, [s for _, s in scored])):
+        raise ValueError(f"audit scores must be finite, got {[s for _, s in scored]!r}")
+    payload = {
+        "caller": caller,
+        "items": scored,
+        "method": method,
+        "model_version": model_version,
+        "recommendation_id": recommendation_id,
+        "removed": removed if type(removed) is dict else dict(removed),
+        "source": source,
+        "state_sequence": state_sequence,
+        "subject": subject,
+        "suitability": {"basis": basis, "tolerance": tolerance},
+    }
+    try:
+        text: bytes | None = orjson.dumps(payload, option=_ORJSON)
+    except orjson.JSONEncodeError:  # a lone surrogate, an integer past 64 bits
+        text = None
+    if text is None or not text.isascii():  # orjson writes UTF-8 as it is; ours is ASCII
+        payload["items"] = [[item_id, _score(float(score))] for item_id, score in scored]
+        payload["removed"] = {k: int(v) for k, v in removed.items()}
+        return encode_payload(payload)
+    return Members(text.decode("ascii"))
 
 
 def _check_answer(subject: str, basis: str) -> None:
@@ -298,16 +318,13 @@ def _check_answer(subject: str, basis: str) -> None:
         raise ValueError(f"suitability basis must be one of {sorted(BASES)}, got {basis!r}")
 
 
-def _json_opt(text: str | None) -> str:
-    return "null" if text is None else _json_str(text)
-
-
-def _score(score: float) -> str:
-    """A score as sent (protobuf ``float``, 32 bits): 9 significant digits name any such
-    float exactly, where Python's shortest form of its 64-bit value takes up to 17."""
+def _score(score: float) -> float:
+    """A score as sent (protobuf ``float``, 32 bits), as the float that the shortest
+    decimal naming that 32-bit float reads back as: at most 9 significant digits, where
+    Python's shortest form of its 64-bit value takes up to 17."""
     if not math.isfinite(score):
         raise ValueError(f"audit scores must be finite, got {score!r}")
-    return f"{score:.9g}"
+    return float(str(np.float32(score)))
 
 
 def audience_payload(

@@ -141,7 +141,11 @@ def test_scores_are_recorded_as_sent_in_at_most_nine_digits(scores: list[float])
     text = encode_answer(**fields)  # type: ignore[arg-type]
     texts = re.findall(r",(-?[0-9.e+-]+)\]", text.split('"method"')[0])
     assert len(texts) == len(scores)
-    assert all(len(t.lstrip("-0.").split("e")[0].replace(".", "")) <= 9 for t in texts)
+    mantissas = [t.split("e")[0].replace("-", "").replace(".", "") for t in texts]
+    assert all(len(m.strip("0")) <= 9 for m in mantissas)  # significant digits
+    # and no longer than the shortest decimal that names the float (what numpy writes)
+    shortest = [str(np.float32(s)).split("e")[0].replace("-", "").replace(".", "") for s in scores]
+    assert [len(m.strip("0")) for m in mantissas] == [len(m.strip("0")) for m in shortest]
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
