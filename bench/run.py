@@ -70,7 +70,7 @@ class Plan:
     live: LivePlan
     goal_items: tuple[int, int] = (100_000, 1_000_000)
     """Bundle sizes the goals speak of: (ceiling and p99 goals, naive and recall goals)."""
-    costs_rounds: int = 5
+    costs_rounds: int = 11
     """Interleaved rounds of the costs section: its ratios are the median round's."""
 
 

@@ -156,13 +156,13 @@ def encode_record(
     seq: int, prev: str, time: datetime, kind: str, payload: Members
 ) -> tuple[bytes, str]:
     """A record's line (newline included) and hash; ``payload`` from :func:`encode_payload`."""
-    head = (
+    body = (
         f'{{"v":{FORMAT_VERSION},"seq":{seq},"prev":"{prev}",'
         f'"time":"{time.isoformat(timespec="microseconds")}","kind":"{kind}"'
-    )
-    body = head + ("," + payload[1:] if len(payload) > 2 else "}")
-    digest = hashlib.sha256(body.encode()).hexdigest()
-    return f'{body[:-1]},"hash":"{digest}"}}\n'.encode(), digest
+        + ("," + payload[1:] if len(payload) > 2 else "}")
+    ).encode()
+    digest = hashlib.sha256(body).hexdigest()  # one encode, the line built as bytes
+    return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n', digest
 
 
 def parse_record(line: bytes) -> RecordHead | None:
