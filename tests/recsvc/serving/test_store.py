@@ -16,7 +16,7 @@ import pytest
 
 import recsvc.model.bundle
 import recsvc.serving.store
-from recsvc.errors import StateUnavailable
+from recsvc.errors import ModelUnavailable, StateUnavailable
 from recsvc.logs import Pseudonymizer
 from recsvc.model.bundle import LATEST, read_latest, sha256_file
 from recsvc.model.contact import ContactPolicy
@@ -25,7 +25,10 @@ from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Recommender
 from recsvc.serving.servable import ServedModel, load_served_model
 from recsvc.serving.store import ModelStore
-from training.publish import write_latest
+from tests.conftest import PARAMS
+from training.data import load_training_data
+from training.fit import fit_model
+from training.publish import publish, write_latest
 
 
 def _copy_as(models: Path, good: str, name: str) -> Path:
@@ -290,3 +293,82 @@ def test_loads_and_rejections_are_counted_and_logged(
         "v99990102-000000-000001",
     ]
     assert all("popularity.npy is missing" in r.reason for r in rejected)  # type: ignore[attr-defined]
+
+
+def test_the_consent_waiver_reaches_each_loaded_version(sample_dir: Path, tmp_path: Path) -> None:
+    """``no_consent_data`` is the store's to hand on: trained without a users table, a
+    version serves audiences only when the waiver is given (see ``Targeter``)."""
+    data = load_training_data(sample_dir / "interactions.parquet", sample_dir / "items.parquet")
+    publish(tmp_path / "m", data, fit_model(data.user_items, PARAMS, progress=False))
+    waived = ModelStore(tmp_path / "m", no_consent_data=True, trial_in_child=False)
+    assert waived.refresh() and waived.current().targeter.no_consent_data
+    plain = ModelStore(tmp_path / "m", trial_in_child=False)
+    assert plain.refresh() and not plain.current().targeter.no_consent_data
+
+
+def test_advance_loses_to_a_reload(models_copy: Path) -> None:
+    """The follower's swap applies only while the version it caught up still serves."""
+    good = read_latest(models_copy)
+    assert good is not None
+    store = ModelStore(models_copy, trial_in_child=False)
+    with pytest.raises(ModelUnavailable, match="no model is loaded yet"):
+        store.current()
+    assert store.refresh()
+    caught_up = store.current()
+    newer = _copy_as(models_copy, good, "v99990101-000000-000001")
+    write_latest(models_copy, newer.name)
+    assert store.refresh()
+    reloaded = store.current()
+    assert not store.advance(caught_up, replace(caught_up))  # a reload won
+    assert store.current() is reloaded
+    ahead = replace(reloaded)
+    assert store.advance(reloaded, ahead) and store.current() is ahead
+
+
+def test_each_distinct_read_failure_is_counted_and_logged_once(
+    models_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read failure is noted once per distinct error, under what could not be read; once
+    readable again, the same error later counts again."""
+    good = read_latest(models_copy)
+    assert good is not None
+    store = ModelStore(models_copy, trial_in_child=False)
+    assert store.refresh()
+    latest = models_copy / LATEST
+
+    def unreadable() -> None:
+        latest.unlink()
+        latest.mkdir()
+
+    with caplog.at_level(logging.ERROR, logger="recsvc.serving.store"):
+        unreadable()
+        assert not store.refresh() and not store.refresh()
+        latest.rmdir()
+        write_latest(models_copy, good)
+        assert not store.refresh()  # readable: the note is cleared
+        unreadable()
+        assert not store.refresh()
+    notes = [r for r in caplog.records if r.getMessage() == "cannot read model version"]
+    assert store.stats.unreadable == 2 and len(notes) == 2
+    assert [r.version for r in notes] == [LATEST, LATEST]  # type: ignore[attr-defined]
+    assert all(r.reason == store.stats.last_error for r in notes)  # type: ignore[attr-defined]
+    assert "LATEST cannot be read" in store.stats.last_error
+    # One version's failure does not hide another's: each is noted under its own name.
+    new = _copy_as(models_copy, good, "v99990101-000000-000001")
+    _manifest_is_a_folder(new)
+    latest.rmdir()
+    write_latest(models_copy, new.name)
+    with caplog.at_level(logging.ERROR, logger="recsvc.serving.store"):
+        assert not store.refresh()
+    last = [r for r in caplog.records if r.getMessage() == "cannot read model version"][-1]
+    assert last.version == new.name and store.stats.unreadable == 3  # type: ignore[attr-defined]
+
+
+def test_the_load_time_is_logged_in_milliseconds(
+    models_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ModelStore(models_copy, trial_in_child=False)
+    with caplog.at_level(logging.INFO, logger="recsvc.serving.store"):
+        assert store.refresh()
+    (seconds,) = [r.load_seconds for r in caplog.records if hasattr(r, "load_seconds")]
+    assert 0 < seconds < 60 and seconds == round(seconds, 3)
