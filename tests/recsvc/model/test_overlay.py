@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 
 from recsvc.logs import Pseudonymizer
-from recsvc.model.overlay import ERASED, apply
+from recsvc.model.contact import HISTORY_DAYS
+from recsvc.model.overlay import ERASED, apply, contact_history
 from recsvc.model.ranking import Recommender
-from recsvc.state import Changes, CustomerState, ProductState, StoredEvent
+from recsvc.state import Changes, CustomerState, Event, ProductState, StoredEvent, open_store
 
 P = Pseudonymizer(b"overlay-test")
 T = datetime(2026, 12, 1, tzinfo=timezone.utc)
@@ -111,3 +113,42 @@ def test_older_contact_history_is_remembered_without_touching_the_model(
     o = apply(o, _changes(9, _ev(4, user, b.items.ids[0], "contacted", later, 9)))
     assert sorted(c[0] for c in o.users[user].contacts) == [T, later]
     assert o.users[user].declined == {1: T}
+
+
+def test_contact_history_is_the_contacts_and_declines_of_the_last_year_up_to_the_bundle(
+    tmp_path: Path, recommender: Recommender
+) -> None:
+    """What a retrain must not forget: ``contacted`` and ``decline`` events stored at or
+    below the bundle's sequence and dated after ``now`` less ``HISTORY_DAYS``; nothing
+    for a bundle trained on no state."""
+    items = recommender.bundle.items.ids
+    year = timedelta(days=HISTORY_DAYS)
+    store = open_store(f"sqlite:///{tmp_path}/state.db", P)
+    try:
+        calls = [
+            [
+                Event("old", "C1", items[0], "contacted", T - year, channel="email"),
+                Event("edge", "C1", items[0], "decline", T - year + timedelta(seconds=1)),
+                Event("d1", "C2", items[1], "decline", T - timedelta(days=10)),
+            ],
+            [
+                Event("c2", "C1", items[2], "contacted", T - timedelta(days=1), channel="sms"),
+                Event("v2", "C1", items[2], "view", T - timedelta(days=1)),  # not a contact
+            ],
+            [Event("later", "C2", items[3], "decline", T)],  # after the bundle's sequence
+        ]
+        for events in calls:
+            store.record_events(events)
+        assert [e.event_id for e in contact_history(store, 2, now=T)] == ["d1", "edge", "c2"]
+        assert [e.event_id for e in contact_history(store, 3, now=T)][-1] == "later"
+        assert contact_history(store, 0, now=T) == ()
+        # A year on, only T's own event is left; by default the clock says when now is.
+        assert contact_history(store, 3, now=T + year - timedelta(seconds=1))[0].event_id == (
+            "later"
+        )
+        recent = datetime.now(timezone.utc) - timedelta(days=1)
+        store.record_events([Event("now", "C3", items[4], "decline", recent)])
+        by_clock = {e.event_id for e in contact_history(store, 4)}
+        assert "now" in by_clock and not by_clock & {"old", "edge", "v2"}  # T is in the past
+    finally:
+        store.close()
