@@ -10,6 +10,7 @@ import numpy as np
 from recsvc.logs import Pseudonymizer
 from recsvc.model.contact import HISTORY_DAYS
 from recsvc.model.overlay import ERASED, apply, contact_history
+from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Recommender
 from recsvc.state import Changes, CustomerState, Event, ProductState, StoredEvent, open_store
 
@@ -152,3 +153,34 @@ def test_contact_history_is_the_contacts_and_declines_of_the_last_year_up_to_the
         assert "now" in by_clock and not by_clock & {"old", "edge", "v2"}  # T is in the past
     finally:
         store.close()
+
+
+def test_a_profile_change_keeps_the_customers_history_as_the_bundle_has_it(
+    recommender: Recommender,
+) -> None:
+    """A consent or tolerance update makes a live record of the customer; their history,
+    strengths and confidences in it are the bundle's (32-bit, as fold-in takes them), so
+    recent items still fold in beside the history, and a new customer starts empty."""
+    b = recommender.bundle
+    row = next(r for r in range(len(b.users)) if b.user_item_rows(r).size >= 2)
+    known, new = b.users.ids[row], "NEW-PROFILE"
+    o = apply(
+        recommender.overlay(P),
+        _changes(
+            1,
+            customers=[CustomerState(known, None, False, 1), CustomerState(new, 3, True, 1)],
+        ),
+    )
+    live, fresh = o.users[known], o.users[new]
+    assert live.row == row and not live.refolded
+    assert live.rows.tolist() == b.user_item_rows(row).tolist()
+    assert np.array_equal(live.confidence, b.user_item_data(row))
+    assert np.array_equal(live.strength, b.strength[b.indptr[row] : b.indptr[row + 1]])
+    assert fresh.row is None and fresh.rows.size == fresh.confidence.size == 0
+    for user in (live, fresh):
+        assert user.strength.dtype == user.confidence.dtype == np.float32
+        assert user.held.dtype == bool and user.rows.dtype == np.int64
+    recent = next(i for i in b.items.ids if b.items.index(i) not in set(live.rows.tolist()))
+    query = RecommendQuery(user_id=known, k=5, recent_item_ids=(recent,))
+    with_change = [i.item_id for i in recommender.recommend(query, o).items]
+    assert with_change == [i.item_id for i in recommender.recommend(query).items]
