@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from recsvc.logs import Pseudonymizer
 from recsvc.model.contact import HISTORY_DAYS
@@ -184,3 +185,36 @@ def test_a_profile_change_keeps_the_customers_history_as_the_bundle_has_it(
     query = RecommendQuery(user_id=known, k=5, recent_item_ids=(recent,))
     with_change = [i.item_id for i in recommender.recommend(query, o).items]
     assert with_change == [i.item_id for i in recommender.recommend(query).items]
+
+
+def test_events_add_to_the_history_as_training_would(recommender: Recommender) -> None:
+    """An event on a product the customer already has adds its weight (its own, or the
+    event type's) to that strength; an event on a product the bundle lacks is counted and
+    skipped without hiding the events after it; the newest decline of a product by time
+    is the one kept."""
+    b = recommender.bundle
+    row = next(r for r in range(len(b.users)) if b.user_item_rows(r).size >= 2)
+    user = b.users.ids[row]
+    first, second = (int(r) for r in b.user_item_rows(row)[:2])
+    own = b.strength[b.indptr[row] : b.indptr[row + 1]].tolist()
+    before = dict(zip(b.user_item_rows(row).tolist(), own, strict=True))
+    view = recommender.overlay(P).context.event_weights["view"]
+    e1 = StoredEvent("w1", user, b.items.ids[first], "view", T, weight=2.5, sequence=1)
+    e2 = StoredEvent("w2", user, "NO-SUCH-ITEM", "view", T, sequence=1)
+    e3 = StoredEvent("w3", user, "NO-SUCH-ITEM-EITHER", "view", T, sequence=1)
+    e4 = StoredEvent("w4", user, b.items.ids[second], "view", T, sequence=1)
+    o = apply(recommender.overlay(P), _changes(1, e1, e2, e3, e4))
+    live = o.users[user]
+    strength = dict(zip(live.rows.tolist(), live.strength.tolist(), strict=True))
+    assert strength[first] == pytest.approx(before[first] + 2.5)  # its own weight
+    assert strength[second] == pytest.approx(before[second] + view)  # the type's
+    assert o.unknown_item_events == 2
+    o = apply(o, _changes(2, _ev(4, "C-NEW", "NO-SUCH-ITEM", "view", T, 2)))
+    assert o.unknown_item_events == 3
+    item = b.items.ids[first]
+    o = apply(o, _changes(3, _ev(5, user, item, "decline", T, 3)))
+    assert o.users[user].declined == {first: T}
+    o = apply(o, _changes(4, _ev(6, user, item, "decline", T - timedelta(days=2), 4)))
+    assert o.users[user].declined == {first: T}  # recorded late, dated earlier: no change
+    o = apply(o, _changes(5, _ev(7, user, item, "decline", T + timedelta(days=1), 5)))
+    assert o.users[user].declined == {first: T + timedelta(days=1)}
