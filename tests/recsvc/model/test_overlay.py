@@ -218,3 +218,43 @@ def test_events_add_to_the_history_as_training_would(recommender: Recommender) -
     assert o.users[user].declined == {first: T}  # recorded late, dated earlier: no change
     o = apply(o, _changes(5, _ev(7, user, item, "decline", T + timedelta(days=1), 5)))
     assert o.users[user].declined == {first: T + timedelta(days=1)}
+
+
+def test_holding_changes_only_by_held_and_close_events_and_a_tie_goes_to_the_later(
+    recommender: Recommender,
+) -> None:
+    """As training orders them: the latest held or close event by time decides, and on a
+    tie the one recorded later; any other event on a held product leaves it held."""
+    b = recommender.bundle
+    user, item = "NEW-HOLDER", b.items.ids[5]
+    o = apply(recommender.overlay(P), _changes(1, _ev(1, user, item, "purchase", T, 1)))
+    assert o.users[user].held_rows.tolist() == [5]
+    o = apply(o, _changes(2, _ev(2, user, item, "view", T + timedelta(hours=1), 2)))
+    assert o.users[user].held_rows.tolist() == [5]  # a view closes nothing
+    o = apply(o, _changes(3, _ev(3, user, item, "close", T, 3)))  # same time, later
+    assert o.users[user].held_rows.size == 0
+
+
+def test_contact_history_kept_is_the_year_before_the_latest_event(
+    recommender: Recommender,
+) -> None:
+    """Contacts and declines older than ``HISTORY_DAYS`` before the latest event are
+    dropped (no policy window reaches them); one an instant younger is kept."""
+    b = recommender.bundle
+    user, year, tick = "NEW-CONTACTED", timedelta(days=HISTORY_DAYS), timedelta(microseconds=1)
+    latest = T + year
+    o = apply(
+        recommender.overlay(P),
+        _changes(
+            1,
+            StoredEvent("c1", user, b.items.ids[0], "contacted", T, channel="sms", sequence=1),
+            StoredEvent(
+                "c2", user, b.items.ids[1], "contacted", T + tick, channel="email", sequence=1
+            ),
+            _ev(3, user, b.items.ids[2], "decline", T, 1),
+            _ev(4, user, b.items.ids[3], "decline", T + tick, 1),
+            _ev(5, user, b.items.ids[4], "view", latest, 1),
+        ),
+    )
+    assert o.users[user].contacts == ((T + tick, "email"),)
+    assert o.users[user].declined == {3: T + tick}
