@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from recsvc.model.contact import HISTORY_DAYS
 from recsvc.model.overlay import ERASED, apply, contact_history
 from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Recommender
+from recsvc.model.weighting import RowWeighting
 from recsvc.state import Changes, CustomerState, Event, ProductState, StoredEvent, open_store
 
 P = Pseudonymizer(b"overlay-test")
@@ -258,3 +260,36 @@ def test_contact_history_kept_is_the_year_before_the_latest_event(
     )
     assert o.users[user].contacts == ((T + tick, "email"),)
     assert o.users[user].declined == {3: T + tick}
+
+
+def test_a_changed_history_is_weighed_on_its_own_products(recommender: Recommender) -> None:
+    """A refolded customer's confidences are the trainer's weighting of their strengths on
+    their own item rows (BM25 weighs each product by its idf), as 32-bit floats."""
+    b = recommender.bundle
+    bm25 = RowWeighting.from_training(
+        "bm25", b.indptr, b.indices, b.strength, len(b.items), 50.0, 0.7
+    )
+    o = recommender.overlay(P)
+    o = dataclasses.replace(o, context=dataclasses.replace(o.context, weighting=bm25))
+    row = next(r for r in range(len(b.users)) if b.user_item_rows(r).size >= 2)
+    user = b.users.ids[row]
+    new = next(i for i in range(len(b.items)) if i not in set(b.user_item_rows(row).tolist()))
+    o = apply(o, _changes(1, _ev(1, user, b.items.ids[new], "view", T, 1)))
+    live = o.users[user]
+    assert live.refolded and new in live.rows.tolist()
+    assert live.rows.dtype == np.int64 and live.strength.dtype == np.float32
+    np.testing.assert_allclose(live.confidence, bm25.row(live.rows, live.strength), rtol=1e-6)
+
+
+def test_a_close_is_remembered_by_time_even_without_a_refold(recommender: Recommender) -> None:
+    """A close carries no strength (no refold), yet its time is kept: a held event dated
+    before it, recorded later, does not make the product held again."""
+    b = recommender.bundle
+    row = next(r for r in range(len(b.users)) if b.held[b.indptr[r] : b.indptr[r + 1]].any())
+    user = b.users.ids[row]
+    held_row = int(b.user_item_rows(row)[b.held[b.indptr[row] : b.indptr[row + 1]]][0])
+    item = b.items.ids[held_row]
+    o = apply(recommender.overlay(P), _changes(1, _ev(1, user, item, "close", T, 1)))
+    assert not o.users[user].refolded and held_row not in o.users[user].held_rows.tolist()
+    o = apply(o, _changes(2, _ev(2, user, item, "hold", T - timedelta(days=1), 2)))
+    assert held_row not in o.users[user].held_rows.tolist()
