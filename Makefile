@@ -69,7 +69,7 @@ lint: install
 MUTANTS  ?=
 CHILDREN ?= 2
 mutation: install
-	RECSVC_TEST_FIXTURE_CACHE=$(CURDIR)/mutants/fixture-cache \
+	RECSVC_TEST_FIXTURE_CACHE=$(CURDIR)/mutants/fixture-cache RECSVC_TEST_MUTATION=1 \
 		$(VENV)/bin/mutmut run --max-children $(CHILDREN) $(MUTANTS)
 	$(VENV)/bin/mutmut results
 

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import Phase, settings
 
 from recsvc.model.bundle import load_bundle, read_latest
 from recsvc.model.ranking import Recommender
@@ -30,6 +31,15 @@ from training.data import TrainingData, load_training_data
 from training.fit import FitParams, fit_model
 from training.publish import publish
 from training.sample import SampleSpec, write_sample
+
+# Under mutation testing (`make mutation` sets RECSVC_TEST_MUTATION) a property test
+# stops at its first failing example: shrinking it, which only makes the report
+# readable, took minutes a mutant and ended many in mutmut's timeout.
+settings.register_profile(
+    "mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate], print_blob=False
+)
+if os.environ.get("RECSVC_TEST_MUTATION"):
+    settings.load_profile("mutation")
 
 SAMPLE = SampleSpec(users=1500, items=120, seed=7)
 PARAMS = FitParams(factors=16, iterations=8, seed=3)
