@@ -143,6 +143,7 @@ def test_contact_history_is_the_contacts_and_declines_of_the_last_year_up_to_the
         ]
         for events in calls:
             store.record_events(events)
+        assert [e.event_id for e in contact_history(store, 1, now=T)] == ["d1", "edge"]
         assert [e.event_id for e in contact_history(store, 2, now=T)] == ["d1", "edge", "c2"]
         assert [e.event_id for e in contact_history(store, 3, now=T)][-1] == "later"
         assert contact_history(store, 0, now=T) == ()
@@ -293,3 +294,41 @@ def test_a_close_is_remembered_by_time_even_without_a_refold(recommender: Recomm
     assert not o.users[user].refolded and held_row not in o.users[user].held_rows.tolist()
     o = apply(o, _changes(2, _ev(2, user, item, "hold", T - timedelta(days=1), 2)))
     assert held_row not in o.users[user].held_rows.tolist()
+
+
+def test_each_batch_of_events_re_solves_the_customer_from_their_whole_history(
+    recommender: Recommender,
+) -> None:
+    """A second batch for the same customer solves their vector again, from everything
+    they did (the bundle's history and both batches), not the first batch's vector."""
+    b = recommender.bundle
+    row = next(r for r in range(len(b.users)) if b.user_item_rows(r).size >= 2)
+    user = b.users.ids[row]
+    fresh = [i for i in range(len(b.items)) if i not in set(b.user_item_rows(row).tolist())]
+    o = apply(
+        recommender.overlay(P), _changes(1, _ev(1, user, b.items.ids[fresh[0]], "hold", T, 1))
+    )
+    first = o.users[user].vector
+    o = apply(o, _changes(2, _ev(2, user, b.items.ids[fresh[1]], "hold", T, 2)))
+    live = o.users[user]
+    assert first is not None and live.vector is not None
+    assert not np.allclose(live.vector, first)
+    (expected,) = o.context.fold_in([(live.rows, live.confidence)])
+    np.testing.assert_allclose(live.vector, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_product_updates_are_counted_and_one_the_bundle_lacks_hides_nothing(
+    recommender: Recommender,
+) -> None:
+    b = recommender.bundle
+    item = b.items.ids[2]
+    products = [
+        ProductState("NO-SUCH-PRODUCT", False, None, 1),
+        ProductState(item, False, None, 1),
+        ProductState(b.items.ids[3], None, None, 1),
+    ]
+    o = apply(recommender.overlay(P), _changes(1, products=products))
+    assert o.products_changed == 2  # the bundle's products only, whether or not they differ
+    assert not o.item_rules.active[2]
+    o = apply(o, _changes(2, products=[ProductState(item, True, None, 2)]))
+    assert o.products_changed == 3 and o.item_rules.active[2]
