@@ -177,7 +177,7 @@ class Overlay:
         return np.union1d(rows, self.erased_rows)
 
 
-def empty(context: OverlayContext, sequence: int = 0) -> Overlay:
+def empty(context: OverlayContext, sequence: int) -> Overlay:
     """A bundle with no changes, at the bundle's own state sequence."""
     b = context.bundle
     return Overlay(

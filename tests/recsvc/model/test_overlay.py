@@ -332,3 +332,58 @@ def test_product_updates_are_counted_and_one_the_bundle_lacks_hides_nothing(
     assert not o.item_rules.active[2]
     o = apply(o, _changes(2, products=[ProductState(item, True, None, 2)]))
     assert o.products_changed == 3 and o.item_rules.active[2]
+
+
+def test_a_batch_that_forgets_a_customer_drops_their_events_and_profile_only(
+    recommender: Recommender,
+) -> None:
+    """An erasure in the same batch as the customer's own events or profile update wins
+    (a race must not resurrect them); the others in the batch are applied."""
+    b = recommender.bundle
+    gone, kept, new = b.users.ids[3], b.users.ids[4], "NEW-FORGOTTEN"
+    item = b.items.ids[6]
+    o = apply(
+        recommender.overlay(P),
+        _changes(
+            1,
+            _ev(1, gone, item, "view", T, 1),
+            _ev(2, new, item, "view", T, 1),
+            _ev(3, kept, item, "view", T, 1),
+            customers=[CustomerState(u, 2, None, 1) for u in (gone, new, kept)],
+            erased=[P(gone), P(new)],
+        ),
+    )
+    assert o.user(gone) is ERASED and o.user(new) is ERASED
+    assert o.users[kept].refolded and o.users[kept].tolerance == 2
+    assert o.erased_rows.tolist() == [3] and o.erased_rows.dtype == np.int64
+    only_new = apply(recommender.overlay(P), _changes(1, erased=[P(new)]))
+    assert only_new.erased_rows.dtype == np.int64 and only_new.erased_rows.size == 0
+
+
+def test_a_profile_update_keeps_the_customers_live_events_and_other_field(
+    recommender: Recommender,
+) -> None:
+    b = recommender.bundle
+    user = b.users.ids[5]
+    o = apply(recommender.overlay(P), _changes(1, _ev(1, user, b.items.ids[7], "view", T, 1)))
+    refolded = o.users[user]
+    o = apply(o, _changes(2, customers=[CustomerState(user, 2, None, 2)]))
+    o = apply(o, _changes(3, customers=[CustomerState(user, None, False, 3)]))
+    live = o.users[user]
+    assert live.refolded and live.rows.tolist() == refolded.rows.tolist()
+    assert live.vector is not None and np.array_equal(live.vector, refolded.vector)
+    assert (live.tolerance, live.consent) == (2, False)  # None kept the earlier value
+    o = apply(o, _changes(4, customers=[CustomerState(user, 4, None, 4)]))
+    assert (o.users[user].tolerance, o.users[user].consent) == (4, False)
+
+
+def test_suitability_still_applies_after_a_product_update(recommender: Recommender) -> None:
+    b = recommender.bundle
+    assert b.item_rules.suitability
+    o = apply(
+        recommender.overlay(P), _changes(1, products=[ProductState(b.items.ids[0], False, None, 1)])
+    )
+    assert o.item_rules.suitability
+    user = next(u for u in b.users.ids if int(recommender.tolerance[b.users.index(u)]) == 1)
+    items = recommender.recommend(RecommendQuery(user_id=user, k=10), o).items
+    assert items and all(b.item_rules.risk[b.items.index(i.item_id)] <= 1 for i in items)
