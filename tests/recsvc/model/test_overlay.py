@@ -11,7 +11,7 @@ import pytest
 
 from recsvc.logs import Pseudonymizer
 from recsvc.model.contact import HISTORY_DAYS
-from recsvc.model.overlay import ERASED, apply, contact_history
+from recsvc.model.overlay import ERASED, apply, contact_history, remember
 from recsvc.model.queries import RecommendQuery
 from recsvc.model.ranking import Recommender
 from recsvc.model.weighting import RowWeighting
@@ -387,3 +387,28 @@ def test_suitability_still_applies_after_a_product_update(recommender: Recommend
     user = next(u for u in b.users.ids if int(recommender.tolerance[b.users.index(u)]) == 1)
     items = recommender.recommend(RecommendQuery(user_id=user, k=10), o).items
     assert items and all(b.item_rules.risk[b.items.index(i.item_id)] <= 1 for i in items)
+
+
+def test_remembered_history_never_brings_back_a_forgotten_customer(
+    recommender: Recommender,
+) -> None:
+    """``remember`` over an overlay with changes: a forgotten customer's history stays
+    out, and the history of a customer with a live record joins it without undoing it."""
+    b = recommender.bundle
+    gone, live_user, other = b.users.ids[3], b.users.ids[4], b.users.ids[5]
+    item = b.items.ids[1]
+    o = apply(
+        recommender.overlay(P),
+        _changes(1, _ev(1, live_user, b.items.ids[8], "view", T, 1), erased=[P(gone)]),
+    )
+    refolded = o.users[live_user]
+    history = [
+        StoredEvent("h1", gone, item, "decline", T, sequence=1),
+        StoredEvent("h2", live_user, item, "decline", T, sequence=1),
+        StoredEvent("h3", other, item, "contacted", T, channel="sms", sequence=1),
+    ]
+    o = remember(o, history)
+    assert o.user(gone) is ERASED
+    assert o.users[live_user].refolded and o.users[live_user].declined == {1: T}
+    assert np.array_equal(o.users[live_user].rows, refolded.rows)
+    assert o.users[other].contacts == ((T, "sms"),)
