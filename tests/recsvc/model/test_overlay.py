@@ -12,8 +12,9 @@ import pytest
 from recsvc.logs import Pseudonymizer
 from recsvc.model.contact import HISTORY_DAYS
 from recsvc.model.overlay import ERASED, apply, contact_history, remember
-from recsvc.model.queries import RecommendQuery
+from recsvc.model.queries import RecommendQuery, TargetQuery
 from recsvc.model.ranking import Recommender
+from recsvc.model.targeting import Targeter
 from recsvc.model.weighting import RowWeighting
 from recsvc.state import Changes, CustomerState, Event, ProductState, StoredEvent, open_store
 
@@ -412,3 +413,25 @@ def test_remembered_history_never_brings_back_a_forgotten_customer(
     assert o.users[live_user].refolded and o.users[live_user].declined == {1: T}
     assert np.array_equal(o.users[live_user].rows, refolded.rows)
     assert o.users[other].contacts == ((T, "sms"),)
+
+
+def test_a_remembered_contact_reaches_targeting(recommender: Recommender) -> None:
+    """A bundle customer's remembered contacts make them a changed row, so targeting
+    counts them: capped on the channel, they leave the audience."""
+    b = recommender.bundle
+    targeter = Targeter(b)
+    item = next(
+        i
+        for i in b.items.ids
+        if b.item_rules.active[b.items.index(i)] and b.item_rules.risk[b.items.index(i)] == 1
+    )
+    query = TargetQuery(item_ids=(item,), audience_size=len(b.users))
+    base = recommender.overlay(P)
+    audience = targeter.target(query, base, channel="sms", now=T)
+    row = int(audience.rows[0])
+    user = b.users.ids[row]
+    contacted = [StoredEvent("h1", user, item, "contacted", T, channel="sms", sequence=1)]
+    o = remember(base, contacted)
+    assert row in o.changed_rows.tolist()
+    again = targeter.target(query, o, channel="sms", now=T)
+    assert row not in again.rows.tolist() and again.excluded.contact_capped == 1
