@@ -6,11 +6,20 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from recsvc.errors import BundleError
-from recsvc.model.bundle import load_bundle, read_latest, sha256_file
-from recsvc.model.manifest import FILES, MANIFEST
+from recsvc.errors import BundleError, BundleUnreadable
+from recsvc.model.bundle import (
+    LATEST,
+    _interactions,
+    _table,
+    list_versions,
+    load_bundle,
+    read_latest,
+    sha256_file,
+)
+from recsvc.model.manifest import FILES, MANIFEST, Counts
 from recsvc.model.ranking import Recommender
 from recsvc.model.targeting import Targeter
 from tests.conftest import write_pickled_npy
@@ -105,3 +114,56 @@ def test_renamed_folder_does_not_match_its_manifest(models_copy: Path) -> None:
     shutil.copytree(src, dst)
     with pytest.raises(BundleError, match="manifest names version"):
         load_bundle(dst)
+
+
+def _csr(folder: Path, indptr: list[int], indices: list[int], data: list[float]) -> Counts:
+    """The five CSR files of a bundle, and the counts a manifest would give them."""
+    folder.mkdir(exist_ok=True)
+    arrays = {
+        FILES.indptr: np.array(indptr, np.int64),
+        FILES.indices: np.array(indices, np.int32),
+        FILES.data: np.array(data, np.float32),
+        FILES.strength: np.array(data, np.float32),
+        FILES.held: np.zeros(len(indices), np.bool_),
+    }
+    for name, array in arrays.items():
+        np.save(folder / name, array)
+    return Counts(users=len(indptr) - 1, items=4, interactions=len(indices), held=0)
+
+
+def test_the_interaction_arrays_checks_at_their_edges(tmp_path: Path) -> None:
+    """Customers with no interactions at the end, zero strengths and the last item row
+    are valid; one item row past the end is not, named with the version."""
+    folder = tmp_path / "v20261201-000000-000001"
+    counts = _csr(folder, [0, 2, 3, 3, 3], [0, 3, 2], [1.0, 0.0, 2.5])
+    loaded = _interactions(folder, counts)
+    assert loaded.indices.tolist() == [0, 3, 2] and loaded.data.tolist() == [1.0, 0.0, 2.5]
+    counts = _csr(folder, [0, 2, 3, 3, 3], [0, 4, 2], [1.0, 0.0, 2.5])
+    with pytest.raises(BundleError) as err:
+        _interactions(folder, counts)
+    assert str(err.value) == f"{folder.name}: {FILES.indices} holds item rows out of range"
+
+
+def test_latest_unreadable_says_why(tmp_path: Path) -> None:
+    (tmp_path / LATEST).mkdir()
+    with pytest.raises(BundleUnreadable) as err:
+        read_latest(tmp_path)
+    assert str(err.value) == f"{LATEST} cannot be read (Is a directory)"
+
+
+def test_only_folders_named_as_versions_with_a_manifest_are_versions(tmp_path: Path) -> None:
+    for name in ("v1", ".v2-staging", "v3-empty"):
+        (tmp_path / name).mkdir()
+    for name in ("v1", ".v2-staging"):
+        (tmp_path / name / MANIFEST).write_text("{}")
+    (tmp_path / "v4.json").write_text("{}")
+    assert list_versions(tmp_path) == ["v1"]
+
+
+def test_a_table_that_is_not_parquet_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "v20261201-000000-000001"
+    folder.mkdir()
+    (folder / FILES.items).write_bytes(b"not parquet at all")
+    with pytest.raises(BundleError) as err:
+        _table(folder, FILES.items, "item_id", 3)
+    assert str(err.value) == f"{folder.name}: {FILES.items} is not a readable Parquet file"
