@@ -118,7 +118,9 @@ def _npy(folder: Path, name: str, dtype: Any, shape: tuple[int | None, ...]) -> 
     except ValueError as exc:  # object arrays need pickle, which we refuse
         raise BundleError(f"{folder.name}: {name} is not a plain numeric array") from exc
     if arr.dtype != np.dtype(dtype):
-        raise BundleError(f"{folder.name}: {name} has dtype {arr.dtype}, expected {dtype}")
+        raise BundleError(
+            f"{folder.name}: {name} has dtype {arr.dtype}, expected {np.dtype(dtype)}"
+        )
     if arr.ndim != len(shape) or any(
         want is not None and got != want for got, want in zip(arr.shape, shape, strict=False)
     ):

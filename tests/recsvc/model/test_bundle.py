@@ -167,3 +167,12 @@ def test_a_table_that_is_not_parquet_is_named(tmp_path: Path) -> None:
     with pytest.raises(BundleError) as err:
         _table(folder, FILES.items, "item_id", 3)
     assert str(err.value) == f"{folder.name}: {FILES.items} is not a readable Parquet file"
+
+
+def test_an_array_of_the_wrong_type_is_named_with_both_types(tmp_path: Path) -> None:
+    folder = tmp_path / "v20261201-000000-000001"
+    counts = _csr(folder, [0, 1], [2], [1.0])
+    np.save(folder / FILES.data, np.array([1.0], np.float64))
+    with pytest.raises(BundleError) as err:
+        _interactions(folder, counts)
+    assert str(err.value) == f"{folder.name}: {FILES.data} has dtype float64, expected float32"
