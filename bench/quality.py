@@ -62,7 +62,7 @@ def _index(
     path = cache / f"{key}-{kind}-{tag}.faiss"
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
-        index = read_index(path, spec, vectors)
+        index = read_index(path, vectors)
         return VectorIndex(vectors, index, spec), json.loads(meta.read_text())["build_s"]
     log(f"  building {kind} index over {len(vectors):,} items")
     cache.mkdir(parents=True, exist_ok=True)

@@ -279,8 +279,8 @@ def load_bundle(folder: Path, verify: bool = True) -> Bundle:
     except ValueError as exc:
         raise BundleError(f"{folder.name}: duplicate ids in the item or user table") from exc
     specs = manifest.indexes
-    item_faiss = read_index(folder / FILES.item_index, specs.items, item_factors)
-    user_faiss = read_index(folder / FILES.user_index, specs.users, user_factors)
+    item_faiss = read_index(folder / FILES.item_index, item_factors)
+    user_faiss = read_index(folder / FILES.user_index, user_factors)
     return Bundle(
         path=folder,
         manifest=manifest,

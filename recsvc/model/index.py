@@ -58,7 +58,7 @@ class IndexSpec:
         return {"type": self.kind, "params": dict(self.params)}
 
 
-def read_index(path: Path, spec: IndexSpec, vectors: np.ndarray) -> faiss.Index:
+def read_index(path: Path, vectors: np.ndarray) -> faiss.Index:
     """Read a FAISS file and check it matches the vectors it claims to index."""
     try:
         index = faiss.read_index(str(path))

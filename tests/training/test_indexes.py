@@ -21,7 +21,7 @@ def test_approximate_indexes_leave_out_all_zero_rows(kind: str, tmp_path: Path) 
     nonzero = int(np.any(x != 0, axis=1).sum())
     assert index.ntotal == nonzero
     faiss.write_index(index, str(tmp_path / "i.faiss"))
-    back = read_index(tmp_path / "i.faiss", spec, x)
+    back = read_index(tmp_path / "i.faiss", x)
     assert back.ntotal == nonzero
 
 

@@ -6,7 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from recsvc.errors import BundleError, BundleUnreadable
@@ -17,6 +20,7 @@ from recsvc.model.bundle import (
     list_versions,
     load_bundle,
     read_latest,
+    read_manifest,
     sha256_file,
 )
 from recsvc.model.manifest import FILES, MANIFEST, Counts
@@ -176,3 +180,38 @@ def test_an_array_of_the_wrong_type_is_named_with_both_types(tmp_path: Path) -> 
     with pytest.raises(BundleError) as err:
         _interactions(folder, counts)
     assert str(err.value) == f"{folder.name}: {FILES.data} has dtype float64, expected float32"
+
+
+def test_a_bundle_holds_its_folder_and_its_published_indexes(bundle_path: Path) -> None:
+    """Small catalogues are searched exactly, so only this says the FAISS files loaded."""
+    bundle = load_bundle(bundle_path)
+    assert bundle.path == bundle_path
+    for index, vectors in (
+        (bundle.item_index, bundle.item_index.vectors),
+        (bundle.user_index, bundle.user_index.vectors),
+    ):
+        assert isinstance(index.index, faiss.Index)
+        assert index.index.d == vectors.shape[1] and index.index.ntotal > 0
+
+
+def test_a_manifest_outside_any_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(BundleError) as err:
+        read_manifest(tmp_path / "v20261201-000000-000009")
+    assert str(err.value) == "v20261201-000000-000009: no such bundle folder"
+
+
+def test_duplicate_product_ids_are_refused_by_name(models_copy: Path) -> None:
+    """A buggy writer's items table with one id twice, its checksum stamped to match."""
+    folder = _version(models_copy)
+    path = folder / FILES.items
+    table = pq.read_table(path)
+    ids = table.column("item_id").to_pylist()
+    ids[1] = ids[0]
+    pq.write_table(table.set_column(0, "item_id", pa.array(ids)), path)
+    _rewrite_manifest(
+        folder,
+        lambda m: m["files"][path.name].update(size=path.stat().st_size, sha256=sha256_file(path)),
+    )
+    with pytest.raises(BundleError) as err:
+        load_bundle(folder)
+    assert str(err.value) == f"{folder.name}: duplicate ids in the item or user table"

@@ -26,7 +26,6 @@ def _exact(x: np.ndarray, q: np.ndarray, k: int, ok: np.ndarray) -> tuple[np.nda
 
 def test_an_index_that_drops_a_real_row_is_refused(tmp_path: Path) -> None:
     x = with_zero_rows(3000, 0.5)
-    spec = choose_index_spec(len(x), "hnsw")
     nonzero = np.flatnonzero(np.any(x != 0, axis=1))
     bad = faiss.IndexIDMap2(faiss.IndexHNSWFlat(x.shape[1], 8, faiss.METRIC_INNER_PRODUCT))
     keep = nonzero[1:]  # one row with a real embedding missing, one zero row in its place
@@ -35,7 +34,7 @@ def test_an_index_that_drops_a_real_row_is_refused(tmp_path: Path) -> None:
     bad.add_with_ids(x[ids], ids)
     faiss.write_index(bad, str(tmp_path / "bad.faiss"))
     with pytest.raises(BundleError, match="not all zeros"):
-        read_index(tmp_path / "bad.faiss", spec, x)
+        read_index(tmp_path / "bad.faiss", x)
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
