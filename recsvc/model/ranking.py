@@ -501,8 +501,8 @@ class Recommender:
 
     def unknown_items(self, item_ids: tuple[str, ...]) -> tuple[str, ...]:
         """The ids among ``item_ids`` that the catalogue lacks, in order."""
-        rows = self.bundle.items.indices(item_ids) if item_ids else _NO_ROWS
-        return tuple(i for i, r in zip(item_ids, rows.tolist(), strict=True) if r < 0)
+        rows = self.bundle.items.indices(item_ids)
+        return tuple(item_ids[i] for i in np.flatnonzero(rows < 0).tolist())
 
     def rank_items(self, q: RankQuery, overlay: Overlay | None = None) -> Ranked:
         b = self.bundle
@@ -512,11 +512,9 @@ class Recommender:
         rows = b.items.indices(candidate_ids)
         rules = self._rules(overlay)
         known = rows >= 0
-        at = np.where(known, rows, 0)  # a row to look up for every candidate
+        at = rows.clip(0)  # a row to look up for every candidate (unknown ones read row 0)
         closed = self.exclusive.held_categories(user.held)
-        interacted = np.zeros(len(rows), dtype=bool)
-        if not q.include_interacted and user.history.size:
-            interacted = np.isin(rows, user.history)
+        interacted = np.isin(rows, _NO_ROWS if q.include_interacted else user.history)
         checks = (
             (DropReason.UNKNOWN_ITEM, ~known),
             (DropReason.INACTIVE, ~rules.active[at]),

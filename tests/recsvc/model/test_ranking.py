@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -12,11 +14,13 @@ from implicit.cpu.als import AlternatingLeastSquares
 
 from recsvc.errors import NotFound
 from recsvc.logs import Pseudonymizer
+from recsvc.model.index import IndexSpec, VectorIndex
 from recsvc.model.overlay import apply
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.ranking import DropReason, Ranked, Recommender, Source
-from recsvc.state import Changes, CustomerState, StoredEvent
+from recsvc.state import Changes, CustomerState, ProductState, StoredEvent
 from tests.rules_oracle import Oracle
+from training.fit import FitParams, apply_weighting
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +236,14 @@ def test_every_answer_carries_the_suitability_basis_it_used(recommender: Recomme
         for n, user in enumerate((viewer, new_viewer))
     )
     customers = (CustomerState(raised, 5, True, 1), CustomerState(new_rated, 4, True, 1))
-    overlay = apply(recommender.overlay(p), Changes(1, events, customers, (), (p(gone),)))
+    # A product pulled from sale: the removed counts are the overlay's, not the bundle's.
+    pulled = next(i for i in range(len(b.items)) if recommender.item_rules.active[i])
+    products = (ProductState(b.items.ids[pulled], False, None, 1),)
+    overlay = apply(recommender.overlay(p), Changes(1, events, customers, products, (p(gone),)))
+    assert (
+        recommender.suitability_basis("never-seen", overlay).removed["inactive"]
+        == recommender.suitability_basis("never-seen").removed["inactive"] + 1
+    )
     expected = {
         b.users.ids[0]: (int(recommender.tolerance[0]), "bundle"),
         viewer: (int(recommender.tolerance[2]), "bundle"),  # events change no tolerance
@@ -260,3 +271,167 @@ def test_every_answer_carries_the_suitability_basis_it_used(recommender: Recomme
     assert recommender.suitability_basis(viewer, overlay).removed["interacted"] == len(
         overlay.users[viewer].rows
     )
+
+
+def _with_params(rec: Recommender, **params: object) -> Recommender:
+    """The same bundle, its manifest's trainer parameters replaced."""
+    m = rec.bundle.manifest
+    kept = {k: v for k, v in m.params.items() if k not in {"weighting", "bm25_k1", "bm25_b"}}
+    manifest = dataclasses.replace(m, params={**kept, **params})
+    return Recommender(dataclasses.replace(rec.bundle, manifest=manifest))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"weighting": "bm25", "bm25_k1": 50.0, "bm25_b": 0.7},
+        {"weighting": "raw"},
+        {},  # a manifest without them: the trainer's defaults
+    ],
+    ids=["bm25", "raw", "defaults"],
+)
+def test_the_live_overlay_weighs_histories_as_the_trainer_did(
+    recommender: Recommender, params: dict[str, object]
+) -> None:
+    """A refolded customer's confidences are what the trainer's weighting gives their
+    strengths: the manifest's weighting and BM25 constants, FitParams' where absent."""
+    rec = _with_params(recommender, **params)
+    b = rec.bundle
+    fit = FitParams(**params)  # type: ignore[arg-type]
+    raw = sp.csr_matrix((b.strength, b.indices, b.indptr), shape=(len(b.users), len(b.items)))
+    trained = apply_weighting(raw, fit)
+    weighting = rec.overlay(Pseudonymizer(b"k")).context.weighting
+    assert (weighting.kind, weighting.bm25_k1, weighting.bm25_b) == (
+        fit.weighting,
+        fit.bm25_k1,
+        fit.bm25_b,
+    )
+    for row in range(0, len(b.users), 7):
+        lo, hi = b.indptr[row], b.indptr[row + 1]
+        got = weighting.row(b.indices[lo:hi], b.strength[lo:hi])
+        np.testing.assert_allclose(
+            got, trained.data[trained.indptr[row] : trained.indptr[row + 1]], rtol=1e-5
+        )
+
+
+def test_a_single_product_explains_every_recommendation(recommender: Recommender) -> None:
+    """Folded in from one recent product, every recommendation is explained by it."""
+    item = recommender.bundle.items.ids[5]
+    got = recommender.recommend(
+        RecommendQuery(user_id="one-product", k=4, recent_item_ids=(item,), explain=True)
+    )
+    assert got.source is Source.FOLD_IN and len(got.items) == 4
+    for answer in got.items:
+        assert [i for i, _ in answer.because] == [item]
+
+
+def test_explanations_name_tied_products_in_catalogue_order(recommender: Recommender) -> None:
+    """Products that contribute exactly as much (the same factors, the same confidence)
+    are named in catalogue order, however many the customer has."""
+    b = recommender.bundle
+    twins = np.arange(10, 70)  # sixty products sharing three item vectors, in turn
+    vectors = b.item_index.vectors.copy()
+    vectors[twins] = vectors[twins[:3]][np.arange(len(twins)) % 3]
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    rec = Recommender(
+        dataclasses.replace(b, item_index=VectorIndex(vectors, flat, IndexSpec("flat")))
+    )
+    recent = tuple(b.items.ids[r] for r in twins[::-1])  # the order asked does not matter
+    got = rec.recommend(RecommendQuery(user_id="twins", k=5, recent_item_ids=recent, explain=True))
+    assert got.items
+    for answer in got.items:
+        group = (b.items.index(answer.because[0][0]) - 10) % 3
+        assert [i for i, _ in answer.because] == [b.items.ids[r] for r in twins[group::3][:3]]
+        assert len({w for _, w in answer.because}) == 1
+
+
+def test_info_describes_the_loaded_version(recommender: Recommender) -> None:
+    b = recommender.bundle
+    m = b.manifest
+    assert recommender.info() == {
+        "version": m.version,
+        "created_at": m.created_at,
+        "algorithm": m.algorithm,
+        "n_users": len(b.users),
+        "n_items": len(b.items),
+        "factors": m.params["factors"],
+        "suitability": m.rules.risk_levels,
+        "active_only": m.rules.active_flag,
+        "item_index": m.indexes.items.kind,
+        "user_index": m.indexes.users.kind,
+    }
+    assert recommender.info()["version"] == b.path.name
+    without = dataclasses.replace(m, params={k: v for k, v in m.params.items() if k != "factors"})
+    bare = Recommender(dataclasses.replace(b, manifest=without))
+    assert bare.info()["factors"] == m.dim  # an older manifest: the vectors' width
+
+
+def test_resolve_user_gives_the_customers_own_vector_history_and_rules(
+    recommender: Recommender,
+) -> None:
+    b = recommender.bundle
+    row = next(r for r in range(len(b.users)) if b.held[b.indptr[r] : b.indptr[r + 1]].any())
+    history = b.user_item_rows(row)
+    user = recommender.resolve_user(b.users.ids[row], ())
+    assert user.source is Source.PERSONALIZED
+    np.testing.assert_array_equal(user.vector, b.user_index.vectors[row])
+    np.testing.assert_array_equal(user.history, history)
+    np.testing.assert_array_equal(user.confidence, b.user_item_data(row))
+    np.testing.assert_array_equal(user.held, history[b.held[b.indptr[row] : b.indptr[row + 1]]])
+    assert user.tolerance == int(recommender.tolerance[row])
+    new = next(i for i in range(len(b.items)) if i not in set(history.tolist()))
+    folded = recommender.resolve_user(b.users.ids[row], (b.items.ids[new],))
+    assert folded.source is Source.FOLD_IN
+    assert set(folded.history.tolist()) == {*history.tolist(), new}
+    raised = Changes(1, (), (CustomerState(b.users.ids[row], 5, None, 1),), (), ())
+    overlay = apply(recommender.overlay(Pseudonymizer(b"k")), raised)
+    assert recommender.resolve_user(b.users.ids[row], (), overlay).tolerance == 5
+    nobody = recommender.resolve_user("never-seen", ())
+    assert (nobody.source, nobody.vector, nobody.tolerance) == (Source.POPULAR, None, 1)
+    assert nobody.history.size == nobody.held.size == 0
+
+
+def test_unknown_items_are_the_ids_the_catalogue_lacks_in_order(recommender: Recommender) -> None:
+    ids = recommender.bundle.items.ids
+    asked = ("nope-1", ids[0], "nope-2", ids[1], "nope-1")
+    assert recommender.unknown_items(asked) == ("nope-1", "nope-2", "nope-1")
+    assert recommender.unknown_items(()) == ()
+    assert recommender.unknown_items((ids[0],)) == ()  # row 0 is a product like any other
+
+
+def test_rank_items_judges_the_first_product_by_its_own_rules(recommender: Recommender) -> None:
+    """Row 0 pulled from sale is dropped as inactive; the rows around it keep their own."""
+    b = recommender.bundle
+    active = recommender.item_rules.active
+    assert active[0] and active[1]
+    bold = (CustomerState("bold", 5, None, 1),)  # a new customer who may take any risk
+    pulled = Changes(1, (), bold, (ProductState(b.items.ids[0], False, None, 1),), ())
+    overlay = apply(recommender.overlay(Pseudonymizer(b"k")), pulled)
+    got = recommender.rank_items(
+        RankQuery(user_id="bold", item_ids=(b.items.ids[0], "nope", b.items.ids[1])),
+        overlay,
+    )
+    assert [(d.item_id, d.reason) for d in got.dropped] == [
+        (b.items.ids[0], DropReason.INACTIVE),
+        ("nope", DropReason.UNKNOWN_ITEM),
+    ]
+    assert [it.item_id for it in got.items] == [b.items.ids[1]]
+
+
+def test_rank_items_folds_in_recent_products(recommender: Recommender) -> None:
+    """A stranger's recent products give them a folded-in vector: candidates are scored
+    against it, and the recent products themselves are left out as interacted."""
+    b = recommender.bundle
+    recent = (b.items.ids[3], b.items.ids[8])
+    candidates = b.items.ids[:40]
+    got = recommender.rank_items(
+        RankQuery(user_id="stranger", item_ids=tuple(candidates), recent_item_ids=recent)
+    )
+    assert got.source is Source.FOLD_IN
+    assert {d.item_id for d in got.dropped if d.reason is DropReason.INTERACTED} == set(recent)
+    vector = recommender.resolve_user("stranger", recent).vector
+    assert vector is not None
+    for it in got.items:
+        expected = b.item_index.vectors[b.items.index(it.item_id)] @ vector
+        assert it.score == pytest.approx(float(expected), rel=1e-5)
