@@ -21,12 +21,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsvc.errors import BundleError, BundleUnreadable
 from recsvc.model.index import VectorIndex, read_index
 from recsvc.model.manifest import FILES, MANIFEST, Counts, Manifest
-from recsvc.model.rules import Categories, ItemRules, consent_mask, user_tolerance
+from recsvc.model.rules import (
+    MAX_LEVEL,
+    MIN_LEVEL,
+    Categories,
+    ItemRules,
+    consent_mask,
+    user_tolerance,
+)
 from recsvc.model.vocab import Vocabulary
 
 __all__ = [
@@ -128,6 +136,13 @@ def _npy(folder: Path, name: str, dtype: Any, shape: tuple[int | None, ...]) -> 
     return arr
 
 
+# The rule columns a table may carry: a level is an integer 1..5 or null, a flag a
+# boolean or null. The trainer writes nothing else; a version holding anything else (a
+# consent of "no", which a cast to bool reads as True) is refused, not guessed at.
+_LEVELS = {"risk_level", "risk_tolerance"}
+_FLAGS = {"active", "marketing_consent"}
+
+
 def _table(folder: Path, name: str, id_column: str, n: int) -> pa.Table:
     try:
         table = pq.read_table(folder / name)
@@ -135,7 +150,23 @@ def _table(folder: Path, name: str, id_column: str, n: int) -> pa.Table:
         raise BundleError(f"{folder.name}: {name} is not a readable Parquet file") from exc
     if id_column not in table.column_names or table.num_rows != n:
         raise BundleError(f"{folder.name}: {name} must have {n} rows and a {id_column} column")
+    for column in (_LEVELS | _FLAGS) & set(table.column_names):
+        _rule_column(folder, name, column, table.column(column))
     return table
+
+
+def _rule_column(folder: Path, name: str, column: str, values: pa.ChunkedArray) -> None:
+    where = f"{folder.name}: {name} column {column!r}"
+    if column in _FLAGS:
+        if not pa.types.is_boolean(values.type):
+            raise BundleError(f"{where} must be boolean, got {values.type}")
+        return
+    if not pa.types.is_integer(values.type):
+        raise BundleError(f"{where} must hold integer levels, got {values.type}")
+    extremes = pc.min_max(values)
+    low, high = extremes["min"].as_py(), extremes["max"].as_py()
+    if low is not None and (low < MIN_LEVEL or high > MAX_LEVEL):
+        raise BundleError(f"{where} holds levels {low}..{high}, outside {MIN_LEVEL}..{MAX_LEVEL}")
 
 
 @dataclass(frozen=True)

@@ -66,15 +66,14 @@ def user_tolerance(table: pa.Table) -> np.ndarray:
     if "risk_tolerance" not in table.column_names:
         return np.full(table.num_rows, MIN_LEVEL, dtype=np.int8)
     col = table.column("risk_tolerance").cast(pa.int8()).fill_null(MIN_LEVEL)
-    return np.clip(np.asarray(col.to_numpy(), dtype=np.int8), MIN_LEVEL, MAX_LEVEL)
+    return np.clip(col.to_numpy(), MIN_LEVEL, MAX_LEVEL)  # int8 still (NEP 50)
 
 
 def consent_mask(table: pa.Table) -> np.ndarray:
     """Marketing consent per user row; only an explicit True counts."""
     if "marketing_consent" not in table.column_names:
         return np.zeros(table.num_rows, dtype=bool)
-    col = table.column("marketing_consent").fill_null(False)
-    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=bool)
+    return table.column("marketing_consent").fill_null(False).to_numpy()
 
 
 def suitable_users(tolerance: np.ndarray, risk: int) -> np.ndarray:

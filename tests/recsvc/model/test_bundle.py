@@ -215,3 +215,56 @@ def test_duplicate_product_ids_are_refused_by_name(models_copy: Path) -> None:
     with pytest.raises(BundleError) as err:
         load_bundle(folder)
     assert str(err.value) == f"{folder.name}: duplicate ids in the item or user table"
+
+
+def _restamp(folder: Path, name: str, table: pa.Table) -> None:
+    """Write a table as a buggy writer would: its checksum stamped to match."""
+    path = folder / name
+    pq.write_table(table, path)
+    _rewrite_manifest(
+        folder,
+        lambda m: m["files"][name].update(size=path.stat().st_size, sha256=sha256_file(path)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "column", "values", "message"),
+    [
+        (FILES.users, "marketing_consent", "no", "must be boolean, got string"),
+        (FILES.users, "marketing_consent", 1, "must be boolean, got int64"),
+        (FILES.users, "risk_tolerance", 9, "holds levels 1..9, outside 1..5"),
+        (FILES.users, "risk_tolerance", 0, "holds levels 0..5, outside 1..5"),
+        (FILES.users, "risk_tolerance", 2.5, "must hold integer levels, got double"),
+        (FILES.items, "risk_level", 0, "holds levels 0..5, outside 1..5"),
+        (FILES.items, "risk_level", "low", "must hold integer levels, got string"),
+        (FILES.items, "active", "yes", "must be boolean, got string"),
+    ],
+)
+def test_a_rule_column_holding_what_no_trainer_writes_is_refused_by_name(
+    models_copy: Path, name: str, column: str, values: object, message: str
+) -> None:
+    """Consent "no" cast to bool would read True, level 0 would pass every tolerance:
+    such a version is refused at load, naming the table, the column and what it holds."""
+    folder = _version(models_copy)
+    table = pq.read_table(folder / name)
+    old = table.column(column).to_pylist()
+    if isinstance(values, int) and not isinstance(values, bool) and column != "marketing_consent":
+        new = pa.array([values, *[min(5, max(1, v or 1)) for v in old[1:]]], pa.int64())
+    else:
+        new = pa.array([values] * len(old))
+    _restamp(folder, name, table.set_column(table.schema.get_field_index(column), column, new))
+    with pytest.raises(BundleError) as err:
+        load_bundle(folder)
+    assert str(err.value) == f"{folder.name}: {name} column {column!r} {message}"
+
+
+def test_rule_columns_may_hold_nulls(models_copy: Path) -> None:
+    folder = _version(models_copy)
+    table = pq.read_table(folder / FILES.users)
+    n = table.num_rows
+    for column, kind in (("risk_tolerance", pa.int8()), ("marketing_consent", pa.bool_())):
+        at = table.schema.get_field_index(column)
+        table = table.set_column(at, column, pa.nulls(n, kind))
+    _restamp(folder, FILES.users, table)
+    bundle = load_bundle(folder)
+    assert (bundle.tolerance == 1).all() and not bundle.consent.any()

@@ -61,6 +61,7 @@ def test_user_tolerance_a_null_is_lowest_and_levels_are_clipped_to_one_to_five()
 
 def test_consent_only_an_explicit_true_counts() -> None:
     np.testing.assert_array_equal(consent_mask(USERS), [True, False, False, True, False])
+    assert consent_mask(USERS).dtype == bool  # a null is False, not None
 
 
 def test_consent_a_users_table_without_the_column_means_nobody_consents() -> None:
