@@ -417,6 +417,7 @@ def test_rank_items_judges_the_first_product_by_its_own_rules(recommender: Recom
         ("nope", DropReason.UNKNOWN_ITEM),
     ]
     assert [it.item_id for it in got.items] == [b.items.ids[1]]
+    assert (got.version, got.sequence) == (recommender.version, 1)
 
 
 def test_rank_items_folds_in_recent_products(recommender: Recommender) -> None:
@@ -428,7 +429,7 @@ def test_rank_items_folds_in_recent_products(recommender: Recommender) -> None:
     got = recommender.rank_items(
         RankQuery(user_id="stranger", item_ids=tuple(candidates), recent_item_ids=recent)
     )
-    assert got.source is Source.FOLD_IN
+    assert (got.source, got.version, got.sequence) == (Source.FOLD_IN, recommender.version, 0)
     assert {d.item_id for d in got.dropped if d.reason is DropReason.INTERACTED} == set(recent)
     vector = recommender.resolve_user("stranger", recent).vector
     assert vector is not None
