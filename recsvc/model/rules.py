@@ -58,7 +58,7 @@ def item_active(table: pa.Table) -> np.ndarray:
     """Active flag per item row; a null flag is inactive, no column means all active."""
     if "active" not in table.column_names:
         return np.ones(table.num_rows, dtype=bool)
-    return np.asarray(table.column("active").fill_null(False).to_numpy(zero_copy_only=False), bool)
+    return table.column("active").fill_null(False).to_numpy()  # boolean: checked at load
 
 
 def user_tolerance(table: pa.Table) -> np.ndarray:
@@ -73,7 +73,7 @@ def consent_mask(table: pa.Table) -> np.ndarray:
     """Marketing consent per user row; only an explicit True counts."""
     if "marketing_consent" not in table.column_names:
         return np.zeros(table.num_rows, dtype=bool)
-    return table.column("marketing_consent").fill_null(False).to_numpy()
+    return table.column("marketing_consent").fill_null(False).to_numpy()  # boolean: checked at load
 
 
 def suitable_users(tolerance: np.ndarray, risk: int) -> np.ndarray:
@@ -163,9 +163,7 @@ class Categories:
         text = items.column("category").cast(pa.string()).combine_chunks()
         encoded = text.dictionary_encode()
         names = [str(n) for n in encoded.dictionary.to_pylist()]
-        codes = np.asarray(
-            encoded.indices.fill_null(NO_CATEGORY).to_numpy(zero_copy_only=False), np.int32
-        )
+        codes = encoded.indices.fill_null(NO_CATEGORY).to_numpy()  # int32
         if "" in names:  # an empty category is none; the codes above it move down one
             empty = names.index("")
             codes = np.where(codes == empty, NO_CATEGORY, codes - (codes > empty))

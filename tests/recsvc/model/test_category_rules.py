@@ -77,6 +77,7 @@ def test_categories_come_from_the_category_column() -> None:
     assert c.codes.tolist() == [0, NO_CATEGORY, 0, 1, NO_CATEGORY, 2]
     none = Categories.from_table(table.drop_columns(["category"]))
     assert none.names == () and none.codes.tolist() == [NO_CATEGORY] * 6
+    assert c.codes.dtype == none.codes.dtype == np.int32
 
 
 def test_a_cap_walks_the_ranking_and_goes_on_where_it_stopped() -> None:

@@ -47,6 +47,7 @@ def test_item_risk_is_lowest_everywhere_when_the_rule_is_off_or_there_are_no_lev
 
 def test_item_active_a_null_flag_is_inactive_and_no_column_is_all_active() -> None:
     np.testing.assert_array_equal(item_active(ITEMS), [True, False, True, False, True])
+    assert item_active(ITEMS).dtype == bool  # a null is False, not None
     np.testing.assert_array_equal(item_active(ITEMS.drop_columns(["active"])), [True] * 5)
     # bool, not ones of another dtype: the rules combine the flags with ``&``.
     assert item_active(ITEMS.drop_columns(["active"])).dtype == bool
