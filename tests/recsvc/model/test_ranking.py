@@ -179,8 +179,9 @@ def test_similar_items_apply_the_customers_rules(recommender: Recommender, oracl
     assert "ETF-000001" not in ids and all(oracle.allowed(user, i) for i in ids)
     anon = recommender.similar_items(SimilarQuery(item_id="ETF-000001", k=200))
     assert all(oracle.risk[it.item_id] <= 1 for it in anon.items)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as err:
         recommender.similar_items(SimilarQuery(item_id="nope"))
+    assert str(err.value) == f"item_id 'nope' is not in model {recommender.version}"
 
 
 def test_recent_items_never_free_a_known_customers_history(
@@ -436,3 +437,16 @@ def test_rank_items_folds_in_recent_products(recommender: Recommender) -> None:
     for it in got.items:
         expected = b.item_index.vectors[b.items.index(it.item_id)] @ vector
         assert it.score == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_similar_items_answers_carry_their_version_and_sequence(recommender: Recommender) -> None:
+    item = recommender.bundle.items.ids[0]
+    plain = recommender.similar_items(SimilarQuery(item_id=item, k=3))
+    assert (plain.source, plain.version, plain.sequence) == (
+        Source.PERSONALIZED,
+        recommender.version,
+        0,
+    )
+    overlay = apply(recommender.overlay(Pseudonymizer(b"k")), Changes(4, (), (), (), ()))
+    live = recommender.similar_items(SimilarQuery(item_id=item, k=3), overlay)
+    assert (live.version, live.sequence) == (recommender.version, 4)
