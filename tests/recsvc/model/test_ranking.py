@@ -450,3 +450,33 @@ def test_similar_items_answers_carry_their_version_and_sequence(recommender: Rec
     overlay = apply(recommender.overlay(Pseudonymizer(b"k")), Changes(4, (), (), (), ()))
     live = recommender.similar_items(SimilarQuery(item_id=item, k=3), overlay)
     assert (live.version, live.sequence) == (recommender.version, 4)
+
+
+def test_fold_in_many_solves_each_history_as_fold_in_does(recommender: Recommender) -> None:
+    """Batched over more histories than two chunks hold: each row is its own fold-in."""
+    rng = np.random.default_rng(3)
+    n_items = len(recommender.bundle.items)
+    histories = [
+        (np.sort(rng.choice(n_items, size=1 + i % 5, replace=False)), rng.random(1 + i % 5))
+        for i in range(1100)
+    ]
+    histories = [(rows, conf.astype(np.float32)) for rows, conf in histories]
+    got = recommender.fold_in_many(histories)
+    assert got.shape == (1100, recommender.bundle.manifest.dim) and got.dtype == np.float32
+    for i in (0, 511, 512, 1023, 1024, 1099):
+        np.testing.assert_allclose(got[i], recommender.fold_in(*histories[i]), rtol=1e-6)
+    small = recommender.fold_in_many(histories[:3], chunk=2)
+    np.testing.assert_allclose(small, got[:3], rtol=1e-6)
+
+
+def test_a_bpr_fold_in_pairs_the_item_bias_with_a_constant_one(recommender: Recommender) -> None:
+    """BPR's last factor is the item bias: a folded-in vector keeps the full width and
+    ends in 1, so its score is the inner product with the factors plus the bias."""
+    b = recommender.bundle
+    bpr = Recommender(
+        dataclasses.replace(b, manifest=dataclasses.replace(b.manifest, algorithm="bpr"))
+    )
+    rows, conf = np.array([2, 9, 30]), np.array([1.0, 2.0, 0.5], dtype=np.float32)
+    vector = bpr.fold_in(rows, conf)
+    assert vector.shape == (b.manifest.dim,) and vector.dtype == np.float32
+    assert vector[-1] == 1.0
