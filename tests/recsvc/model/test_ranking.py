@@ -28,6 +28,14 @@ def oracle(sample_dir: Path) -> Oracle:
     return Oracle(sample_dir)
 
 
+@pytest.fixture
+def fresh(recommender: Recommender) -> Recommender:
+    """A Recommender built for this test alone. The session's is built once, inside
+    whichever test first asks for it, so only that test would meet a fault in building
+    one (what its embeddings, parameters and popularity become)."""
+    return Recommender(recommender.bundle)
+
+
 def _implicit_twin(rec: Recommender) -> AlternatingLeastSquares:
     m = rec.bundle.manifest.params
     model = AlternatingLeastSquares(
@@ -49,33 +57,35 @@ def test_rules_hold_for_every_customer(recommender: Recommender, oracle: Oracle)
 
 
 def test_unknown_customer_gets_popular_low_risk_products(
-    recommender: Recommender, oracle: Oracle
+    fresh: Recommender, oracle: Oracle
 ) -> None:
-    got = recommender.recommend(RecommendQuery(user_id="never-seen", k=500))
+    got = fresh.recommend(RecommendQuery(user_id="never-seen", k=500))
     assert got.source is Source.POPULAR
     ids = [it.item_id for it in got.items]
     assert ids and all(oracle.allowed("never-seen", i) for i in ids)
     assert len(ids) == oracle.n_allowed("never-seen")
     pop = [it.score for it in got.items]
     assert pop == sorted(pop, reverse=True)
+    b = fresh.bundle
+    counts = np.bincount(b.indices, minlength=len(b.items))
+    expected = [counts[b.items.index(i)] / len(b.users) for i in ids]
+    np.testing.assert_allclose(pop, expected, rtol=1e-6)  # the share of customers
 
 
-def test_fold_in_matches_implicits_recalculate_user(recommender: Recommender) -> None:
-    model = _implicit_twin(recommender)
+def test_fold_in_matches_implicits_recalculate_user(fresh: Recommender) -> None:
+    model = _implicit_twin(fresh)
     rows = np.array([3, 17, 40])
     conf = np.array([1.0, 2.5, 0.7], dtype=np.float32)
-    user_items = sp.csr_matrix(
-        (conf, (np.zeros(3), rows)), shape=(1, len(recommender.bundle.items))
-    )
+    user_items = sp.csr_matrix((conf, (np.zeros(3), rows)), shape=(1, len(fresh.bundle.items)))
     expected = model.recalculate_user(0, user_items)
-    np.testing.assert_allclose(recommender.fold_in(rows, conf), expected, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(fresh.fold_in(rows, conf), expected, rtol=1e-3, atol=1e-4)
 
 
-def test_explain_matches_implicits_explain(recommender: Recommender) -> None:
-    model = _implicit_twin(recommender)
-    b = recommender.bundle
+def test_explain_matches_implicits_explain(fresh: Recommender) -> None:
+    model = _implicit_twin(fresh)
+    b = fresh.bundle
     user = next(u for u in range(len(b.users)) if len(b.user_item_rows(u)) >= 4)
-    got = recommender.recommend(RecommendQuery(user_id=b.users.ids[user], k=3, explain=True))
+    got = fresh.recommend(RecommendQuery(user_id=b.users.ids[user], k=3, explain=True))
     rows, data = b.user_item_rows(user), b.user_item_data(user)
     user_items = sp.csr_matrix((data, (np.zeros(len(rows)), rows)), shape=(1, len(b.items)))
     for item in got.items:
@@ -480,3 +490,29 @@ def test_a_bpr_fold_in_pairs_the_item_bias_with_a_constant_one(recommender: Reco
     vector = bpr.fold_in(rows, conf)
     assert vector.shape == (b.manifest.dim,) and vector.dtype == np.float32
     assert vector[-1] == 1.0
+
+
+@pytest.mark.parametrize("exact_subset_max", [None, 0], ids=["exact", "through-faiss"])
+def test_similar_items_are_ranked_by_cosine_similarity(
+    recommender: Recommender, exact_subset_max: int | None
+) -> None:
+    """Searched exactly or through the FAISS index: the cosine of the item vectors."""
+    b = recommender.bundle
+    if exact_subset_max is not None:
+        index = b.item_index
+        searched = VectorIndex(
+            index.vectors, index.index, index.spec, exact_subset_max=exact_subset_max
+        )
+        b = dataclasses.replace(b, item_index=searched)
+    rec = Recommender(b)
+    v = b.item_index.vectors.astype(np.float64)
+    unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+    bold = Changes(1, (), (CustomerState("bold", 5, None, 1),), (), ())
+    overlay = apply(rec.overlay(Pseudonymizer(b"k")), bold)
+    got = rec.similar_items(SimilarQuery(item_id=b.items.ids[7], k=5, user_id="bold"), overlay)
+    allowed = np.flatnonzero(rec.item_rules.active)
+    allowed = allowed[allowed != 7]
+    cosine = unit[allowed] @ unit[7]
+    best = allowed[np.argsort(-cosine, kind="stable")[:5]]
+    assert [it.item_id for it in got.items] == [b.items.ids[r] for r in best]
+    np.testing.assert_allclose([it.score for it in got.items], np.sort(cosine)[::-1][:5], rtol=1e-5)
