@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import faiss
@@ -516,3 +516,32 @@ def test_similar_items_are_ranked_by_cosine_similarity(
     best = allowed[np.argsort(-cosine, kind="stable")[:5]]
     assert [it.item_id for it in got.items] == [b.items.ids[r] for r in best]
     np.testing.assert_allclose([it.score for it in got.items], np.sort(cosine)[::-1][:5], rtol=1e-5)
+
+
+def test_recommend_shuts_a_declined_category_for_its_cooldown(recommender: Recommender) -> None:
+    """A customer who declined a product is offered nothing of its category until the
+    policy's cooldown has passed; ``now`` ends it, the clock by default."""
+    b = recommender.bundle
+    policy = recommender.contact_policy
+    codes = b.categories.codes
+    user = b.users.ids[0]
+    query = RecommendQuery(user_id=user, k=len(b.items))
+    before = recommender.recommend(query).items
+    declined = next(it.item_id for it in before if codes[b.items.index(it.item_id)] >= 0)
+    code = codes[b.items.index(declined)]
+    name = b.categories.names[code]
+    days = policy.decline_cooldown_days_by_category.get(name, policy.decline_cooldown_days)
+    at = datetime.now(timezone.utc) - timedelta(days=1)
+    event = StoredEvent("d1", user, declined, "decline", at, sequence=3)
+    overlay = apply(recommender.overlay(Pseudonymizer(b"k")), Changes(3, (event,), (), (), ()))
+
+    def categories(got: Ranked) -> set[int]:
+        return {int(codes[b.items.index(it.item_id)]) for it in got.items}
+
+    shut = recommender.recommend(query, overlay)  # by the clock: a day into the cooldown
+    assert code not in categories(shut) and shut.items and shut.sequence == 3
+    inside = recommender.recommend(query, overlay, now=at + timedelta(days=days - 0.01))
+    assert code not in categories(inside)
+    after = recommender.recommend(query, overlay, now=at + timedelta(days=days + 0.01))
+    assert code in categories(after)
+    assert recommender.recommend(query).sequence == 0
