@@ -8,6 +8,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
@@ -545,3 +546,56 @@ def test_recommend_shuts_a_declined_category_for_its_cooldown(recommender: Recom
     after = recommender.recommend(query, overlay, now=at + timedelta(days=days + 0.01))
     assert code in categories(after)
     assert recommender.recommend(query).sequence == 0
+
+
+def test_a_declined_product_without_a_category_is_shut_alone(recommender: Recommender) -> None:
+    b = recommender.bundle
+    user = b.users.ids[0]
+    query = RecommendQuery(user_id=user, k=len(b.items))
+    declined = recommender.recommend(query).items[0].item_id
+    at_row = b.items.index(declined)
+    table = b.item_table
+    category = [None if i == at_row else c for i, c in enumerate(table["category"].to_pylist())]
+    where = table.schema.get_field_index("category")
+    rec = Recommender(
+        dataclasses.replace(b, item_table=table.set_column(where, "category", pa.array(category)))
+    )
+    at = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    event = StoredEvent("d1", user, declined, "decline", at, sequence=1)
+    overlay = apply(rec.overlay(Pseudonymizer(b"k")), Changes(1, (event,), (), (), ()))
+    days = rec.contact_policy.decline_cooldown_days
+    inside = rec.recommend(query, overlay, now=at + timedelta(days=1))
+    offered = [it.item_id for it in inside.items]
+    assert declined not in offered
+    assert len(offered) == len(rec.recommend(query).items) - 1  # its category's others stay
+    after = rec.recommend(query, overlay, now=at + timedelta(days=days + 1))
+    assert declined in [it.item_id for it in after.items]
+
+
+def test_a_known_customer_gets_their_best_allowed_products_by_inner_product(
+    recommender: Recommender, oracle: Oracle
+) -> None:
+    """The personal ranking: the customer's vector against every allowed product they
+    have not interacted with, best first, scored by the inner product; explain changes
+    only the reasons, which come only when asked for."""
+    b = recommender.bundle
+    row = next(r for r in range(len(b.users)) if b.user_item_rows(r).size >= 3)
+    user = b.users.ids[row]
+    got = recommender.recommend(RecommendQuery(user_id=user, k=10))
+    history = set(b.user_item_rows(row).tolist())
+    candidates = [
+        r for r in range(len(b.items)) if r not in history and oracle.allowed(user, b.items.ids[r])
+    ]
+    scores = b.item_index.vectors[candidates] @ b.user_index.vectors[row]
+    best = [candidates[i] for i in np.argsort(-scores, kind="stable")[:10]]
+    assert got.source is Source.PERSONALIZED
+    assert [it.item_id for it in got.items] == [b.items.ids[r] for r in best]
+    np.testing.assert_allclose(
+        [it.score for it in got.items], np.sort(scores)[::-1][:10], rtol=1e-5
+    )
+    assert all(it.because == () for it in got.items)
+    explained = recommender.recommend(RecommendQuery(user_id=user, k=10, explain=True))
+    assert [(it.item_id, it.score) for it in explained.items] == [
+        (it.item_id, it.score) for it in got.items
+    ]
+    assert all(it.because for it in explained.items)
