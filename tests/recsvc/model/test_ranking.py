@@ -599,3 +599,57 @@ def test_a_known_customer_gets_their_best_allowed_products_by_inner_product(
         (it.item_id, it.score) for it in got.items
     ]
     assert all(it.because for it in explained.items)
+
+
+def test_recent_products_fold_in_with_the_manifests_confidence(fresh: Recommender) -> None:
+    """Recent products join the customer's history at ``recent_confidence`` (added to the
+    confidence of a product already there); unknown ids are ignored; row 0 counts."""
+    b = fresh.bundle
+    c = b.manifest.fold_in.recent_confidence
+    row = next(
+        r for r in range(len(b.users)) if b.user_item_rows(r).size and b.user_item_rows(r)[0] > 0
+    )
+    own, own_conf = b.user_item_rows(row), b.user_item_data(row)
+    again = int(own[0])  # a product of the customer's history, seen again
+    recent = (b.items.ids[0], "not-a-product", b.items.ids[again], b.items.ids[0])
+    user = fresh.resolve_user(b.users.ids[row], recent)
+    rows = np.array(sorted({*own.tolist(), 0}))
+    expected = {int(r): float(w) for r, w in zip(own, own_conf, strict=True)}
+    expected[0] = c
+    expected[again] += c
+    conf = np.array([expected[int(r)] for r in rows], dtype=np.float32)
+    assert user.source is Source.FOLD_IN
+    np.testing.assert_array_equal(user.history, rows)
+    np.testing.assert_allclose(user.confidence, conf, rtol=1e-6)
+    np.testing.assert_allclose(user.vector, fresh.fold_in(rows, conf), rtol=1e-5, atol=1e-6)
+    stranger = fresh.resolve_user("stranger", ("not-a-product", b.items.ids[0]))
+    np.testing.assert_array_equal(stranger.history, [0])
+    np.testing.assert_allclose(
+        stranger.vector, fresh.fold_in(np.array([0]), np.array([c], np.float32)), rtol=1e-5
+    )
+    nothing = fresh.resolve_user("stranger", ("not-a-product",))
+    assert (nothing.source, nothing.vector, nothing.history.size) == (Source.POPULAR, None, 0)
+
+
+def test_live_customers_are_answered_from_their_live_vector_or_popularity(
+    fresh: Recommender,
+) -> None:
+    """A customer whose events changed is answered from their re-solved vector
+    (FOLD_IN); a new customer with only a profile has no vector: popular products."""
+    b = fresh.bundle
+    user = b.users.ids[4]
+    new = next(i for i in range(len(b.items)) if i not in set(b.user_item_rows(4).tolist()))
+    event = StoredEvent(
+        "e1", user, b.items.ids[new], "view", datetime.now(timezone.utc), sequence=1
+    )
+    profile = CustomerState("profile-only", 5, True, 1)
+    overlay = apply(fresh.overlay(Pseudonymizer(b"k")), Changes(1, (event,), (profile,), (), ()))
+    live = overlay.users[user]
+    assert live.refolded and live.vector is not None
+    got = fresh.recommend(RecommendQuery(user_id=user, k=5), overlay)
+    assert got.source is Source.FOLD_IN
+    for it in got.items:
+        expected = b.item_index.vectors[b.items.index(it.item_id)] @ live.vector
+        assert it.score == pytest.approx(float(expected), rel=1e-5)
+    only = fresh.recommend(RecommendQuery(user_id="profile-only", k=5), overlay)
+    assert only.source is Source.POPULAR and len(only.items) == 5
