@@ -651,5 +651,51 @@ def test_live_customers_are_answered_from_their_live_vector_or_popularity(
     for it in got.items:
         expected = b.item_index.vectors[b.items.index(it.item_id)] @ live.vector
         assert it.score == pytest.approx(float(expected), rel=1e-5)
+    explained = fresh.recommend(RecommendQuery(user_id=user, k=2, explain=True), overlay)
+    assert all(it.because for it in explained.items)  # from the live history
     only = fresh.recommend(RecommendQuery(user_id="profile-only", k=5), overlay)
     assert only.source is Source.POPULAR and len(only.items) == 5
+
+
+def test_the_removed_counts_are_each_rules_own(fresh: Recommender) -> None:
+    """Inactive products; active ones above the tolerance; suitable ones of an exclusive
+    category the customer holds; the customer's history: counted from the catalogue."""
+    b = fresh.bundle
+    rules = fresh.item_rules
+    codes = b.categories.codes
+    for row in range(0, len(b.users), 25):
+        user = b.users.ids[row]
+        tolerance = int(fresh.tolerance[row])
+        history = b.user_item_rows(row)
+        held = history[b.held[b.indptr[row] : b.indptr[row + 1]]]
+        suitable = rules.active & (rules.risk <= tolerance)
+        shut = set(fresh.exclusive.held_categories(held))
+        closed = suitable & np.isin(codes, sorted(shut))
+        got = fresh.recommend(RecommendQuery(user_id=user, k=3)).suitability
+        assert got is not None
+        assert got.removed == {
+            "inactive": int((~rules.active).sum()),
+            "unsuitable": int((rules.active & ~suitable).sum()),
+            "exclusive_category": int(closed.sum()),
+            "interacted": len(history),
+        }, user
+    assert int((~rules.active).sum()) > 0  # the sample has products off sale
+
+
+def test_a_profile_change_keeps_the_customers_trained_vector(fresh: Recommender) -> None:
+    """A live tolerance alone re-solves nothing: the bundle's vector answers, personally."""
+    b = fresh.bundle
+    row = next(r for r in range(len(b.users)) if b.user_item_rows(r).size >= 2)
+    user = b.users.ids[row]
+    overlay = apply(
+        fresh.overlay(Pseudonymizer(b"k")),
+        Changes(1, (), (CustomerState(user, 5, None, 1),), (), ()),
+    )
+    got = fresh.recommend(RecommendQuery(user_id=user, k=5), overlay)
+    assert got.source is Source.PERSONALIZED and got.items
+    assert got.suitability is not None and got.suitability.basis == "live"
+    for it in got.items:
+        expected = b.item_index.vectors[b.items.index(it.item_id)] @ b.user_index.vectors[row]
+        assert it.score == pytest.approx(float(expected), rel=1e-5)
+    explained = fresh.recommend(RecommendQuery(user_id=user, k=2, explain=True), overlay)
+    assert all(it.because for it in explained.items)
