@@ -91,7 +91,17 @@ def test_a_cap_walks_the_ranking_and_goes_on_where_it_stopped() -> None:
     assert cap_per_category(np.array([3, 5, 4]), codes, 1, 2, {}).tolist() == [0, 2]
 
 
-def test_exclusive_sets_are_built_once_and_keep_what_may_be_shown_again() -> None:
+def test_exclusive_sets_are_built_once_and_keep_what_may_be_shown_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[tuple[int, ...]] = []
+    without_categories = Categories.without
+
+    def counted(self: Categories, allowed: AllowedSet, codes, keep=None):  # type: ignore[no-untyped-def]
+        built.append(tuple(codes))
+        return without_categories(self, allowed, codes, keep)
+
+    monkeypatch.setattr(Categories, "without", counted)
     codes = np.array([0, 0, 1, 1, 2, NO_CATEGORY], dtype=np.int32)
     rules = ExclusiveCategories(Categories(codes, ("mortgage", "card", "pension")), ["mortgage"])
     base = AllowedSet.from_mask(np.ones(6, dtype=bool))
@@ -100,6 +110,7 @@ def test_exclusive_sets_are_built_once_and_keep_what_may_be_shown_again() -> Non
     without = rules.allowed(base, (0,))
     assert without.rows().tolist() == [2, 3, 4, 5]
     assert rules.allowed(base, (0,)) is without  # shared, so the index keeps its parameters
+    assert built == [(0,)]  # and built once
     assert rules.allowed(base, (0,), keep=np.array([1])).rows().tolist() == [1, 2, 3, 4, 5]
     assert rules.offered(np.array([0, 1, 2]), (0,), np.array([1])).tolist() == [False, True, True]
     elsewhere = ExclusiveCategories(Categories(codes, ("a", "b", "c")), ["mortgage"])
