@@ -699,3 +699,46 @@ def test_a_profile_change_keeps_the_customers_trained_vector(fresh: Recommender)
         assert it.score == pytest.approx(float(expected), rel=1e-5)
     explained = fresh.recommend(RecommendQuery(user_id=user, k=2, explain=True), overlay)
     assert all(it.because for it in explained.items)
+
+
+def _solve(y: np.ndarray, rows: np.ndarray, c: np.ndarray, reg: float) -> np.ndarray:
+    """implicit's recalculate_user written out: (YtY + reg I + Yu^T (Cu - I) Yu) x = Yu^T Cu."""
+    y = y.astype(np.float64)
+    yu = y[rows]
+    a = y.T @ y + reg * np.eye(y.shape[1]) + (yu.T * (c - 1.0)) @ yu
+    return np.linalg.solve(a, yu.T @ c)
+
+
+@pytest.mark.parametrize("algorithm", ["als", "bpr"])
+def test_fold_in_reads_alpha_and_regularization_from_the_manifest(
+    recommender: Recommender, algorithm: str
+) -> None:
+    """ALS confidences are scaled by alpha, BPR's are not (it has no alpha); BPR's last
+    factor is its item bias, left out of the solve. Without the keys (an older
+    manifest): alpha 1, no regularization."""
+    b = recommender.bundle
+    rows, conf = np.array([2, 9, 30]), np.array([1.0, 2.0, 0.5], dtype=np.float32)
+    params = dict(b.manifest.params)
+    y = b.item_index.vectors[:, :-1] if algorithm == "bpr" else b.item_index.vectors
+    for given in (
+        params,
+        {k: v for k, v in params.items() if k not in {"alpha", "regularization"}},
+    ):
+        manifest = dataclasses.replace(b.manifest, algorithm=algorithm, params=given)
+        rec = Recommender(dataclasses.replace(b, manifest=manifest))
+        alpha = float(given.get("alpha", 1.0)) if algorithm == "als" else 1.0
+        expected = _solve(
+            y, rows, alpha * conf.astype(np.float64), float(given.get("regularization", 0.0))
+        )
+        np.testing.assert_allclose(
+            rec.fold_in(rows, conf)[: y.shape[1]], expected, rtol=1e-4, atol=1e-6
+        )
+    assert float(params["alpha"]) != 1.0 and float(params["regularization"]) > 0
+
+
+def test_a_product_nobody_chose_has_no_popularity(recommender: Recommender) -> None:
+    b = recommender.bundle
+    last = len(b.items) - 1
+    rec = Recommender(dataclasses.replace(b, indices=np.where(b.indices == last, 0, b.indices)))
+    assert rec.popularity_score.shape == (len(b.items),)
+    assert rec.popularity_score[last] == 0.0
