@@ -377,6 +377,8 @@ def test_info_describes_the_loaded_version(recommender: Recommender) -> None:
     without = dataclasses.replace(m, params={k: v for k, v in m.params.items() if k != "factors"})
     bare = Recommender(dataclasses.replace(b, manifest=without))
     assert bare.info()["factors"] == m.dim  # an older manifest: the vectors' width
+    bpr = dataclasses.replace(m, algorithm="bpr", params={**m.params, "factors": m.dim - 1})
+    assert Recommender(dataclasses.replace(b, manifest=bpr)).info()["factors"] == m.dim - 1
 
 
 def test_resolve_user_gives_the_customers_own_vector_history_and_rules(
