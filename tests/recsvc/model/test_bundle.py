@@ -203,15 +203,10 @@ def test_a_manifest_outside_any_folder_is_named(tmp_path: Path) -> None:
 def test_duplicate_product_ids_are_refused_by_name(models_copy: Path) -> None:
     """A buggy writer's items table with one id twice, its checksum stamped to match."""
     folder = _version(models_copy)
-    path = folder / FILES.items
-    table = pq.read_table(path)
+    table = pq.read_table(folder / FILES.items)
     ids = table.column("item_id").to_pylist()
     ids[1] = ids[0]
-    pq.write_table(table.set_column(0, "item_id", pa.array(ids)), path)
-    _rewrite_manifest(
-        folder,
-        lambda m: m["files"][path.name].update(size=path.stat().st_size, sha256=sha256_file(path)),
-    )
+    _restamp(folder, FILES.items, table.set_column(0, "item_id", pa.array(ids)))
     with pytest.raises(BundleError) as err:
         load_bundle(folder)
     assert str(err.value) == f"{folder.name}: duplicate ids in the item or user table"
