@@ -16,7 +16,7 @@ from implicit.cpu.als import AlternatingLeastSquares
 from recsvc.errors import NotFound
 from recsvc.logs import Pseudonymizer
 from recsvc.model.index import IndexSpec, VectorIndex
-from recsvc.model.overlay import apply
+from recsvc.model.overlay import Overlay, apply
 from recsvc.model.queries import RankQuery, RecommendQuery, SimilarQuery
 from recsvc.model.ranking import DropReason, Ranked, Recommender, Source
 from recsvc.state import Changes, CustomerState, ProductState, StoredEvent
@@ -35,6 +35,11 @@ def fresh(recommender: Recommender) -> Recommender:
     whichever test first asks for it, so only that test would meet a fault in building
     one (what its embeddings, parameters and popularity become)."""
     return Recommender(recommender.bundle)
+
+
+def _live(rec: Recommender, changes: Changes) -> Overlay:
+    """The live overlay of ``rec``'s bundle with ``changes`` applied."""
+    return apply(rec.overlay(Pseudonymizer(b"k")), changes)
 
 
 def _implicit_twin(rec: Recommender) -> AlternatingLeastSquares:
@@ -399,7 +404,7 @@ def test_resolve_user_gives_the_customers_own_vector_history_and_rules(
     assert folded.source is Source.FOLD_IN
     assert set(folded.history.tolist()) == {*history.tolist(), new}
     raised = Changes(1, (), (CustomerState(b.users.ids[row], 5, None, 1),), (), ())
-    overlay = apply(recommender.overlay(Pseudonymizer(b"k")), raised)
+    overlay = _live(recommender, raised)
     assert recommender.resolve_user(b.users.ids[row], (), overlay).tolerance == 5
     nobody = recommender.resolve_user("never-seen", ())
     assert (nobody.source, nobody.vector, nobody.tolerance) == (Source.POPULAR, None, 1)
@@ -421,7 +426,7 @@ def test_rank_items_judges_the_first_product_by_its_own_rules(recommender: Recom
     assert active[0] and active[1]
     bold = (CustomerState("bold", 5, None, 1),)  # a new customer who may take any risk
     pulled = Changes(1, (), bold, (ProductState(b.items.ids[0], False, None, 1),), ())
-    overlay = apply(recommender.overlay(Pseudonymizer(b"k")), pulled)
+    overlay = _live(recommender, pulled)
     got = recommender.rank_items(
         RankQuery(user_id="bold", item_ids=(b.items.ids[0], "nope", b.items.ids[1])),
         overlay,
@@ -460,7 +465,7 @@ def test_similar_items_answers_carry_their_version_and_sequence(recommender: Rec
         recommender.version,
         0,
     )
-    overlay = apply(recommender.overlay(Pseudonymizer(b"k")), Changes(4, (), (), (), ()))
+    overlay = _live(recommender, Changes(4, (), (), (), ()))
     live = recommender.similar_items(SimilarQuery(item_id=item, k=3), overlay)
     assert (live.version, live.sequence) == (recommender.version, 4)
 
@@ -511,7 +516,7 @@ def test_similar_items_are_ranked_by_cosine_similarity(
     v = b.item_index.vectors.astype(np.float64)
     unit = v / np.linalg.norm(v, axis=1, keepdims=True)
     bold = Changes(1, (), (CustomerState("bold", 5, None, 1),), (), ())
-    overlay = apply(rec.overlay(Pseudonymizer(b"k")), bold)
+    overlay = _live(rec, bold)
     got = rec.similar_items(SimilarQuery(item_id=b.items.ids[7], k=5, user_id="bold"), overlay)
     allowed = np.flatnonzero(rec.item_rules.active)
     allowed = allowed[allowed != 7]
@@ -536,7 +541,7 @@ def test_recommend_shuts_a_declined_category_for_its_cooldown(recommender: Recom
     days = policy.decline_cooldown_days_by_category.get(name, policy.decline_cooldown_days)
     at = datetime.now(timezone.utc) - timedelta(days=1)
     event = StoredEvent("d1", user, declined, "decline", at, sequence=3)
-    overlay = apply(recommender.overlay(Pseudonymizer(b"k")), Changes(3, (event,), (), (), ()))
+    overlay = _live(recommender, Changes(3, (event,), (), (), ()))
 
     def categories(got: Ranked) -> set[int]:
         return {int(codes[b.items.index(it.item_id)]) for it in got.items}
@@ -564,7 +569,7 @@ def test_a_declined_product_without_a_category_is_shut_alone(recommender: Recomm
     )
     at = datetime(2026, 12, 1, tzinfo=timezone.utc)
     event = StoredEvent("d1", user, declined, "decline", at, sequence=1)
-    overlay = apply(rec.overlay(Pseudonymizer(b"k")), Changes(1, (event,), (), (), ()))
+    overlay = _live(rec, Changes(1, (event,), (), (), ()))
     days = rec.contact_policy.decline_cooldown_days
     inside = rec.recommend(query, overlay, now=at + timedelta(days=1))
     offered = [it.item_id for it in inside.items]
@@ -645,7 +650,7 @@ def test_live_customers_are_answered_from_their_live_vector_or_popularity(
         "e1", user, b.items.ids[new], "view", datetime.now(timezone.utc), sequence=1
     )
     profile = CustomerState("profile-only", 5, True, 1)
-    overlay = apply(fresh.overlay(Pseudonymizer(b"k")), Changes(1, (event,), (profile,), (), ()))
+    overlay = _live(fresh, Changes(1, (event,), (profile,), (), ()))
     live = overlay.users[user]
     assert live.refolded and live.vector is not None
     got = fresh.recommend(RecommendQuery(user_id=user, k=5), overlay)
@@ -689,8 +694,8 @@ def test_a_profile_change_keeps_the_customers_trained_vector(fresh: Recommender)
     b = fresh.bundle
     row = next(r for r in range(len(b.users)) if b.user_item_rows(r).size >= 2)
     user = b.users.ids[row]
-    overlay = apply(
-        fresh.overlay(Pseudonymizer(b"k")),
+    overlay = _live(
+        fresh,
         Changes(1, (), (CustomerState(user, 5, None, 1),), (), ()),
     )
     got = fresh.recommend(RecommendQuery(user_id=user, k=5), overlay)
