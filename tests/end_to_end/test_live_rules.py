@@ -130,7 +130,7 @@ def oracle(sample_dir: Path) -> Oracle:
     return Oracle(sample_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def targeter(recommender: Recommender) -> Targeter:
     return Targeter(recommender.bundle)
 

@@ -32,8 +32,10 @@ def oracle(sample_dir: Path) -> Oracle:
     return Oracle(sample_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def targeter(bundle_path: Path) -> Targeter:
+    """Built per test, so a fault in building one (the holders' lists) reaches every test
+    that reads it, under the mutation run too (it maps code to the tests it ran in)."""
     return Targeter(load_bundle(bundle_path))
 
 
