@@ -4,6 +4,7 @@ the RPC, the CLI and the offline command agree."""
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
@@ -15,9 +16,13 @@ from hypothesis import strategies as st
 
 from recsvc.cli import main as recsvc_main
 from recsvc.errors import InvalidArgument, NotFound, PreconditionFailed
+from recsvc.logs import Pseudonymizer
 from recsvc.model.bundle import load_bundle
+from recsvc.model.overlay import apply
 from recsvc.model.queries import TargetQuery
+from recsvc.model.ranking import Recommender
 from recsvc.model.targeting import Targeter
+from recsvc.state import Changes, CustomerState, StoredEvent
 from recsvc.v1 import recommender_pb2 as pb
 from tests.conftest import PARAMS, ServerThread, settings_for
 from tests.rules_oracle import Oracle
@@ -222,3 +227,36 @@ def test_target_each_gives_every_product_its_own_audience(
     assert seen == int(targeter.item_active.sum())
     with pytest.raises(InvalidArgument, match="audience_size"):
         next(targeter.target_each(0))
+
+
+def test_new_live_customers_are_named_in_an_audience_and_its_batches(
+    targeter: Targeter,
+) -> None:
+    """Customers the bundle lacks join an audience as rows past its customers; ``ids`` and
+    ``batches`` name them by their own ids, in the audience's order."""
+    b = targeter.bundle
+    n = len(b.users)
+    item = next(
+        i for r, i in enumerate(b.items.ids) if b.item_rules.active[r] and b.item_rules.risk[r] == 1
+    )
+    when = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    new = ("new-a", "new-b", "new-c")
+    events = tuple(
+        StoredEvent(f"e{k}", user, b.items.ids[k], "view", when, sequence=1)
+        for k, user in enumerate(new)
+    )
+    profiles = tuple(CustomerState(user, 5, True, 1) for user in new)
+    overlay = apply(
+        Recommender(b).overlay(Pseudonymizer(b"k")), Changes(1, events, profiles, (), ())
+    )
+    audience = targeter.target(TargetQuery(item_ids=(item,), audience_size=n + 10), overlay)
+    assert audience.new_ids == new
+    rows = audience.rows.tolist()
+    assert {r for r in rows if r >= n} == {n, n + 1, n + 2}
+    ids = audience.ids(b.users.ids)
+    assert ids == [b.users.ids[r] if r < n else new[r - n] for r in rows]
+    assert set(new) <= set(ids)
+    batched = list(audience.batches(b.users.ids, 7))
+    assert [len(chunk) for chunk, _ in batched[:-1]] == [7] * (len(batched) - 1)
+    assert [u for chunk, _ in batched for u in chunk] == ids
+    np.testing.assert_array_equal(np.concatenate([s for _, s in batched]), audience.scores)
