@@ -122,6 +122,26 @@ class Oracle:
         assert len(users) == min(size, len(eligible)) == len(set(users))
         assert scores == sorted(scores, reverse=True)
 
+    def check_audience_counts(
+        self, items: list[str], include: bool, audience: Audience, erased: int = 0
+    ) -> None:
+        """The customers each rule left out, each under the first rule that did, and the
+        eligible count (``erased``: forgotten bundle customers, counted as without consent)."""
+        risk = max(self.risk[i] for i in items)
+        consenting = [u for u, c in self.consent.items() if c]
+        suitable = [u for u in consenting if self.tol(u) >= risk]
+        holders = (
+            0 if include else sum(bool(self.held.get(u, set()) & set(items)) for u in suitable)
+        )
+        got = audience.excluded
+        assert (got.no_consent, got.unsuitable, got.holders, got.below_min_score) == (
+            len(self.consent) - len(consenting) + erased,
+            len(consenting) - len(suitable),
+            holders,
+            0,
+        ), items
+        assert audience.eligible == len(self.audience_eligible(items, include)), items
+
     def check_drawn_campaign(self, targeter: Targeter, data: st.DataObject) -> Audience:
         """Draw a campaign (1-3 active products, a size, holders or not), target, check."""
         active = [i for i in targeter.bundle.items.ids if self.active[i]]
@@ -132,4 +152,5 @@ class Oracle:
         audience = targeter.target(query)
         users = [targeter.bundle.users.ids[r] for r in audience.rows]
         self.check_audience(items, size, include, users, audience.scores.tolist())
+        self.check_audience_counts(items, include, audience)
         return audience

@@ -169,6 +169,7 @@ def _check_audiences(
 ) -> None:
     o = oracle.o
     ids = t.bundle.users.ids
+    erased = len(oracle.forgotten & set(ids))  # counted as without consent
     active = [i for i in t.bundle.items.ids if o.active[i]]
     for _ in range(3):
         items = data.draw(st.lists(st.sampled_from(active), min_size=1, max_size=3, unique=True))
@@ -179,11 +180,14 @@ def _check_audiences(
         members = audience.ids(ids)
         assert not set(members) & oracle.forgotten
         o.check_audience(items, size, include, members, audience.scores.tolist())
+        o.check_audience_counts(items, include, audience, erased)
+        assert audience.excluded.contact_capped == audience.excluded.declined_recently == 0
     # The offline export of every product: the same rules, one pass.
     for row, audience in t.target_each(50, overlay=overlay, now=LATER):
         item = t.bundle.items.ids[row]
         assert o.active[item]
         o.check_audience([item], 50, False, audience.ids(ids), audience.scores.tolist())
+        o.check_audience_counts([item], False, audience, erased)
 
 
 @settings(
