@@ -232,8 +232,9 @@ def test_target_each_gives_every_product_its_own_audience(
 def test_new_live_customers_are_named_in_an_audience_and_its_batches(
     targeter: Targeter,
 ) -> None:
-    """Customers the bundle lacks join an audience as rows past its customers; ``ids`` and
-    ``batches`` name them by their own ids, in the audience's order."""
+    """Customers the bundle lacks join an audience as rows past its customers once they
+    have an interaction (a profile alone gives no vector to score); ``ids`` and ``batches``
+    name them by their own ids, in the audience's order."""
     b = targeter.bundle
     n = len(b.users)
     item = next(
@@ -242,15 +243,22 @@ def test_new_live_customers_are_named_in_an_audience_and_its_batches(
     when = datetime(2026, 11, 1, tzinfo=timezone.utc)
     new = ("new-a", "new-b", "new-c")
     events = tuple(
-        StoredEvent(f"e{k}", user, b.items.ids[k], "view", when, sequence=1)
+        StoredEvent(f"e{k}", user, b.items.ids[k], "view", when, sequence=2)
         for k, user in enumerate(new)
     )
-    profiles = tuple(CustomerState(user, 5, True, 1) for user in new)
-    overlay = apply(
-        Recommender(b).overlay(Pseudonymizer(b"k")), Changes(1, events, profiles, (), ())
-    )
+    # Profiles only, one before the others (an earlier change) and one after: neither is
+    # a candidate nor counted, and neither hides the others.
+    first = Changes(1, (), (CustomerState("new-0", 5, True, 1),), (), ())
+    profiles = tuple(CustomerState(user, 5, True, 2) for user in (*new, "new-z"))
+    overlay = Recommender(b).overlay(Pseudonymizer(b"k"))
+    overlay = apply(apply(overlay, first), Changes(2, events, profiles, (), ()))
+    assert next(iter(overlay.users)) == "new-0"
     audience = targeter.target(TargetQuery(item_ids=(item,), audience_size=n + 10), overlay)
     assert audience.new_ids == new
+    assert (
+        audience.eligible
+        == targeter.target(TargetQuery(item_ids=(item,), audience_size=1)).eligible + 3
+    )
     rows = audience.rows.tolist()
     assert {r for r in rows if r >= n} == {n, n + 1, n + 2}
     ids = audience.ids(b.users.ids)
@@ -260,3 +268,34 @@ def test_new_live_customers_are_named_in_an_audience_and_its_batches(
     assert [len(chunk) for chunk, _ in batched[:-1]] == [7] * (len(batched) - 1)
     assert [u for chunk, _ in batched for u in chunk] == ids
     np.testing.assert_array_equal(np.concatenate([s for _, s in batched]), audience.scores)
+
+
+def test_a_customer_with_new_events_is_scored_by_their_refolded_vector(
+    targeter: Targeter,
+) -> None:
+    b = targeter.bundle
+    item = next(
+        r for r in range(len(b.items)) if b.item_rules.active[r] and b.item_rules.risk[r] == 1
+    )
+    row = next(r for r in range(len(b.users)) if targeter.consent[r])
+    user = b.users.ids[row]
+    history = set(b.indices[b.indptr[row] : b.indptr[row + 1]].tolist())
+    viewed = [r for r in range(len(b.items)) if r not in history and r != item][:3]
+    when = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    events = tuple(
+        StoredEvent(f"e{r}", user, b.items.ids[r], "view", when, sequence=1) for r in viewed
+    )
+    overlay = apply(
+        Recommender(b).overlay(Pseudonymizer(b"k")),
+        Changes(1, events, (CustomerState(user, 5, None, 1),), (), ()),
+    )
+    live = overlay.users[user]
+    assert live.refolded and live.vector is not None
+    query = TargetQuery(item_ids=(b.items.ids[item],), audience_size=len(b.users))
+    audience = targeter.target(query, overlay)
+    (at,) = np.flatnonzero(audience.rows == row)
+    vectors = b.item_index.vectors
+    assert audience.scores[at] == pytest.approx(float(live.vector @ vectors[item]), rel=1e-5)
+    assert audience.scores[at] != pytest.approx(
+        float(b.user_index.vectors[row] @ vectors[item]), rel=1e-3
+    )
