@@ -4,6 +4,7 @@ the RPC, the CLI and the offline command agree."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -299,3 +300,10 @@ def test_a_customer_with_new_events_is_scored_by_their_refolded_vector(
     assert audience.scores[at] != pytest.approx(
         float(b.user_index.vectors[row] @ vectors[item]), rel=1e-3
     )
+    # min_score holds for live customers as for the base: a score equal to it stays.
+    score = audience.scores[at]
+    for bar, kept in ((score, True), (np.nextafter(score, np.float32(np.inf)), False)):
+        got = targeter.target(replace(query, min_score=float(bar)), overlay)
+        assert (row in got.rows.tolist()) is kept
+        assert got.excluded.below_min_score == got.eligible - len(got.rows) > 0
+        assert got.scores.dtype == np.float32 and (got.scores >= bar).all()
