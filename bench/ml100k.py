@@ -177,9 +177,13 @@ def run(
         report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
         remote = json.loads((folder / "endpoint" / "report.json").read_text(encoding="utf-8"))
         ease = next((r["params"] for r in report["results"] if r["name"] == "ease"), None)
+        search = json.loads((folder / "params.tune.json").read_text(encoding="utf-8"))
         per_seed[seed] = {
             "params": json.loads((folder / "params.json").read_text(encoding="utf-8")),
             "tune_seconds": round(tune_seconds, 1),
+            # A search the time budget stopped depends on this machine's speed.
+            "tune_trials": len(search["trials"]),
+            "tune_stopped_by": search["stopped_by"],
             "results": {r["name"]: _figures(report, r["name"]) for r in report["results"]},
             "endpoint": _figures(remote, "model@endpoint"),
             "agreement": remote["endpoint_agreement"],
@@ -248,6 +252,13 @@ def _describe_params(params: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+_STOPS = {
+    "converged": "converged",
+    "trials": "all trials run",
+    "time_budget": "stopped by the time budget, not converged",
+}
+
+
 def per_seed_table(result: dict[str, Any]) -> str:
     """Every seed's figures: the served model and each baseline, and what was chosen."""
     head = ["seed", "", *(_TITLES[m] for m in HEADLINE), "chosen"]
@@ -257,7 +268,10 @@ def per_seed_table(result: dict[str, Any]) -> str:
         for name, figures in run_["results"].items():
             if name == "model":
                 label, chosen = "recsvc, tuned", _describe_params(run_["params"])
-                chosen += f" (tune {run_['tune_seconds']:.0f} s)"
+                stop = _STOPS.get(run_["tune_stopped_by"], run_["tune_stopped_by"])
+                chosen += (
+                    f" (tune {run_['tune_seconds']:.0f} s, {run_['tune_trials']} trials, {stop})"
+                )
             else:
                 label, chosen = name, ""
                 if name == "ease" and run_["ease_lambda"] is not None:

@@ -65,6 +65,10 @@ def test_reproduction_prints_the_table_and_the_endpoint_agrees(
     tune = next(c for c in result["commands"] if " tune " in c)
     assert str(tmp_path / "work" / "seed1" / "split" / "train.parquet") in tune
     assert result["per_seed"]["1"]["violations"]["suitability"] == 0
+    # How each search stopped is shown: one the time budget stopped is the machine's.
+    seed1 = result["per_seed"]["1"]
+    assert (seed1["tune_trials"], seed1["tune_stopped_by"]) == (4, "trials")
+    assert ", 4 trials, all trials run)" in out
 
 
 def test_missing_data_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
