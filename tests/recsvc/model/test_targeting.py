@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from recsvc.model.bundle import load_bundle
 from recsvc.model.overlay import apply
 from recsvc.model.queries import TargetQuery
 from recsvc.model.ranking import Recommender
-from recsvc.model.targeting import Targeter
+from recsvc.model.targeting import Audience, Targeter
 from recsvc.state import Changes, CustomerState, StoredEvent
 from recsvc.v1 import recommender_pb2 as pb
 from tests.conftest import PARAMS, ServerThread, settings_for
@@ -307,3 +307,51 @@ def test_a_customer_with_new_events_is_scored_by_their_refolded_vector(
         assert (row in got.rows.tolist()) is kept
         assert got.excluded.below_min_score == got.eligible - len(got.rows) > 0
         assert got.scores.dtype == np.float32 and (got.scores >= bar).all()
+
+
+def test_target_each_over_a_live_overlay(targeter: Targeter) -> None:
+    """The offline export over live state: every audience names the version, the state
+    sequence and the new customers; the cap across channels counts up to ``now``, not the
+    clock; holders are let in on request."""
+    b = targeter.bundle
+    n = len(b.users)
+    then = datetime(2020, 1, 6, tzinfo=timezone.utc)  # years before any clock reads this
+    consenting = [r for r in range(n) if targeter.consent[r]]
+    busy, holder = (b.users.ids[r] for r in consenting[:2])
+    product = next(
+        r for r in range(len(b.items)) if b.item_rules.active[r] and b.item_rules.risk[r] == 1
+    )
+    item = b.items.ids[product]
+    events = (
+        *(
+            StoredEvent(f"c{k}", busy, item, "contacted", then, channel="email", sequence=3)
+            for k in range(4)  # the default policy's cap across channels
+        ),
+        StoredEvent("p", holder, item, "purchase", then, sequence=3),
+        StoredEvent("v", "new-a", item, "view", then, sequence=3),
+    )
+    profiles = (
+        CustomerState(busy, 5, None, 3),
+        CustomerState(holder, 5, None, 3),
+        CustomerState("new-a", 5, True, 3),
+    )
+    overlay = apply(
+        Recommender(b).overlay(Pseudonymizer(b"k")), Changes(3, events, profiles, (), ())
+    )
+    every = n + 1
+
+    def export(include_holders: bool, now: datetime | None) -> dict[int, Audience]:
+        return dict(targeter.target_each(every, include_holders, overlay=overlay, now=now))
+
+    for row, audience in export(True, then + timedelta(hours=1)).items():
+        assert (audience.version, audience.sequence) == (b.version, 3)
+        assert audience.new_ids == ("new-a",) and audience.indexed is False
+        members = set(audience.ids(b.users.ids))
+        assert busy not in members and audience.excluded.contact_capped == 1, row
+        if row == product:
+            assert {holder, "new-a"} <= members and audience.excluded.holders == 0
+    without = export(False, then + timedelta(hours=1))[product]
+    assert holder not in without.ids(b.users.ids) and without.excluded.holders >= 1
+    # A week on, the contacts are out of the window.
+    later = export(True, then + timedelta(days=8))[product]
+    assert busy in later.ids(b.users.ids) and later.excluded.contact_capped == 0
