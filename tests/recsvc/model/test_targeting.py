@@ -76,6 +76,14 @@ def test_min_score_and_errors(targeter: Targeter) -> None:
         TargetQuery(item_ids=("SAV-000001",), audience_size=100_000, min_score=0.05)
     )
     assert (a.scores >= 0.05).all() and a.excluded.below_min_score > 0
+    assert a.scores.dtype == np.float32
+    assert a.excluded.below_min_score == a.eligible - len(a.rows)
+    # A score equal to min_score stays.
+    last = a.scores[-1]
+    at = targeter.target(
+        TargetQuery(item_ids=("SAV-000001",), audience_size=100_000, min_score=float(last))
+    )
+    assert at.rows[-1] == a.rows[-1] and at.scores[-1] == last
     with pytest.raises(NotFound):
         targeter.target(TargetQuery(item_ids=("nope",), audience_size=5))
     with pytest.raises(InvalidArgument, match="audience_size"):
