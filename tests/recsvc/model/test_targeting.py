@@ -23,7 +23,7 @@ from recsvc.model.overlay import apply
 from recsvc.model.queries import TargetQuery
 from recsvc.model.ranking import Recommender
 from recsvc.model.targeting import Audience, Targeter
-from recsvc.state import Changes, CustomerState, StoredEvent
+from recsvc.state import Changes, CustomerState, ProductState, StoredEvent
 from recsvc.v1 import recommender_pb2 as pb
 from tests.conftest import PARAMS, ServerThread, settings_for
 from tests.rules_oracle import Oracle
@@ -84,8 +84,9 @@ def test_min_score_and_errors(targeter: Targeter) -> None:
         TargetQuery(item_ids=("SAV-000001",), audience_size=100_000, min_score=float(last))
     )
     assert at.rows[-1] == a.rows[-1] and at.scores[-1] == last
-    with pytest.raises(NotFound):
-        targeter.target(TargetQuery(item_ids=("nope",), audience_size=5))
+    version = targeter.bundle.version
+    with pytest.raises(NotFound, match=f"^item_id 'nope' is not in model {version}$"):
+        targeter.target(TargetQuery(item_ids=("SAV-000001", "nope"), audience_size=5))
     with pytest.raises(InvalidArgument, match="audience_size"):
         TargetQuery(item_ids=("x",), audience_size=0)
     with pytest.raises(InvalidArgument, match="audience_size"):
@@ -358,8 +359,35 @@ def test_target_each_over_a_live_overlay(targeter: Targeter) -> None:
         assert busy not in members and audience.excluded.contact_capped == 1, row
         if row == product:
             assert {holder, "new-a"} <= members and audience.excluded.holders == 0
+    # target() over the same state: the same cap up to its own now.
+    query = TargetQuery(item_ids=(item,), audience_size=every, include_holders=True)
+    one = targeter.target(query, overlay, now=then + timedelta(hours=1))
+    assert busy not in one.ids(b.users.ids) and one.excluded.contact_capped == 1
     without = export(False, then + timedelta(hours=1))[product]
     assert holder not in without.ids(b.users.ids) and without.excluded.holders >= 1
     # A week on, the contacts are out of the window.
     later = export(True, then + timedelta(days=8))[product]
     assert busy in later.ids(b.users.ids) and later.excluded.contact_capped == 0
+
+
+def test_a_product_pulled_or_riskier_live_is_targeted_by_its_live_rules(
+    targeter: Targeter,
+) -> None:
+    b = targeter.bundle
+    pulled, raised = [
+        b.items.ids[r]
+        for r in range(len(b.items))
+        if b.item_rules.active[r] and b.item_rules.risk[r] == 1
+    ][:2]
+    changes = Changes(
+        1, (), (), (ProductState(pulled, False, None, 1), ProductState(raised, None, 5, 1)), ()
+    )
+    overlay = apply(Recommender(b).overlay(Pseudonymizer(b"k")), changes)
+    with pytest.raises(PreconditionFailed, match=f"^item_id '{pulled}' is not an active product$"):
+        targeter.target(TargetQuery(item_ids=(pulled,), audience_size=5), overlay)
+    # Risk 5 now: only consenting customers of tolerance 5 remain (less the holders).
+    after = targeter.target(TargetQuery(item_ids=(raised,), audience_size=1), overlay)
+    consenting = int(targeter.consent.sum())
+    tolerant = int((targeter.consent & (targeter.tolerance >= 5)).sum())
+    assert after.excluded.unsuitable == consenting - tolerant > 0
+    assert after.eligible == tolerant - after.excluded.holders
