@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from recsvc.cli import main as recsvc_main
 from recsvc.errors import InvalidArgument, NotFound, PreconditionFailed
 from recsvc.logs import Pseudonymizer
+from recsvc.model import targeting
 from recsvc.model.bundle import load_bundle
 from recsvc.model.overlay import apply
 from recsvc.model.queries import TargetQuery
@@ -391,3 +392,25 @@ def test_a_product_pulled_or_riskier_live_is_targeted_by_its_live_rules(
     tolerant = int((targeter.consent & (targeter.tolerance >= 5)).sum())
     assert after.excluded.unsuitable == consenting - tolerant > 0
     assert after.eligible == tolerant - after.excluded.holders
+
+
+def test_the_user_index_answers_only_small_audiences_among_many_eligible(
+    targeter: Targeter, oracle: Oracle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index path is taken exactly when no min_score is set, the audience is at most
+    the index's limit and more customers are eligible than an exact pass should cover;
+    its audience keeps every rule. (The limit is lowered so the sample can reach it.)"""
+    monkeypatch.setattr(targeting, "_INDEX_MAX_AUDIENCE", 10)
+    b = targeter.bundle
+    item = next(i for i in b.items.ids if oracle.active[i] and oracle.risk[i] == 1)
+    q = TargetQuery(item_ids=(item,), audience_size=10)
+    exact = targeter.target(q)
+    n = exact.eligible
+    assert not exact.indexed and n > 10
+    near = Targeter(b, exact_max_base=n - 1)
+    got = near.target(q)
+    assert got.indexed and got.eligible == n
+    oracle.check_audience([item], 10, False, got.ids(b.users.ids), got.scores.tolist())
+    assert not Targeter(b, exact_max_base=n).target(q).indexed
+    assert not near.target(replace(q, audience_size=11)).indexed
+    assert not near.target(replace(q, min_score=-1e9)).indexed
