@@ -77,7 +77,7 @@ def test_min_score_and_errors(targeter: Targeter) -> None:
         TargetQuery(item_ids=("SAV-000001",), audience_size=100_000, min_score=0.05)
     )
     assert (a.scores >= 0.05).all() and a.excluded.below_min_score > 0
-    assert a.scores.dtype == np.float32
+    assert a.scores.dtype == np.float32 and a.sequence == 0 and a.new_ids == ()
     assert a.excluded.below_min_score == a.eligible - len(a.rows)
     # A score equal to min_score stays.
     last = a.scores[-1]
@@ -265,7 +265,7 @@ def test_new_live_customers_are_named_in_an_audience_and_its_batches(
     overlay = apply(apply(overlay, first), Changes(2, events, profiles, (), ()))
     assert next(iter(overlay.users)) == "new-0"
     audience = targeter.target(TargetQuery(item_ids=(item,), audience_size=n + 10), overlay)
-    assert audience.new_ids == new
+    assert audience.new_ids == new and audience.sequence == 2
     assert (
         audience.eligible
         == targeter.target(TargetQuery(item_ids=(item,), audience_size=1)).eligible + 3
