@@ -173,7 +173,11 @@ def test_no_users_table_needs_an_explicit_waiver(
     item = next(i for i in oracle.risk if oracle.risk[i] == 1 and oracle.active[i])
     folder = publish(tmp_path / "m", data, fit_model(data.user_items, PARAMS, progress=False))
     bundle = load_bundle(folder)
-    with pytest.raises(PreconditionFailed, match="no-consent-data"):
+    unknown = (
+        "^the model has no users table, so marketing consent is unknown; start the server "
+        "with --no-consent-data if this data set carries no consent requirement$"
+    )
+    with pytest.raises(PreconditionFailed, match=unknown):
         Targeter(bundle).target(TargetQuery(item_ids=(item,), audience_size=5))
     # Waived: no consent rule; unknown tolerance is 1, so only risk-1 products reach anyone.
     assert (
@@ -414,3 +418,23 @@ def test_the_user_index_answers_only_small_audiences_among_many_eligible(
     assert not Targeter(b, exact_max_base=n).target(q).indexed
     assert not near.target(replace(q, audience_size=11)).indexed
     assert not near.target(replace(q, min_score=-1e9)).indexed
+
+
+def test_live_customers_are_gathered_once_per_overlay(
+    targeter: Targeter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = targeter.bundle
+    builds = []
+    build = targeting._Live.build
+    monkeypatch.setattr(
+        targeting._Live, "build", classmethod(lambda cls, t, o: builds.append(o) or build(t, o))
+    )
+    overlay = apply(
+        Recommender(b).overlay(Pseudonymizer(b"k")),
+        Changes(1, (), (CustomerState(b.users.ids[0], 5, True, 1),), (), ()),
+    )
+    query = TargetQuery(item_ids=(b.items.ids[0],), audience_size=5)
+    for _ in range(3):
+        targeter.target(query, overlay)
+    list(targeter.target_each(5, overlay=overlay))
+    assert builds == [overlay]
