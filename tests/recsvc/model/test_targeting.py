@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -438,3 +439,27 @@ def test_live_customers_are_gathered_once_per_overlay(
         targeter.target(query, overlay)
     list(targeter.target_each(5, overlay=overlay))
     assert builds == [overlay]
+
+
+def test_holders_of_every_product_including_one_nobody_holds_at_the_catalogue_end(
+    sample_dir: Path, tmp_path: Path, oracle: Oracle
+) -> None:
+    """The holders' lists cover the whole catalogue: products past the last one anybody
+    holds have empty lists, not an index error."""
+    last = pq.read_table(sample_dir / "items.parquet").column("item_id")[-1].as_py()
+    interactions = pq.read_table(sample_dir / "interactions.parquet")
+    kept = interactions.filter(pc.not_equal(interactions["item_id"], last))
+    pq.write_table(kept, tmp_path / "interactions.parquet")
+    data = load_training_data(
+        tmp_path / "interactions.parquet",
+        sample_dir / "items.parquet",
+        sample_dir / "users.parquet",
+    )
+    folder = publish(tmp_path / "m", data, fit_model(data.user_items, PARAMS, progress=False))
+    targeter = Targeter(load_bundle(folder))
+    b = targeter.bundle
+    assert b.items.ids[-1] == last
+    for row, item in enumerate(b.items.ids[:-1]):
+        holders = {b.users.ids[u] for u in targeter.holders(row)}
+        assert holders == {u for u, held in oracle.held.items() if item in held}, item
+    assert len(targeter.holders(len(b.items) - 1)) == 0
