@@ -241,6 +241,11 @@ def test_target_each_gives_every_product_its_own_audience(
         )
         seen += 1
     assert seen == int(targeter.item_active.sum())
+    # A block past the memory bound is cut to it (whole products), not refused.
+    huge = dict(targeter.target_each(20, include_holders, block=10**12))
+    small = dict(targeter.target_each(20, include_holders, block=7))
+    assert huge.keys() == small.keys()
+    assert all(np.array_equal(huge[r].rows, small[r].rows) for r in small)
     with pytest.raises(InvalidArgument, match="audience_size"):
         next(targeter.target_each(0))
 
