@@ -233,6 +233,7 @@ def test_target_each_gives_every_product_its_own_audience(
             TargetQuery(item_ids=(item,), audience_size=300, include_holders=include_holders)
         )
         assert got.excluded == want.excluded and got.eligible == want.eligible, item
+        assert (got.version, got.sequence, got.new_ids) == (want.version, 0, ()), item
         np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-5)
         # Same customers, up to near-ties that blocked and single products may order apart.
         differ = set(got.rows.tolist()) ^ set(want.rows.tolist())
@@ -374,6 +375,8 @@ def test_target_each_over_a_live_overlay(targeter: Targeter) -> None:
     query = TargetQuery(item_ids=(item,), audience_size=every, include_holders=True)
     one = targeter.target(query, overlay, now=then + timedelta(hours=1))
     assert busy not in one.ids(b.users.ids) and one.excluded.contact_capped == 1
+    each = export(True, then + timedelta(hours=1))[product]
+    assert (each.excluded, each.eligible) == (one.excluded, one.eligible)
     without = export(False, then + timedelta(hours=1))[product]
     assert holder not in without.ids(b.users.ids) and without.excluded.holders >= 1
     # A week on, the contacts are out of the window.
