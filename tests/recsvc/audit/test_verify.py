@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from recsvc.audit import AuditLog, verify
 from recsvc.audit.record import segments
+from recsvc.audit.verify import Torn, verify_chains
 from recsvc.cli import main as recsvc_main
 from tests.recsvc.audit.helpers import an_answer
 
@@ -63,6 +64,16 @@ def _problem(folder: Path) -> tuple[str, str, int]:
     return report.problem.kind, report.problem.segment, report.problem.line
 
 
+def _detail(folder: Path) -> str:
+    problem = verify(folder).problem
+    assert problem is not None
+    return problem.detail
+
+
+def _seq(line: bytes) -> int:
+    return int(json.loads(line)["seq"])
+
+
 def _rehashed(line: bytes) -> bytes:
     """A record line with its hash recomputed, as a careful forger would."""
     record = json.loads(line)
@@ -86,6 +97,7 @@ def test_an_edited_byte_is_named(folder: Path) -> None:
     assert trail[s][1][i] != line
     _write(folder, trail)
     assert _problem(folder) == ("edited", *_where(trail, (s, i)))
+    assert _detail(folder) == "not a record matching its hash"
 
 
 def test_a_record_edited_with_its_hash_recomputed_is_named(folder: Path) -> None:
@@ -94,22 +106,30 @@ def test_a_record_edited_with_its_hash_recomputed_is_named(folder: Path) -> None
     trail[s][1][i] = _rehashed(trail[s][1][i].replace(b'"basis":"bundle"', b'"basis":"live"'))
     _write(folder, trail)
     assert _problem(folder) == ("edited", *_where(trail, (s, i)))
+    after = _seq(trail[s][1][i + 1])
+    assert _detail(folder) == (
+        f"rewritten with its hash recomputed: record {after} (line {i + 2} of {trail[s][0]}) "
+        "links to another hash"
+    )
 
 
 def test_a_removed_record_is_named(folder: Path) -> None:
     trail = _read(folder)
     s, i = 2, 3
-    del trail[s][1][i]
+    gone = _seq(trail[s][1].pop(i))
     _write(folder, trail)
     kind, segment, line = _problem(folder)
     assert (kind, segment, line) == ("removed", *_where(trail, (s, i)))
-    assert "missing before" in str(verify(folder).problem)
+    assert _detail(folder) == f"record {gone} missing before record {gone + 1}"
 
 
 def test_a_removed_segment_is_named(folder: Path) -> None:
     trail = _read(folder)
     (folder / trail[4][0]).unlink()
     assert _problem(folder) == ("removed", trail[5][0], 1)
+    first, last = _seq(trail[4][1][0]), _seq(trail[4][1][-1])
+    assert last > first
+    assert _detail(folder) == f"records {first}..{last} missing before record {last + 1}"
 
 
 def test_an_inserted_record_is_named(folder: Path) -> None:
@@ -118,6 +138,7 @@ def test_an_inserted_record_is_named(folder: Path) -> None:
     trail[3][1].insert(1, copy)  # an old record again, later on
     _write(folder, trail)
     assert _problem(folder) == ("inserted", trail[3][0], 2)
+    assert _detail(folder) == f"record {_seq(copy)} again, after record {_seq(trail[3][1][0])}"
 
 
 def test_an_inserted_forgery_with_a_valid_hash_and_link_is_named(folder: Path) -> None:
@@ -127,6 +148,7 @@ def test_an_inserted_forgery_with_a_valid_hash_and_link_is_named(folder: Path) -
     trail[2][1].insert(2, forged)  # same number, same link back: only the chain can tell
     _write(folder, trail)
     assert _problem(folder) == ("inserted", trail[2][0], 3)
+    assert _detail(folder) == f"a second record {_seq(genuine)}, off the chain"
 
 
 def _renumbered(line: bytes, seq: int) -> bytes:
@@ -141,6 +163,7 @@ def test_a_record_in_front_of_the_genuine_one_is_named(folder: Path) -> None:
     trail[2][1].insert(2, _renumbered(trail[2][1][1], genuine))
     _write(folder, trail)
     assert _problem(folder) == ("inserted", trail[2][0], 3)
+    assert _detail(folder) == f"a record {genuine} in front of the genuine one"
 
 
 def test_a_removed_record_is_named_even_with_a_look_alike_later(folder: Path) -> None:
@@ -149,6 +172,7 @@ def test_a_removed_record_is_named_even_with_a_look_alike_later(folder: Path) ->
     trail[5][1].insert(0, _renumbered(trail[4][1][1], gone))  # its number, not its link
     _write(folder, trail)
     assert _problem(folder) == ("removed", trail[2][0], 4)
+    assert _detail(folder) == f"record {gone} missing before record {gone + 1}"
 
 
 def test_two_swapped_records_are_named(folder: Path) -> None:
@@ -157,6 +181,8 @@ def test_two_swapped_records_are_named(folder: Path) -> None:
     lines[1], lines[2] = lines[2], lines[1]
     _write(folder, trail)
     assert _problem(folder) == ("reordered", trail[2][0], 2)
+    first, second = _seq(lines[2]), _seq(lines[1])
+    assert _detail(folder) == f"record {second} comes before record {first}"
 
 
 def test_records_swapped_across_segments_are_named(folder: Path) -> None:
@@ -164,6 +190,8 @@ def test_records_swapped_across_segments_are_named(folder: Path) -> None:
     trail[2][1][-1], trail[3][1][0] = trail[3][1][0], trail[2][1][-1]
     _write(folder, trail)
     assert _problem(folder) == ("reordered", trail[2][0], len(trail[2][1]))
+    early, late = _seq(trail[3][1][0]), _seq(trail[2][1][-1])
+    assert _detail(folder) == f"record {late} comes before record {early}"
 
 
 def test_records_removed_from_the_end_are_seen_against_a_head_kept_elsewhere(
@@ -193,6 +221,68 @@ def test_a_line_cut_short_is_accepted_only_where_a_start_names_it(folder: Path) 
     trail[2][1][-1] = trail[2][1][-1][:50]  # the same in the middle: no start names it
     _write(folder, trail)
     assert _problem(folder) == ("edited", trail[2][0], len(trail[2][1]))
+    assert _detail(folder) == "cut short, named by no start"
+
+
+def test_a_line_cut_short_and_named_by_the_next_start_is_accepted_and_reported(
+    folder: Path,
+) -> None:
+    trail = _read(folder)
+    name, last = trail[-1][0], trail[-1][1]
+    last[-1] = last[-1][:50]  # a crash mid-write ...
+    _write(folder, trail)
+    with AuditLog(folder) as log:  # ... then the next run, whose start record names it
+        for i in range(3):
+            log.append(an_answer(500 + i))
+    report = verify(folder)
+    assert report.ok and report.torn == (Torn(name, 50),), str(report)
+    assert report.head is not None
+    text = str(report)
+    assert text.startswith(f"{report.records:,} records in {report.segments} segments; ")
+    assert f"; head {report.head[0]} {report.head[1]}\n" in text
+    assert f"\ntorn line of 50 bytes at the end of {name} (a crash)\n" in text
+    assert text.endswith("\nOK")
+
+
+def test_a_start_naming_cut_short_lines_not_there_is_named(folder: Path) -> None:
+    trail = _read(folder)
+    at = next(
+        (s, i)
+        for s, (_, lines) in enumerate(trail)
+        for i, line in enumerate(lines)
+        if json.loads(line)["kind"] == "start" and _seq(line) > 0
+    )
+    s, i = at
+    start = trail[s][1][i]
+    trail[s][1][i] = _rehashed(
+        start.replace(b'"torn":[]', b'"torn":[{"bytes":9,"segment":"audit-x.jsonl"}]')
+    )
+    assert trail[s][1][i] != start
+    _write(folder, trail)
+    assert _problem(folder) == ("edited", *_where(trail, at))
+    assert _detail(folder) == "a start naming cut-short lines not there"
+
+
+def test_verify_chains_checks_each_workers_chain_and_a_head_only_alone(
+    pristine: Path, tmp_path: Path
+) -> None:
+    one = tmp_path / "one"
+    shutil.copytree(pristine, one)
+    head = verify(one).head
+    assert head is not None
+    assert verify_chains(one, expect=head)["."].ok
+    assert verify_chains(one, expect=(head[0] + 1, head[1]))["."].problem is not None
+    many = tmp_path / "many"
+    for worker in (0, 1):
+        shutil.copytree(pristine, many / f"worker-{worker}")
+    reports = verify_chains(many)
+    assert sorted(reports) == ["worker-0", "worker-1"] and all(r.ok for r in reports.values())
+    with pytest.raises(ValueError) as err:
+        verify_chains(many, expect=head)
+    assert str(err.value) == (
+        f"{many} holds 2 chains, one a worker: a head is one chain's, so verify that "
+        f"chain's folder (e.g. {many / 'worker-1'}) with it"
+    )
 
 
 _TAMPERS = ("edit", "remove", "insert", "swap")
