@@ -62,6 +62,59 @@ def test_a_file_sets_its_keys_and_keeps_the_defaults_of_the_rest(tmp_path: Path)
     assert p.max_all_channels == 4 and p.decline_cooldown_days == 30
 
 
+def test_every_key_at_its_limits_is_read(tmp_path: Path) -> None:
+    """Each number at the edges of its range, in a file: read as written."""
+    for low in (True, False):
+        data = {
+            "window_days": 1 if low else 365,
+            "max_all_channels": 0 if low else 365,
+            "max_per_channel": {"email": 0 if low else 365},
+            "decline_cooldown_days": 0 if low else 365,
+            "decline_cooldown_days_by_category": {"loan": 0 if low else 365},
+            "never_together": [],
+        }
+        p = load_policy(_write(tmp_path, data))
+        assert (p.window_days, p.max_all_channels, p.decline_cooldown_days) == (
+            data["window_days"],
+            data["max_all_channels"],
+            data["decline_cooldown_days"],
+        ), high
+        assert dict(p.max_per_channel) == data["max_per_channel"]
+        assert (
+            dict(p.decline_cooldown_days_by_category) == data["decline_cooldown_days_by_category"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"window": 7},
+            "unknown key 'window' (known: window_days, max_per_channel, max_all_channels, "
+            "decline_cooldown_days, decline_cooldown_days_by_category, never_together)",
+        ),
+        ({"window_days": 366}, "window_days must be a whole number 1..365"),
+        ({"max_all_channels": 1.0}, "max_all_channels must be a whole number 0..365"),
+        ({"decline_cooldown_days": -1}, "decline_cooldown_days must be a whole number 0..365"),
+        ({"max_per_channel": {"": 1}}, "max_per_channel[''] must be a whole number 0..365"),
+        ({"max_per_channel": {"sms": 366}}, "max_per_channel['sms'] must be a whole number 0..365"),
+        ({"max_per_channel": "sms"}, "max_per_channel must map names to whole numbers"),
+        (
+            {"decline_cooldown_days_by_category": {"loan": True}},
+            "decline_cooldown_days_by_category['loan'] must be a whole number 0..365",
+        ),
+        ({"never_together": [["mortgage", ""]]}, "never_together must be a list of category pairs"),
+    ],
+)
+def test_a_bad_key_is_refused_naming_the_file_and_the_rule(
+    tmp_path: Path, data: dict[str, object], message: str
+) -> None:
+    path = _write(tmp_path, data)
+    with pytest.raises(ValueError) as err:
+        load_policy(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
 @pytest.mark.parametrize(
     ("data", "named"),
     [
