@@ -78,7 +78,7 @@ def test_every_key_at_its_limits_is_read(tmp_path: Path) -> None:
             data["window_days"],
             data["max_all_channels"],
             data["decline_cooldown_days"],
-        ), high
+        ), low
         assert dict(p.max_per_channel) == data["max_per_channel"]
         assert (
             dict(p.decline_cooldown_days_by_category) == data["decline_cooldown_days_by_category"]
