@@ -471,3 +471,22 @@ def test_holders_of_every_product_including_one_nobody_holds_at_the_catalogue_en
         holders = {b.users.ids[u] for u in targeter.holders(row)}
         assert holders == {u for u, held in oracle.held.items() if item in held}, item
     assert len(targeter.holders(len(b.items) - 1)) == 0
+
+
+def test_an_overlay_of_erasures_alone_leaves_the_forgotten_out_as_without_consent(
+    targeter: Targeter,
+) -> None:
+    b = targeter.bundle
+    pseudonym = Pseudonymizer(b"k")
+    item = next(
+        i for r, i in enumerate(b.items.ids) if b.item_rules.active[r] and b.item_rules.risk[r] == 1
+    )
+    query = TargetQuery(item_ids=(item,), audience_size=len(b.users))
+    before = targeter.target(query)
+    gone = before.ids(b.users.ids)[0]
+    overlay = apply(Recommender(b).overlay(pseudonym), Changes(1, (), (), (), (pseudonym(gone),)))
+    assert not overlay.users and len(overlay.erased_rows) == 1
+    after = targeter.target(query, overlay)
+    assert gone not in after.ids(b.users.ids)
+    assert after.excluded.no_consent == before.excluded.no_consent + 1
+    assert after.eligible == before.eligible - 1
