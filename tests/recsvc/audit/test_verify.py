@@ -205,9 +205,41 @@ def test_records_removed_from_the_end_are_seen_against_a_head_kept_elsewhere(
     assert verify(folder).ok  # the trail alone cannot tell
     problem = verify(folder, expect=report.head).problem
     assert problem is not None and problem.kind == "removed"
-    assert "before the expected head" in problem.detail
-    seq = report.head[0] - 1
-    assert verify(folder, expect=(seq, "0" * 64)).problem.kind == "edited"  # type: ignore[union-attr]
+    end = report.head[0] - 1
+    assert (problem.segment, problem.line) == (trail[-1][0], len(trail[-1][1]))
+    assert problem.detail == f"the trail ends at record {end}, before the expected head {end + 1}"
+    wrong = verify(folder, expect=(end, "0" * 64)).problem
+    assert wrong is not None
+    assert (wrong.kind, wrong.segment, wrong.line) == ("edited", trail[-1][0], len(trail[-1][1]))
+    assert wrong.detail == "not the hash of the expected head"
+    # An empty trail holds no head at all.
+    empty = folder / "empty"
+    empty.mkdir()
+    nothing = verify(empty, expect=(0, report.head[1])).problem
+    assert nothing is not None
+    assert (nothing.kind, nothing.segment, nothing.line) == ("removed", "", 0)
+    assert nothing.detail == "the trail ends at record -1, before the expected head 0"
+
+
+def test_record_0_linked_elsewhere_is_named(folder: Path) -> None:
+    trail = _read(folder)
+    first = trail[0][1][0]
+    assert _seq(first) == 0
+    trail[0][1][0] = _rehashed(first.replace(b'"prev":"' + b"0" * 64, b'"prev":"' + b"1" * 64))
+    assert trail[0][1][0] != first
+    _write(folder, trail)
+    assert _problem(folder) == ("edited", trail[0][0], 1)
+    assert _detail(folder) == "record 0 does not link to the start of the chain"
+
+
+def test_a_later_number_where_a_record_belongs_is_named_inserted(folder: Path) -> None:
+    trail = _read(folder)
+    here = _seq(trail[2][1][1])
+    ahead = _seq(trail[3][1][1])  # a number the trail also holds, further on
+    trail[2][1].insert(1, _renumbered(trail[2][1][0], ahead))
+    _write(folder, trail)
+    assert _problem(folder) == ("inserted", trail[2][0], 2)
+    assert _detail(folder) == f"a record {ahead} where record {here} belongs"
 
 
 def test_a_line_cut_short_is_accepted_only_where_a_start_names_it(folder: Path) -> None:
