@@ -305,15 +305,16 @@ def test_verify_chains_checks_each_workers_chain_and_a_head_only_alone(
     assert verify_chains(one, expect=head)["."].ok
     assert verify_chains(one, expect=(head[0] + 1, head[1]))["."].problem is not None
     many = tmp_path / "many"
-    for worker in (0, 1):
+    for worker in (0, 1, 2):
         shutil.copytree(pristine, many / f"worker-{worker}")
     reports = verify_chains(many)
-    assert sorted(reports) == ["worker-0", "worker-1"] and all(r.ok for r in reports.values())
+    assert list(reports) == ["worker-0", "worker-1", "worker-2"]
+    assert all(r.ok for r in reports.values())
     with pytest.raises(ValueError) as err:
         verify_chains(many, expect=head)
     assert str(err.value) == (
-        f"{many} holds 2 chains, one a worker: a head is one chain's, so verify that "
-        f"chain's folder (e.g. {many / 'worker-1'}) with it"
+        f"{many} holds 3 chains, one a worker: a head is one chain's, so verify that "
+        f"chain's folder (e.g. {many / 'worker-2'}) with it"
     )
 
 
