@@ -196,6 +196,31 @@ def test_a_decline_closes_its_category_for_the_category_cooldown() -> None:
     assert not history5.cooling(1, policy, other, np.array([4]), NOW).any()
 
 
+def test_the_window_and_the_cooldown_end_exactly_at_their_length() -> None:
+    """A contact exactly a window ago, a decline exactly a cooldown ago: no longer counted."""
+    policy = ContactPolicy(window_days=7, max_all_channels=1, decline_cooldown_days=30)
+    week, month = timedelta(days=7), timedelta(days=30)
+    history = ContactHistory.build(
+        [[(NOW - week, "email")], [(NOW - week + timedelta(seconds=1), "email")]],
+        [{2: NOW - month}, {2: NOW - month + timedelta(seconds=1)}],
+    )
+    assert history.capped(2, policy, "", NOW).tolist() == [False, True]
+    assert history.cooling(2, policy, CATEGORIES, np.array([2]), NOW).tolist() == [False, True]
+
+
+def test_no_declines_close_nothing() -> None:
+    codes, rows = declined_within_cooldown(DEFAULT_POLICY, CATEGORIES, {}, NOW)
+    assert codes == () and rows.dtype == np.int64 and rows.size == 0
+    codes, rows = declined_within_cooldown(DEFAULT_POLICY, CATEGORIES, {3: _ago(1)}, NOW)
+    assert codes == () and rows.tolist() == [3]
+
+
+def test_a_policy_from_no_file_is_named_so() -> None:
+    with pytest.raises(ValueError) as err:
+        parse_policy({"window_days": 0})
+    assert str(err.value) == "contact policy: window_days must be a whole number 1..365"
+
+
 def test_recommend_closes_the_declined_categories_and_uncategorised_products() -> None:
     policy = ContactPolicy(
         decline_cooldown_days=30, decline_cooldown_days_by_category={"credit_card": 60}
