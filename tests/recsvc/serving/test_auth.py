@@ -23,6 +23,8 @@ from recsvc.serving.auth import (
     Scope,
     Token,
     current_caller,
+    load_tokens,
+    read_token,
     read_tokens,
 )
 from recsvc.v1 import recommender_pb2, updates_pb2
@@ -259,3 +261,39 @@ def test_a_token_file_others_can_read_or_change_is_refused(tmp_path: Path, mode:
     path = _token_file(tmp_path, {"tokens": [_entry()]}, mode)
     with pytest.raises(ValueError, match=f"mode {mode:04o} lets other users"):
         read_tokens(path)
+
+
+def test_a_one_token_file_gives_every_scope_and_load_tokens_reads_either_kind(
+    tmp_path: Path,
+) -> None:
+    one = tmp_path / "token"
+    one.write_text("  s3cret-s3cret-s3cret\n", encoding="utf-8")
+    one.chmod(0o600)
+    token = read_token(one)
+    assert (token.name, token.secret, token.scopes) == (
+        "auth-token-file",
+        b"s3cret-s3cret-s3cret",
+        frozenset(Scope),
+    )
+    assert load_tokens(None, one) == (token,)
+    many = _token_file(tmp_path, {"tokens": [_entry()]})
+    assert load_tokens(many, one) == read_tokens(many)  # the scoped file wins
+    assert load_tokens(None, None) == ()
+    short = tmp_path / "short"
+    short.write_text("short\n", encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        read_token(short)
+    assert str(err.value) == f"{short}: token must be at least 16 characters"
+    with pytest.raises(ValueError) as err:
+        BearerTokenInterceptor([])
+    assert str(err.value) == "no tokens"
+
+
+def test_an_unknown_scope_is_named_with_the_known_ones(tmp_path: Path) -> None:
+    path = _token_file(tmp_path, {"tokens": [_entry(scopes=["admin"])]})
+    with pytest.raises(ValueError) as err:
+        read_tokens(path)
+    assert str(err.value) == (
+        f"{path}: tokens[0].scopes: unknown ['admin']; scopes are audit, erase, events, "
+        "recommend, target"
+    )
