@@ -60,24 +60,26 @@ def test_every_rpc_of_every_service_has_its_scope() -> None:
 
 
 def _handler(method: MethodDescriptor, sync: bool) -> grpc.RpcMethodHandler[Any, Any]:
-    """Answers an empty response, and the caller's name in the trailing metadata."""
+    """Answers an empty response, and the caller's name in the trailing metadata (or
+    "no request" when the interceptor did not hand the request on)."""
     request = message_factory.GetMessageClass(method.input_type)
     response = message_factory.GetMessageClass(method.output_type)
 
-    def tell(context: Any) -> None:
-        context.set_trailing_metadata((("caller", current_caller() or "-"),))
+    def tell(got: Any, context: Any) -> None:
+        caller = current_caller() or "-" if isinstance(got, request) else "no request"
+        context.set_trailing_metadata((("caller", caller),))
 
-    async def unary(_: Any, context: Any) -> Any:
+    async def unary(got: Any, context: Any) -> Any:
         await asyncio.sleep(0.01)  # concurrent calls overlap: each must see its own name
-        tell(context)
+        tell(got, context)
         return response()
 
-    def unary_sync(_: Any, context: Any) -> Any:
-        tell(context)
+    def unary_sync(got: Any, context: Any) -> Any:
+        tell(got, context)
         return response()
 
-    async def stream(_: Any, context: Any) -> Any:
-        tell(context)
+    async def stream(got: Any, context: Any) -> Any:
+        tell(got, context)
         yield response()
 
     if method.server_streaming:
