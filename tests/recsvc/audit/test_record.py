@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,14 +18,17 @@ from hypothesis import strategies as st
 
 from recsvc.audit.record import (
     GENESIS,
+    Members,
     answer_payload,
     audience_payload,
     audience_sha256,
+    chains,
     encode_answer,
     encode_payload,
     encode_record,
     parse_record,
     segment_name,
+    worker_folder,
 )
 from tests.recsvc.audit.helpers import an_answer
 
@@ -184,3 +191,97 @@ def test_segment_names_sort_by_first_record() -> None:
     names = [segment_name(seq, WHEN - timedelta(hours=seq)) for seq in (0, 9, 10, 1_000_000)]
     assert names == sorted(names)
     assert names[0] == "audit-000000000000-20261128T051200.000000Z.jsonl"
+
+
+def test_an_audience_record_holds_every_field_of_the_campaign() -> None:
+    payload = audience_payload(
+        recommendation_id="ab" * 16,
+        caller="crm",
+        model_version="v20261128-051200-123456",
+        state_sequence=7,
+        campaign_id="spring-cards",
+        channel="email",
+        request={"item_ids": ["CC-000001"], "audience_size": 3},
+        consent=True,
+        excluded={"no_consent": 2, "unsuitable": 1},
+        audience_size=3,
+        audience_sha256="cd" * 32,
+    )
+    assert payload == {
+        "recommendation_id": "ab" * 16,
+        "method": "TargetUsers",
+        "caller": "crm",
+        "model_version": "v20261128-051200-123456",
+        "state_sequence": 7,
+        "subject": None,
+        "campaign_id": "spring-cards",
+        "channel": "email",
+        "request": {"item_ids": ["CC-000001"], "audience_size": 3},
+        "consent": True,
+        "excluded": {"no_consent": 2, "unsuitable": 1},
+        "audience_size": 3,
+        "audience_sha256": "cd" * 32,
+    }
+
+
+def test_an_audience_hash_is_each_id_in_order_with_a_newline() -> None:
+    ids = ["C1", "é", "\udc80"]  # a lone surrogate, as a gRPC string can carry
+    raw = b"C1\n" + "é".encode() + b"\n" + b"\xed\xb2\x80\n"
+    assert audience_sha256(ids) == hashlib.sha256(raw).hexdigest()
+    assert audience_sha256([]) == hashlib.sha256(b"").hexdigest()
+
+
+def test_chains_are_the_folders_own_then_each_worker_in_number_order(tmp_path: Path) -> None:
+    for n in (10, 2, 0):
+        worker_folder(tmp_path, n).mkdir()
+    assert worker_folder(tmp_path, 3) == tmp_path / "worker-3"
+    (tmp_path / "notes").mkdir()  # not a worker's
+    (tmp_path / "worker-9").write_text("a file, not a chain")
+    workers = [tmp_path / f"worker-{n}" for n in (0, 2, 10)]
+    assert chains(tmp_path) == workers
+    (tmp_path / segment_name(0, datetime(2026, 12, 1, tzinfo=timezone.utc))).write_text("")
+    assert chains(tmp_path) == [tmp_path, *workers]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert chains(empty) == [empty]
+
+
+def test_a_segment_is_named_in_utc_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        created = datetime(2026, 12, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=-5)))
+        assert segment_name(42, created) == "audit-000000000042-20261201T170000.123456Z.jsonl"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_an_empty_payload_makes_a_record_of_the_envelope_alone() -> None:
+    line, digest = encode_record(
+        0, GENESIS, datetime(2026, 12, 1, tzinfo=timezone.utc), "start", Members("{}")
+    )
+    record = json.loads(line)
+    assert list(record) == ["v", "seq", "prev", "time", "kind", "hash"] and record["hash"] == digest
+
+
+def test_removed_counts_in_any_mapping_are_recorded_as_a_dict() -> None:
+    args: dict[str, Any] = {
+        "recommendation_id": "ef" * 16,
+        "method": "Recommend",
+        "caller": None,
+        "subject": "u_0123456789abcdef",
+        "model_version": "v20261128-051200-123456",
+        "state_sequence": 3,
+        "source": "FOLD_IN",
+        "tolerance": 4,
+        "basis": "live",
+        "removed": MappingProxyType({"unsuitable": 1, "inactive": 2}),
+        "items": [("SAV-000001", 0.5), ("CC-000002", 0.25)],
+    }
+    assert encode_answer(**args) == encode_payload(answer_payload(**args))
+    with pytest.raises(ValueError) as err:
+        encode_answer(**{**args, "subject": "C00000001"})
+    assert str(err.value) == "audit subject must be a keyed pseudonym (Pseudonymizer), not an id"
