@@ -183,7 +183,21 @@ def test_an_audience_is_recorded_by_size_and_hash() -> None:
         audience_size=len(ids),
         audience_sha256=audience_sha256(ids),
     )
-    assert payload["method"] == "TargetUsers" and payload["subject"] is None
+    assert payload == {
+        "recommendation_id": "cd" * 16,
+        "method": "TargetUsers",
+        "caller": "crm",
+        "model_version": "v1",
+        "state_sequence": 9,
+        "subject": None,
+        "campaign_id": "spring-savings",
+        "channel": "email",
+        "request": {"item_ids": ["SAV-000002"], "audience_size": 3},
+        "consent": True,
+        "excluded": {"no_consent": 5, "unsuitable": 2, "holders": 1, "below_min_score": 0},
+        "audience_size": 3,
+        "audience_sha256": hashlib.sha256(b"C1\nC2\nC3\n").hexdigest(),
+    }
     assert "C1" not in encode_payload(payload)
 
 
@@ -191,37 +205,6 @@ def test_segment_names_sort_by_first_record() -> None:
     names = [segment_name(seq, WHEN - timedelta(hours=seq)) for seq in (0, 9, 10, 1_000_000)]
     assert names == sorted(names)
     assert names[0] == "audit-000000000000-20261128T051200.000000Z.jsonl"
-
-
-def test_an_audience_record_holds_every_field_of_the_campaign() -> None:
-    payload = audience_payload(
-        recommendation_id="ab" * 16,
-        caller="crm",
-        model_version="v20261128-051200-123456",
-        state_sequence=7,
-        campaign_id="spring-cards",
-        channel="email",
-        request={"item_ids": ["CC-000001"], "audience_size": 3},
-        consent=True,
-        excluded={"no_consent": 2, "unsuitable": 1},
-        audience_size=3,
-        audience_sha256="cd" * 32,
-    )
-    assert payload == {
-        "recommendation_id": "ab" * 16,
-        "method": "TargetUsers",
-        "caller": "crm",
-        "model_version": "v20261128-051200-123456",
-        "state_sequence": 7,
-        "subject": None,
-        "campaign_id": "spring-cards",
-        "channel": "email",
-        "request": {"item_ids": ["CC-000001"], "audience_size": 3},
-        "consent": True,
-        "excluded": {"no_consent": 2, "unsuitable": 1},
-        "audience_size": 3,
-        "audience_sha256": "cd" * 32,
-    }
 
 
 def test_an_audience_hash_is_each_id_in_order_with_a_newline() -> None:

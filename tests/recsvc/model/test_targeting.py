@@ -20,7 +20,7 @@ from recsvc.cli import main as recsvc_main
 from recsvc.errors import InvalidArgument, NotFound, PreconditionFailed
 from recsvc.logs import Pseudonymizer
 from recsvc.model import targeting
-from recsvc.model.bundle import load_bundle
+from recsvc.model.bundle import Bundle, load_bundle
 from recsvc.model.overlay import apply
 from recsvc.model.queries import TargetQuery
 from recsvc.model.ranking import Recommender
@@ -45,6 +45,22 @@ def targeter(bundle_path: Path) -> Targeter:
     """Built per test, so a fault in building one (the holders' lists) reaches every test
     that reads it, under the mutation run too (it maps code to the tests it ran in)."""
     return Targeter(load_bundle(bundle_path))
+
+
+def _trained(
+    tmp_path: Path,
+    sample_dir: Path,
+    interactions: Path | None = None,
+    users: Path | None = None,
+) -> Bundle:
+    """A bundle trained and published from the sample, with some of its tables replaced."""
+    data = load_training_data(
+        interactions or sample_dir / "interactions.parquet",
+        sample_dir / "items.parquet",
+        users or sample_dir / "users.parquet",
+    )
+    folder = publish(tmp_path / "m", data, fit_model(data.user_items, PARAMS, progress=False))
+    return load_bundle(folder)
 
 
 @settings(
@@ -208,13 +224,8 @@ def test_a_users_table_without_consent_reaches_nobody(
     # Consent is never presumed: a users table that does not say, says no.
     users = pq.read_table(sample_dir / "users.parquet").drop_columns(["marketing_consent"])
     pq.write_table(users, tmp_path / "users.parquet")
-    data = load_training_data(
-        sample_dir / "interactions.parquet",
-        sample_dir / "items.parquet",
-        tmp_path / "users.parquet",
-    )
-    folder = publish(tmp_path / "m", data, fit_model(data.user_items, PARAMS, progress=False))
-    targeter = Targeter(load_bundle(folder), no_consent_data=True)  # the waiver cannot apply
+    bundle = _trained(tmp_path, sample_dir, users=tmp_path / "users.parquet")
+    targeter = Targeter(bundle, no_consent_data=True)  # the waiver cannot apply
     item = next(i for i in oracle.risk if oracle.risk[i] == 1 and oracle.active[i])
     audience = targeter.target(TargetQuery(item_ids=(item,), audience_size=100))
     assert len(audience.rows) == 0 and audience.eligible == 0
@@ -458,13 +469,9 @@ def test_holders_of_every_product_including_one_nobody_holds_at_the_catalogue_en
     interactions = pq.read_table(sample_dir / "interactions.parquet")
     kept = interactions.filter(pc.not_equal(interactions["item_id"], last))
     pq.write_table(kept, tmp_path / "interactions.parquet")
-    data = load_training_data(
-        tmp_path / "interactions.parquet",
-        sample_dir / "items.parquet",
-        sample_dir / "users.parquet",
+    targeter = Targeter(
+        _trained(tmp_path, sample_dir, interactions=tmp_path / "interactions.parquet")
     )
-    folder = publish(tmp_path / "m", data, fit_model(data.user_items, PARAMS, progress=False))
-    targeter = Targeter(load_bundle(folder))
     b = targeter.bundle
     assert b.items.ids[-1] == last
     for row, item in enumerate(b.items.ids[:-1]):
