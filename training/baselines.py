@@ -31,7 +31,7 @@ from recsvc.errors import DataError
 from training.data import TrainingData
 from training.metrics import summarize
 from training.scoring import Eligibility
-from training.tune import TuneOptions, carve_validation
+from training.tune import TuneOptions, carve_validation, refit_share
 
 __all__ = [
     "BASELINES",
@@ -122,6 +122,7 @@ class EaseChoice:
     """The lambda EASE was given, and the validation figure of every lambda tried."""
 
     lam: float
+    """What EASE is fit with on all the data: ``validated`` times ``share``."""
     by_lambda: dict[float, float]
     """Validation metric per lambda, ascending."""
     metric: str
@@ -129,10 +130,16 @@ class EaseChoice:
     at_edge: bool = False
     """The best is still the smallest or largest lambda after widening."""
     validation: dict[str, Any] = field(default_factory=dict)
+    validated: float | None = None
+    """The best lambda on the carve (None: ``lam`` itself)."""
+    share: float = 1.0
+    """The share of the pairs the carve fitted on."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "lambda": self.lam,
+            "validated_lambda": self.lam if self.validated is None else self.validated,
+            "refit_share": self.share,
             "chosen_by": f"{self.metric} on a validation carve of the train part",
             "by_lambda": {f"{lam:g}": score for lam, score in sorted(self.by_lambda.items())},
             "at_edge": self.at_edge,
@@ -158,7 +165,9 @@ def choose_ease_lambda(
     nDCG@10 on 25% of each user's pairs, seeded ``seed``), so EASE is chosen on what the
     served model is tuned on. A best at either end of ``grid`` widens it by half-decades
     (at most six), so the choice is never an artefact of the range; then the geometric
-    midpoints between the best and its two neighbours are tried as well.
+    midpoints between the best and its two neighbours are tried as well. The lambda for
+    the fit on all of ``data`` is the best one times the carve's share of the pairs, as
+    the tuner scales an ALS winner (``training.tune.for_refit``).
 
     Raises:
         DataError: too many items, or too few pairs per user to carve a validation part.
@@ -213,7 +222,9 @@ def choose_ease_lambda(
         "validation_users": len(users),
     }
     metric = f"{options.metric}@{k}"
-    return EaseChoice(best, dict(sorted(tried.items())), metric, at_edge, validation)
+    share = refit_share([fit.nnz], data.user_items.nnz)
+    lam = float(f"{best * share:.4g}")
+    return EaseChoice(lam, dict(sorted(tried.items())), metric, at_edge, validation, best, share)
 
 
 def _itemknn(user_items: sp.csr_matrix) -> Callable[[np.ndarray], np.ndarray]:

@@ -273,8 +273,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     budget = f", at most {options.time_budget:.0f}s" if options.time_budget is not None else ""
     _stage(args, f"searching on {data.user_items.nnz:,} pairs until {until}{budget}")
     result = tune(data, options, progress=progress_bars(args.quiet))
-    # The winner is refit later on all the training data: record the caller's seed, not a trial's.
-    best = replace(result.best.params, seed=base.seed)
+    # The winner is refit later on all the training data: its values for that fit, and
+    # the caller's seed, not a trial's.
+    best = replace(result.refit, seed=base.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(best.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -312,6 +313,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             f"  #{t.number:<3} {t.score:.4f}  {p.algorithm} factors={p.factors} "
             f"iterations={p.iterations} regularization={p.regularization:.4g} alpha={p.alpha:.4g} "
             f"weighting={p.weighting}"
+        )
+    if best.alpha != result.best.params.alpha:
+        print(
+            f"  for the fit on all {data.user_items.nnz:,} pairs (the carve fitted on "
+            f"{result.share:.0%}): regularization={best.regularization:.4g} alpha={best.alpha:.4g}"
         )
     print(f"wrote {out} (trials: {log_path})")
     return 0

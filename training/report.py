@@ -138,9 +138,16 @@ def baseline_notes(results: Sequence[dict[str, Any]]) -> list[str]:
             by_lambda = sorted(params["by_lambda"].items(), key=lambda kv: float(kv[0]))
             tried = ", ".join(f"{lam} {v:.4f}" for lam, v in by_lambda)
             edge = " (still at the edge of the range)" if params["at_edge"] else ""
+            validated = params.get("validated_lambda", params["lambda"])
+            refit = ""
+            if validated != params["lambda"]:
+                refit = (
+                    f" ({validated:g} on the carve, times the {params['refit_share']:.0%} of the "
+                    "pairs it fitted on)"
+                )
             lines.append(
-                f"ease: lambda {params['lambda']:g}{edge}, chosen by {params['chosen_by']} "
-                f"(tried: {tried})"
+                f"ease: lambda {params['lambda']:g}{refit}{edge}, chosen by "
+                f"{params['chosen_by']} (tried: {tried})"
             )
     return lines
 

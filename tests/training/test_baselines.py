@@ -128,8 +128,8 @@ def test_ease_ranks_under_the_rules_and_cold_users_get_popular(
 
 def test_ease_lambda_is_chosen_on_the_tuners_carve(training_data: TrainingData) -> None:
     choice = choose_ease_lambda(training_data, seed=2)
-    assert choice.lam in choice.by_lambda
-    assert choice.by_lambda[choice.lam] == max(choice.by_lambda.values())
+    assert choice.validated in choice.by_lambda
+    assert choice.by_lambda[choice.validated] == max(choice.by_lambda.values())
     # The grid, then the geometric midpoints between the best step and its neighbours.
     coarse = max(EASE_GRID, key=choice.by_lambda.__getitem__)
     i = EASE_GRID.index(coarse)
@@ -143,7 +143,12 @@ def test_ease_lambda_is_chosen_on_the_tuners_carve(training_data: TrainingData) 
     # The tuner's carve, same seed: the same validation pairs.
     _, valid = carve_validation(training_data.user_items, 0.25, seed=2)
     assert choice.validation["validation_pairs"] == valid.nnz
+    # EASE is fit on all the pairs with the best lambda times the carve's share of them.
+    share = (training_data.user_items.nnz - valid.nnz) / training_data.user_items.nnz
+    assert 0.5 < choice.share < 1.0 and choice.share == pytest.approx(share, rel=1e-12)
+    assert choice.lam == float(f"{choice.validated * share:.4g}") < choice.validated
     assert choice.to_json()["lambda"] == choice.lam
+    assert choice.to_json()["validated_lambda"] == choice.validated
 
 
 @pytest.mark.parametrize("grid", [(3000.0, 10000.0), (1.0, 3.0)])
@@ -155,7 +160,8 @@ def test_ease_lambda_at_the_edge_widens_the_grid(
     wide = choose_ease_lambda(training_data, seed=2)
     narrow = choose_ease_lambda(training_data, seed=2, grid=grid)
     assert narrow.lam == wide.lam and not narrow.at_edge
-    assert min(narrow.by_lambda) < narrow.lam < max(narrow.by_lambda)
+    assert narrow.validated is not None
+    assert min(narrow.by_lambda) < narrow.validated < max(narrow.by_lambda)
     ladder = {1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0}
     midpoints = set(narrow.by_lambda) - set(grid) - ladder
     assert len(midpoints) == 2  # the refinement around the best, between ladder steps

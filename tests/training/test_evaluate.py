@@ -76,8 +76,13 @@ def test_report_has_every_metric_at_every_k_for_model_and_baselines(evaluated: P
     assert "| model |" in markdown and "nDCG@10" in markdown
     # EASE's lambda was chosen on the train part's validation carve, and the report says so.
     ease = next(r for r in report["results"] if r["name"] == "ease")
-    assert ease["params"]["lambda"] in [float(v) for v in ease["params"]["by_lambda"]]
-    assert f"- ease: lambda {ease['params']['lambda']:g}, chosen by ndcg@10" in markdown
+    chosen = ease["params"]
+    assert chosen["validated_lambda"] in [float(v) for v in chosen["by_lambda"]]
+    assert chosen["lambda"] < chosen["validated_lambda"]  # scaled for the fit on all pairs
+    assert (
+        f"- ease: lambda {chosen['lambda']:g} ({chosen['validated_lambda']:g} on the carve, "
+        f"times the {chosen['refit_share']:.0%} of the pairs it fitted on), chosen by ndcg@10"
+    ) in markdown
     assert "## Where a baseline beats the served model" in markdown
     assert all(line in markdown for line in report["model_losses"])
     assert sorted(p.name for p in (evaluated / "plots").iterdir()) == sorted(

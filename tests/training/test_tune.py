@@ -21,6 +21,7 @@ from training.tune import (
     SEARCH_SPACE,
     TuneOptions,
     carve_validation,
+    for_refit,
     neighbours,
     sample_params,
     tune,
@@ -96,6 +97,10 @@ def test_tune_keeps_the_best_trial_and_starts_from_the_defaults(
     v = result.validation
     assert v["fit_pairs"][0] + v["validation_pairs"][0] == training_data.user_items.nnz
     assert v["data_fingerprint"] == training_data.fingerprint()
+    # The winner's values for the fit on all the pairs: scaled by the carve's share.
+    assert result.share == v["fit_pairs"][0] / training_data.user_items.nnz
+    assert result.refit == for_refit(result.best.params, result.share)
+    assert result.to_json()["refit"]["share"] == result.share
 
 
 def test_after_exploring_the_three_best_explorers_climb(training_data: TrainingData) -> None:
@@ -181,6 +186,16 @@ def test_cli_tunes_on_the_train_part_only_and_fit_accepts_the_result(
     params = FitParams.from_json(out)  # only FitParams keys: usable by fit --params
     assert params.seed == 2
     log = json.loads((tmp_path / "best" / "params.tune.json").read_text(encoding="utf-8"))
+    # What fit gets is the winner scaled for all the train part's pairs, as logged.
+    refit = log["refit"]
+    assert refit["share"] == log["validation"]["fit_pairs"][0] / (
+        log["validation"]["fit_pairs"][0] + log["validation"]["validation_pairs"][0]
+    )
+    assert {k: getattr(params, k) for k in refit["params"]} == refit["params"]
+    best = log["best"]["params"]
+    if best["algorithm"] == "als":
+        assert params.alpha == float(f"{best['alpha'] * refit['share']:.4g}")
+        assert params.regularization == float(f"{best['regularization'] * refit['share']:.4g}")
     assert len(log["trials"]) == 2 and log["interactions"] == str(train)
     # The carve came out of the train part, never the full log (which holds the test pairs).
     train_data = load_training_data(
@@ -200,6 +215,22 @@ def test_cli_tunes_on_the_train_part_only_and_fit_accepts_the_result(
         ["-q", "fit", "--interactions", str(train), *inputs, "--params", str(out),
          "--models", str(tmp_path / "models")]
     ) == 0  # fmt: skip
+
+
+def test_for_refit_scales_als_strengths_and_leaves_bpr_alone() -> None:
+    als = FitParams(algorithm="als", factors=32, alpha=12.0, regularization=90.0)
+    scaled = for_refit(als, 0.75)
+    assert (scaled.alpha, scaled.regularization) == (9.0, 67.5)
+    assert replace(scaled, alpha=als.alpha, regularization=als.regularization) == als
+    assert for_refit(als, 1.0) == als
+    assert for_refit(FitParams(alpha=1 / 3, regularization=2 / 3), 0.5).alpha == 0.1667
+    bpr = FitParams(algorithm="bpr", alpha=12.0, regularization=0.01, learning_rate=0.05)
+    assert for_refit(bpr, 0.75) == bpr
+    unset = FitParams(algorithm="als")  # the data-scaled defaults resolve on all the data
+    assert for_refit(unset, 0.75) == unset
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="share must be in"):
+            for_refit(als, bad)
 
 
 # Cheap fits for searches of many trials: few factors and iterations to draw from.
