@@ -27,7 +27,7 @@ from training.state import (
     pseudonymizer_from_env,
     read_state,
 )
-from training.tune import DEFAULT_EXPLORE, DEFAULT_TIME_BUDGET
+from training.tune import DEFAULT_EXPLORE, DEFAULT_TIME_BUDGET, TuneOptions
 
 __all__ = ["main", "progress_bars"]
 
@@ -250,7 +250,7 @@ def _cmd_audience(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from training.tune import TuneOptions, tune
+    from training.tune import tune
 
     base = fit_params_from_args(args)
     options = TuneOptions(
@@ -417,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or 30%% of --trials)",
     )
     p.add_argument("--validation-fraction", type=float, default=0.25)
-    p.add_argument("--folds", type=int, default=1, help="validation carves to average over")
+    p.add_argument(
+        "--folds", type=int, default=TuneOptions().folds, help="validation carves to average over"
+    )
     p.add_argument("--metric", default="ndcg", help="metric to maximize (see recsvc-eval)")
     p.add_argument("-k", type=int, default=10, help="its cut-off")
     p.add_argument("--algorithms", default="als,bpr", help="comma-separated: als, bpr")
