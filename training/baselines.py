@@ -20,7 +20,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from recsvc.errors import DataError
 from training.data import TrainingData
 from training.metrics import summarize
 from training.scoring import Eligibility
-from training.tune import TuneOptions, carve_validation, refit_share
+from training.tune import TuneOptions, carve_folds, refit_share
 
 __all__ = [
     "BASELINES",
@@ -107,14 +107,14 @@ def ease_weights(user_items: sp.csr_matrix, lam: float) -> np.ndarray:
     return _weights_from_gram(_gram(_binary(user_items)), lam)
 
 
+def _ease_scores(x: sp.csr_matrix, b: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A user's scores ``x_u B`` over binary rows ``x``."""
+    return lambda users: np.asarray(x[users] @ b, dtype=np.float64)
+
+
 def _ease(user_items: sp.csr_matrix, lam: float) -> Callable[[np.ndarray], np.ndarray]:
     x = _binary(user_items)
-    b = _weights_from_gram(_gram(x), lam)
-
-    def scores(users: np.ndarray) -> np.ndarray:
-        return np.asarray(x[users] @ b, dtype=np.float64)
-
-    return scores
+    return _ease_scores(x, _weights_from_gram(_gram(x), lam))
 
 
 @dataclass(frozen=True)
@@ -159,40 +159,42 @@ def choose_ease_lambda(
     grid: Sequence[float] = EASE_GRID,
     options: TuneOptions | None = None,
 ) -> EaseChoice:
-    """The lambda with the best validation figure, the tuner's carve of ``data`` held out.
+    """The lambda with the best validation figure, the tuner's carves of ``data`` held out.
 
-    The carve, its fraction and the metric are the tuner's (``training.tune``; default
-    nDCG@10 on 25% of each user's pairs, seeded ``seed``), so EASE is chosen on what the
-    served model is tuned on. A best at either end of ``grid`` widens it by half-decades
-    (at most six), so the choice is never an artefact of the range; then the geometric
-    midpoints between the best and its two neighbours are tried as well. The lambda for
-    the fit on all of ``data`` is the best one times the carve's share of the pairs, as
-    the tuner scales an ALS winner (``training.tune.for_refit``).
+    The carves, their fraction and the metric are the tuner's (``training.tune``; default
+    nDCG@10 on 25% of each user's pairs, the mean over three carves seeded ``seed``,
+    ``seed + 1``, ``seed + 2``), so EASE is chosen on what the served model is tuned
+    on. A best at either end of ``grid`` widens it by half-decades (at most six), so the
+    choice is never an artefact of the range; then the geometric midpoints between the
+    best and its two neighbours are tried as well. The lambda for the fit on all of
+    ``data`` is the best one times the carves' share of the pairs, as the tuner scales an
+    ALS winner (``training.tune.for_refit``).
 
     Raises:
         DataError: too many items, or too few pairs per user to carve a validation part.
     """
-    options = options or TuneOptions()
+    options = replace(options or TuneOptions(), seed=seed)
     check_ease_items(data.user_items.shape[1])
-    fit, valid = carve_validation(data.user_items, options.validation_fraction, seed)
-    users = np.flatnonzero(np.diff(valid.indptr) > 0)
-    if fit.nnz == 0 or len(users) == 0:
-        raise DataError(
-            "baseline ease: too few pairs per user to carve out a validation part for lambda"
-        )
-    sub = valid[users]
-    relevant_users = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
-    eligibility = Eligibility.from_data(data, history=fit)
-    item_users = np.bincount(fit.indices, minlength=fit.shape[1])
-    x = _binary(fit)
-    gram = _gram(x)
+    try:
+        folds = carve_folds(data, options)
+    except DataError as exc:
+        raise DataError(f"baseline ease: {exc} (for lambda)") from exc
     k = options.k
+    carves = []
+    for fold in folds:
+        x = _binary(fold.fit)
+        carves.append((fold, x, _gram(x)))
 
     def validate(lam: float) -> float:
-        b = _weights_from_gram(gram, lam)
-        rows = eligibility.rank(users, k, lambda u: np.asarray(x[u] @ b, dtype=np.float64))
-        figures = summarize(rows, relevant_users, sub.indices, (k,), item_users, fit.shape[0])
-        return float(figures[options.metric][k])
+        scores = []
+        for fold, x, gram in carves:
+            b = _weights_from_gram(gram, lam)
+            rows = fold.eligibility.rank(fold.users, k, _ease_scores(x, b))
+            figures = summarize(
+                rows, fold.relevant_users, fold.relevant_items, (k,), fold.item_users, x.shape[0]
+            )
+            scores.append(float(figures[options.metric][k]))
+        return float(np.mean(scores))
 
     tried = {float(lam): validate(float(lam)) for lam in grid}
     for _ in range(_EASE_WIDEN):
@@ -214,15 +216,17 @@ def choose_ease_lambda(
         best = max(sorted(tried), key=tried.__getitem__)
     if at_edge:
         log.warning("baseline ease: best lambda %g is still at the edge of %s", best, sorted(tried))
+    fit_pairs = [int(f.fit.nnz) for f in folds]
     validation = {
         "fraction": options.validation_fraction,
+        "folds": options.folds,
         "seed": seed,
-        "fit_pairs": int(fit.nnz),
-        "validation_pairs": int(sub.nnz),
-        "validation_users": len(users),
+        "fit_pairs": fit_pairs,
+        "validation_pairs": [len(f.relevant_items) for f in folds],
+        "validation_users": [len(f.users) for f in folds],
     }
     metric = f"{options.metric}@{k}"
-    share = refit_share([fit.nnz], data.user_items.nnz)
+    share = refit_share(fit_pairs, data.user_items.nnz)
     lam = float(f"{best * share:.4g}")
     return EaseChoice(lam, dict(sorted(tried.items())), metric, at_edge, validation, best, share)
 

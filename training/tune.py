@@ -57,10 +57,12 @@ __all__ = [
     "DEFAULT_EXPLORE",
     "DEFAULT_TIME_BUDGET",
     "SEARCH_SPACE",
+    "Fold",
     "Range",
     "Trial",
     "TuneOptions",
     "TuneResult",
+    "carve_folds",
     "carve_validation",
     "for_refit",
     "neighbours",
@@ -371,7 +373,9 @@ def sample_params(rng: np.random.Generator, options: TuneOptions) -> FitParams:
 
 
 @dataclass
-class _Fold:
+class Fold:
+    """One validation carve: what candidates fit on, and the validation pairs to rank."""
+
     fit: sp.csr_matrix
     eligibility: Eligibility
     users: np.ndarray
@@ -380,12 +384,12 @@ class _Fold:
     item_users: np.ndarray
 
 
-def _fold(data: TrainingData, fraction: float, seed: int) -> _Fold:
+def _fold(data: TrainingData, fraction: float, seed: int) -> Fold:
     fit, valid = carve_validation(data.user_items, fraction, seed)
     users = np.flatnonzero(np.diff(valid.indptr) > 0)
     sub = valid[users]
     relevant_users = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
-    return _Fold(
+    return Fold(
         fit=fit,
         eligibility=Eligibility.from_data(data, history=fit),
         users=users,
@@ -395,7 +399,7 @@ def _fold(data: TrainingData, fraction: float, seed: int) -> _Fold:
     )
 
 
-def _ranked(params: FitParams, fold: _Fold, k: int, progress: bool) -> np.ndarray:
+def _ranked(params: FitParams, fold: Fold, k: int, progress: bool) -> np.ndarray:
     # Multi-threaded BPR is Hogwild (threads race on shared factors): one thread is
     # reproducible. ALS solves each row on its own and is reproducible at any count.
     fitted = replace(params, threads=1) if params.algorithm == "bpr" else params
@@ -409,7 +413,7 @@ def _ranked(params: FitParams, fold: _Fold, k: int, progress: bool) -> np.ndarra
 
 
 def validation_score(
-    params: FitParams, fold: _Fold, k: int, progress: bool = False
+    params: FitParams, fold: Fold, k: int, progress: bool = False
 ) -> dict[str, float]:
     """Fit ``params`` on the fold's fit part; every metric at ``k`` on its validation part.
 
@@ -556,7 +560,7 @@ class _Search:
         return params, number
 
 
-def _carve_folds(data: TrainingData, options: TuneOptions) -> list[_Fold]:
+def carve_folds(data: TrainingData, options: TuneOptions) -> list[Fold]:
     """One validation carve per fold, seeded ``seed``, ``seed + 1``, ...
 
     Raises:
@@ -572,7 +576,7 @@ def _carve_folds(data: TrainingData, options: TuneOptions) -> list[_Fold]:
     return folds
 
 
-def _describe_folds(folds: list[_Fold], data: TrainingData, options: TuneOptions) -> dict[str, Any]:
+def _describe_folds(folds: list[Fold], data: TrainingData, options: TuneOptions) -> dict[str, Any]:
     """The result's ``validation`` section: how the folds were carved and their sizes."""
     return {
         "fraction": options.validation_fraction,
@@ -587,7 +591,7 @@ def _describe_folds(folds: list[_Fold], data: TrainingData, options: TuneOptions
 
 
 def _run_trial(
-    number: int, params: FitParams, family: int, folds: list[_Fold], options: TuneOptions
+    number: int, params: FitParams, family: int, folds: list[Fold], options: TuneOptions
 ) -> Trial:
     """Fit and score ``params`` on every fold; the trial's metrics are the folds' mean."""
     start = time.perf_counter()
@@ -651,7 +655,7 @@ def tune(
         DataError: nothing left to validate on, or every trial failed to fit.
     """
     start = time.perf_counter()
-    folds = _carve_folds(data, options)
+    folds = carve_folds(data, options)
     validation = _describe_folds(folds, data, options)
     # The data-scaled defaults are filled in once, so the search moves from concrete values.
     base = replace(options.base, seed=options.seed).resolved(data.user_items)
