@@ -16,6 +16,7 @@ from training.baselines import (
     rank_baseline,
 )
 from training.data import TrainingData
+from training.metrics import hit_matrix, ndcg_at_k
 from training.scoring import Eligibility
 from training.tune import carve_validation
 
@@ -140,11 +141,28 @@ def test_ease_lambda_is_chosen_on_the_tuners_carve(training_data: TrainingData) 
     }
     assert not choice.at_edge
     assert choice.metric == "ndcg@10"
-    # The tuner's carve, same seed: the same validation pairs.
-    _, valid = carve_validation(training_data.user_items, 0.25, seed=2)
-    assert choice.validation["validation_pairs"] == valid.nnz
-    # EASE is fit on all the pairs with the best lambda times the carve's share of them.
-    share = (training_data.user_items.nnz - valid.nnz) / training_data.user_items.nnz
+    # The tuner's three carves, seeds 2, 3, 4: the same validation pairs.
+    carves = [carve_validation(training_data.user_items, 0.25, seed=s) for s in (2, 3, 4)]
+    assert choice.validation["folds"] == 3
+    assert choice.validation["fit_pairs"] == [fit.nnz for fit, _ in carves]
+    assert choice.validation["validation_pairs"] == [valid.nnz for _, valid in carves]
+    # Each lambda's figure is the mean of its nDCG@10 over the three carves.
+    per_carve = []
+    for fit, valid in carves:
+        users = np.flatnonzero(np.diff(valid.indptr) > 0)
+        b = ease_weights(fit, choice.validated)
+        x = (fit > 0).astype(np.float64)
+        rows = Eligibility.from_data(training_data, history=fit).rank(
+            users, 10, lambda u, x=x, b=b: np.asarray(x[u] @ b)
+        )
+        sub = valid[users]
+        relevant = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
+        per_carve.append(
+            ndcg_at_k(hit_matrix(rows, relevant, sub.indices), np.diff(sub.indptr), 10).mean()
+        )
+    assert choice.by_lambda[choice.validated] == pytest.approx(np.mean(per_carve), rel=1e-9)
+    # EASE is fit on all the pairs with the best lambda times the carves' share of them.
+    share = np.mean([fit.nnz for fit, _ in carves]) / training_data.user_items.nnz
     assert 0.5 < choice.share < 1.0 and choice.share == pytest.approx(share, rel=1e-12)
     assert choice.lam == float(f"{choice.validated * share:.4g}") < choice.validated
     assert choice.to_json()["lambda"] == choice.lam

@@ -98,7 +98,7 @@ def test_tune_keeps_the_best_trial_and_starts_from_the_defaults(
     assert v["fit_pairs"][0] + v["validation_pairs"][0] == training_data.user_items.nnz
     assert v["data_fingerprint"] == training_data.fingerprint()
     # The winner's values for the fit on all the pairs: scaled by the carve's share.
-    assert result.share == v["fit_pairs"][0] / training_data.user_items.nnz
+    assert result.share == np.mean(v["fit_pairs"]) / training_data.user_items.nnz
     assert result.refit == for_refit(result.best.params, result.share)
     assert result.to_json()["refit"]["share"] == result.share
 
@@ -292,7 +292,9 @@ def test_the_spread_is_the_winners_standard_error(training_data: TrainingData) -
     result = tune(training_data, replace(FAST, ranges=SMALL), progress=False)
     best = result.best
     assert best.stderr is not None and 0 < best.stderr < best.score
-    assert best.fold_scores == [best.score]
+    # Three carves by default: the score is their mean.
+    assert len(best.fold_scores) == 3 and best.score == pytest.approx(np.mean(best.fold_scores))
+    assert result.validation["folds"] == 3
     spread = result.spread
     within = [t for t in result.trials if t.score >= best.score - best.stderr]
     assert spread["stderr"] == best.stderr and spread["trials_within_stderr"] == len(within) >= 1
