@@ -135,12 +135,17 @@ class EaseChoice:
     share: float = 1.0
     """The share of the pairs the carve fitted on."""
 
+    @property
+    def _carves(self) -> str:
+        folds = int(self.validation.get("folds", 1))
+        return "a validation carve" if folds == 1 else f"{folds} validation carves (the mean)"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "lambda": self.lam,
             "validated_lambda": self.lam if self.validated is None else self.validated,
             "refit_share": self.share,
-            "chosen_by": f"{self.metric} on a validation carve of the train part",
+            "chosen_by": f"{self.metric} on {self._carves} of the train part",
             "by_lambda": {f"{lam:g}": score for lam, score in sorted(self.by_lambda.items())},
             "at_edge": self.at_edge,
             "validation": self.validation,

@@ -142,8 +142,8 @@ def baseline_notes(results: Sequence[dict[str, Any]]) -> list[str]:
             refit = ""
             if validated != params["lambda"]:
                 refit = (
-                    f" ({validated:g} on the carve, times the {params['refit_share']:.0%} of the "
-                    "pairs it fitted on)"
+                    f" ({validated:g} on validation, times the {params['refit_share']:.0%} of "
+                    "the pairs it fitted on)"
                 )
             lines.append(
                 f"ease: lambda {params['lambda']:g}{refit}{edge}, chosen by "

@@ -18,7 +18,7 @@ from training.baselines import (
 from training.data import TrainingData
 from training.metrics import hit_matrix, ndcg_at_k
 from training.scoring import Eligibility
-from training.tune import carve_validation
+from training.tune import TuneOptions, carve_validation
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,13 @@ def test_ease_lambda_is_chosen_on_the_tuners_carve(training_data: TrainingData) 
     assert choice.lam == float(f"{choice.validated * share:.4g}") < choice.validated
     assert choice.to_json()["lambda"] == choice.lam
     assert choice.to_json()["validated_lambda"] == choice.validated
+    assert (
+        choice.to_json()["chosen_by"]
+        == "ndcg@10 on 3 validation carves (the mean) of the train part"
+    )
+    one = choose_ease_lambda(training_data, seed=2, options=TuneOptions(folds=1))
+    assert one.validation["validation_pairs"] == [carves[0][1].nnz]
+    assert one.to_json()["chosen_by"] == "ndcg@10 on a validation carve of the train part"
 
 
 @pytest.mark.parametrize("grid", [(3000.0, 10000.0), (1.0, 3.0)])

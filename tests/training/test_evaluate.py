@@ -80,8 +80,9 @@ def test_report_has_every_metric_at_every_k_for_model_and_baselines(evaluated: P
     assert chosen["validated_lambda"] in [float(v) for v in chosen["by_lambda"]]
     assert chosen["lambda"] < chosen["validated_lambda"]  # scaled for the fit on all pairs
     assert (
-        f"- ease: lambda {chosen['lambda']:g} ({chosen['validated_lambda']:g} on the carve, "
-        f"times the {chosen['refit_share']:.0%} of the pairs it fitted on), chosen by ndcg@10"
+        f"- ease: lambda {chosen['lambda']:g} ({chosen['validated_lambda']:g} on validation, "
+        f"times the {chosen['refit_share']:.0%} of the pairs it fitted on), chosen by ndcg@10 "
+        "on 3 validation carves (the mean)"
     ) in markdown
     assert "## Where a baseline beats the served model" in markdown
     assert all(line in markdown for line in report["model_losses"])

@@ -49,7 +49,7 @@ def test_ease_note_names_its_lambda_and_what_chose_it() -> None:
     ]
     ease["params"] |= {"lambda": 225.0, "validated_lambda": 300.0, "refit_share": 0.75}
     assert baseline_notes([ease]) == [
-        "ease: lambda 225 (300 on the carve, times the 75% of the pairs it fitted on), chosen "
-        "by ndcg@10 on a validation carve of the train part "
+        "ease: lambda 225 (300 on validation, times the 75% of the pairs it fitted on), "
+        "chosen by ndcg@10 on a validation carve of the train part "
         "(tried: 100 0.2500, 300 0.2600, 1000 0.2400)"
     ]
