@@ -247,7 +247,9 @@ def test_one_scrape_sees_every_worker(models_dir: Path) -> None:
         pids: set[str] = set()
         calls = 0
         deadline = time.monotonic() + 60
-        while len(pids) < 2 and time.monotonic() < deadline:
+        # Until both workers report their model and some calls were answered (a worker
+        # still loading refuses them, so both can report before any call succeeded).
+        while (len(pids) < 2 or calls < 4) and time.monotonic() < deadline:
             with grpc.insecure_channel(f"127.0.0.1:{port}", options=local) as channel:
                 stub = recommender_pb2_grpc.RecommenderStub(channel)
                 try:
@@ -258,6 +260,7 @@ def test_one_scrape_sees_every_worker(models_dir: Path) -> None:
             got = scrape(metrics_port)
             pids = {dict(labels)["pid"] for name, labels in got if name == "recsvc_model_info"}
         assert len(pids) == 2, "both workers report their model"
+        assert calls >= 4, "the workers answered"
         got = scrape(metrics_port)
         labels = {"service": "recsvc.v1.Recommender", "method": "Recommend", "code": "OK"}
         assert value(got, "recsvc_requests_total", **labels) == calls  # summed over both
